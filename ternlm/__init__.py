@@ -1,0 +1,30 @@
+"""ternlm: 1.58-bit ternary language models.
+
+Nothing heavy is imported at package import time; the public API is loaded lazily.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "TernaryConfig": "ternlm.config",
+    "Int8Config": "ternlm.config",
+    "LLMInt8Config": "ternlm.config",
+    "QuantConfig": "ternlm.config",
+    "TernlmError": "ternlm.errors",
+    "quantize_model": "ternlm.nn.surgery",
+    "verify": "ternlm.nn.verify",
+    "BitLinear": "ternlm.nn.bitlinear",
+    "run_pipeline": "ternlm.pipeline",
+    "PipelineConfig": "ternlm.pipeline",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ternlm' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

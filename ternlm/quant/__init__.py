@@ -1,0 +1,1 @@
+"""Pure quantization math on tensors: no modules, no state."""

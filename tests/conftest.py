@@ -1,0 +1,66 @@
+"""Shared fixtures.
+
+Tests that need the real data sets read them from TERNLM_DATA_DIR (default ../shared/data next to
+the repository). They skip with a reason when it is absent -- unless TERNLM_REQUIRE_DATA=1 (set by
+CI), which turns those skips into failures so CI never passes by skipping.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("TERNLM_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+def require_data(*parts: str) -> Path:
+    """Path to a file/dir under the data dir; skip (or fail in CI) when it is missing."""
+    p = _data_dir().joinpath(*parts)
+    if not p.exists():
+        msg = f"real data not found at {p} (set TERNLM_DATA_DIR)"
+        if os.environ.get("TERNLM_REQUIRE_DATA") == "1":
+            pytest.fail(msg + " and TERNLM_REQUIRE_DATA=1", pytrace=False)
+        pytest.skip(msg)
+    return p
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return require_data()
+
+
+@pytest.fixture
+def sms_path() -> Path:
+    return require_data("sms_spam", "SMSSpamCollection")
+
+
+@pytest.fixture
+def wikitext_path() -> Path:
+    return require_data("wikitext-2", "wiki.test.raw")
+
+
+@pytest.fixture
+def gpt2_tokenizer_dir() -> Path:
+    return require_data("gpt2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    d = require_data("gpt2-tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+@pytest.fixture
+def tiny_gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, vocab_size=50257,
+                      pad_token_id=50256)
