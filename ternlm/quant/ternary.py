@@ -78,8 +78,10 @@ def ternarize(w: torch.Tensor, cfg: TernaryConfig | None = None) -> TernaryTenso
     gamma = g.abs().mean(dim=-1, keepdim=True).clamp_min(cfg.eps)
     codes = torch.round(g / gamma).clamp_(-1, 1)
     if cfg.scale_mode == "fit":
-        nz = codes.abs()
-        fitted = (g.abs() * nz).sum(dim=-1, keepdim=True) / nz.sum(dim=-1, keepdim=True).clamp_min(1)
+        # NOTE: float64 sums keep a group of identical magnitudes exact, so fit is idempotent.
+        nz = codes.abs().double()
+        fitted = ((g.abs().double() * nz).sum(dim=-1, keepdim=True)
+                  / nz.sum(dim=-1, keepdim=True).clamp_min(1)).float()
         scale = torch.where(nz.sum(dim=-1, keepdim=True) > 0, fitted, gamma)
     else:
         scale = gamma

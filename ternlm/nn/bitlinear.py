@@ -1,0 +1,109 @@
+"""BitLinear: a training-time ternary linear layer over latent full-precision weights.
+
+Forward quantizes the latent weights with the canonical absmean quantizer (and optionally the
+activations per token) and passes gradients straight through to the latent weights (STE).
+
+It is a drop-in for ``nn.Linear`` and for Hugging Face GPT-2's ``Conv1D``. The weight is kept in
+the layout of the module it replaced -- (out, in) for Linear, (in, out) for Conv1D -- so state dicts
+stay loadable by the original architecture; the one transpose happens in ``_weight_out_in``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ternlm.config import TernaryConfig
+from ternlm.quant.activations import fake_quantize_activations
+from ternlm.quant.ste import ste
+from ternlm.quant.ternary import TernaryTensor, dequantize_ternary, ternarize
+
+
+def conv1d_class():
+    """transformers' GPT-2 Conv1D, or None when transformers is not importable."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def is_linear_like(m: nn.Module) -> bool:
+    c = conv1d_class()
+    return isinstance(m, nn.Linear) or (c is not None and isinstance(m, c))
+
+
+def linear_weight_out_in(m: nn.Module) -> torch.Tensor:
+    """The (out, in) view of an nn.Linear or Conv1D weight."""
+    c = conv1d_class()
+    return m.weight.t() if c is not None and isinstance(m, c) else m.weight
+
+
+class BitLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: TernaryConfig | None = None, transposed: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config or TernaryConfig()
+        self.transposed = transposed  # True: weight stored (in, out) like Conv1D
+        shape = (in_features, out_features) if transposed else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.normal_(self.weight, std=0.02)
+        # 1.0 = fully quantized forward; < 1 during lambda warm-up (set by the trainer).
+        self.quant_lambda = 1.0 if self.config.lambda_warmup_steps == 0 else 0.0
+
+    @classmethod
+    def from_module(cls, m: nn.Module, config: TernaryConfig | None = None) -> "BitLinear":
+        c = conv1d_class()
+        if isinstance(m, nn.Linear):
+            new = cls(m.in_features, m.out_features, m.bias is not None, config, transposed=False,
+                      device=m.weight.device, dtype=m.weight.dtype)
+        elif c is not None and isinstance(m, c):
+            in_f, out_f = m.weight.shape
+            new = cls(in_f, out_f, m.bias is not None, config, transposed=True,
+                      device=m.weight.device, dtype=m.weight.dtype)
+        else:
+            raise TypeError(f"BitLinear replaces nn.Linear or Conv1D, not {type(m).__name__}")
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if m.bias is not None:
+                new.bias.copy_(m.bias)
+        return new
+
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.t() if self.transposed else self.weight
+
+    def ternary(self) -> TernaryTensor:
+        """Codes and scale of the current latent weights."""
+        return ternarize(self._weight_out_in(), self.config)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight the forward pass multiplies by, with the STE attached."""
+        w = self._weight_out_in()
+        wq = dequantize_ternary(self.ternary(), w.dtype)
+        lam = self.quant_lambda
+        if lam >= 1.0:
+            return ste(w, wq)
+        # NOTE: warm-up blend (1 - lam) * w + lam * q; gradient still identity w.r.t. w.
+        return w + lam * (wq - w).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.act_bits is not None:
+            x = ste(x, fake_quantize_activations(x, self.config.act_bits))
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Overwrite the latent weights with their ternary projection (codes * scale)."""
+        wq = dequantize_ternary(self.ternary(), self.weight.dtype)
+        self.weight.copy_(wq.t() if self.transposed else wq)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        a = f"A{c.act_bits}" if c.act_bits else "A16"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, W1.58{a}, {c.granularity}, transposed={self.transposed}")

@@ -1,0 +1,131 @@
+"""Verification report: are the layers that should be ternary really ternary?
+
+The check looks only at the weight a layer actually multiplies by (BitLinear's effective weight,
+a packed layer's dequantized weight, or a plain layer's weight) and asks, per scale group, whether
+every entry is 0 or +-s with s the group's largest magnitude. It does not trust module types, so a
+layer left in float, a BitLinear mid lambda-warm-up, or a corrupted checkpoint is caught.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ternlm.nn.bitlinear import BitLinear, linear_weight_out_in
+
+LOG2_3 = math.log2(3)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    module: str
+    n_weights: int
+    ternary_share: float
+    zeros_share: float
+    n_scales: int
+    scale_mean: float
+    scale_min: float
+    scale_max: float
+    bits_per_weight: float          # information content: log2(3) + scale overhead, or float bits
+    storage_bits_per_weight: float  # as stored: 2-bit packing + scales, or the dtype's bits
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    layers: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.layers) and all(l.ok for l in self.layers)
+
+    @property
+    def failed(self) -> list:
+        return [l.name for l in self.layers if not l.ok]
+
+    def totals(self) -> dict:
+        n = sum(l.n_weights for l in self.layers)
+        if n == 0:
+            return {"n_layers": 0, "n_weights": 0}
+        w = lambda attr: sum(getattr(l, attr) * l.n_weights for l in self.layers) / n  # noqa: E731
+        return {"n_layers": len(self.layers), "n_weights": n, "ternary_share": w("ternary_share"),
+                "zeros_share": w("zeros_share"), "bits_per_weight": w("bits_per_weight"),
+                "storage_bits_per_weight": w("storage_bits_per_weight"),
+                "layers_failed": len(self.failed), "ok": self.ok}
+
+    def to_dict(self) -> dict:
+        return {"totals": self.totals(), "layers": [asdict(l) for l in self.layers]}
+
+    def format(self, max_rows: int = 200) -> str:
+        hdr = f"{'layer':<42} {'module':<14} {'weights':>10} {'ternary%':>9} {'zeros%':>7} {'scale':>9} {'bits/w':>7}  ok"
+        rows = [hdr, "-" * len(hdr)]
+        for l in self.layers[:max_rows]:
+            rows.append(f"{l.name[-42:]:<42} {l.module[:14]:<14} {l.n_weights:>10,} {100 * l.ternary_share:>8.2f}% "
+                        f"{100 * l.zeros_share:>6.2f}% {l.scale_mean:>9.4g} {l.bits_per_weight:>7.3f}  "
+                        f"{'yes' if l.ok else 'NO'}")
+        if len(self.layers) > max_rows:
+            rows.append(f"... {len(self.layers) - max_rows} more layers")
+        t = self.totals()
+        if t["n_weights"]:
+            rows.append("-" * len(hdr))
+            rows.append(f"total: {t['n_layers']} layers, {t['n_weights']:,} weights, "
+                        f"{100 * t['ternary_share']:.2f}% ternary, {100 * t['zeros_share']:.2f}% zeros, "
+                        f"{t['bits_per_weight']:.3f} bits/weight ({t['storage_bits_per_weight']:.3f} stored); "
+                        + ("all layers ternary" if self.ok else f"NOT TERNARY: {', '.join(self.failed)}"))
+        return "\n".join(rows)
+
+
+def _effective_weight(m: nn.Module) -> torch.Tensor:
+    if isinstance(m, BitLinear):
+        return m.effective_weight().detach()
+    if hasattr(m, "dequantize_weight"):
+        return m.dequantize_weight().detach()
+    return linear_weight_out_in(m).detach()
+
+
+def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    if granularity == "per_group" and w.shape[1] % group_size == 0:
+        return w.reshape(w.shape[0], -1, group_size).reshape(-1, group_size)
+    if granularity == "per_tensor":
+        return w.reshape(1, -1)
+    return w  # per output row; a per-tensor ternary weight passes this too
+
+
+@torch.no_grad()
+def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
+    cfg = getattr(m, "config", None)
+    gran = getattr(cfg, "granularity", "per_channel")
+    gsize = getattr(cfg, "group_size", 128)
+    w = _effective_weight(m).float()
+    g = _groups(w, gran, gsize)
+    s = g.abs().amax(dim=-1, keepdim=True)
+    a = g.abs()
+    is_zero = a == 0
+    is_pm_s = (a - s).abs() <= rtol * s
+    tern = (is_zero | is_pm_s).float().mean().item()
+    zeros = is_zero.float().mean().item()
+    n, n_scales = w.numel(), g.shape[0]
+    ok = tern == 1.0
+    if ok:
+        overhead = 32.0 * n_scales / n
+        bits, stored = LOG2_3 + overhead, 2.0 + overhead
+    else:
+        param = getattr(m, "weight", None)
+        bits = stored = float(torch.finfo(param.dtype).bits if param is not None and param.is_floating_point() else 8)
+    sv = s.flatten()
+    return LayerReport(name, type(m).__name__, n, tern, zeros, n_scales, sv.mean().item(), sv.min().item(),
+                       sv.max().item(), bits, stored, ok)
+
+
+def verify(model: nn.Module, targets: list[str] | None = None) -> VerifyReport:
+    """Check the layers meant to be ternary: ``targets`` or those recorded by ``quantize_model``,
+    else the linear layers of the transformer blocks."""
+    from ternlm.nn.surgery import block_linear_layers
+
+    if targets is None:
+        targets = getattr(model, "ternlm_targets", None) or block_linear_layers(model)
+    return VerifyReport([check_layer(n, model.get_submodule(n)) for n in targets])

@@ -1,0 +1,30 @@
+"""Per-token absmax activation quantizers (int8 and int4), as in BitNet b1.58's W1.58A8."""
+
+from __future__ import annotations
+
+import torch
+
+from ternlm.errors import TernlmError
+
+_QMAX = {8: 127.0, 4: 7.0}
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = 1e-5):
+    """Quantize each token (last dim) to signed ``bits`` integers with its own absmax scale.
+
+    Returns ``(q, scale)`` with q int8 in [-Qmax, Qmax] and scale float32 of shape (..., 1),
+    so that x ~= q * scale.
+    """
+    if bits not in _QMAX:
+        raise TernlmError(f"activation bits must be 8 or 4, got {bits}")
+    qmax = _QMAX[bits]
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(eps) / qmax
+    q = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = 1e-5) -> torch.Tensor:
+    """quantize + dequantize in x's dtype (no gradient handling; callers add the STE)."""
+    q, scale = quantize_activations(x, bits, eps)
+    return (q.float() * scale).to(x.dtype)

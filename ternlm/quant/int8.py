@@ -1,0 +1,65 @@
+"""Classic 8-bit weight quantizers: symmetric absmax and asymmetric zero-point.
+
+Layout as in ``ternary.py``: weights (out, in); per_tensor scale shape (), per_channel (out,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ternlm.config import Int8Config
+from ternlm.errors import TernlmError
+
+_EPS = 1e-12
+
+
+@dataclass
+class Int8Tensor:
+    q: torch.Tensor                     # int8 (out, in)
+    scale: torch.Tensor                 # float32 () or (out,)
+    zero_point: Optional[torch.Tensor]  # int32 like scale, None for absmax
+    scheme: str = "absmax"
+    granularity: str = "per_channel"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self, dtype)
+
+
+def _reduce(w: torch.Tensor, granularity: str, fn) -> torch.Tensor:
+    if granularity == "per_tensor":
+        return fn(w.reshape(-1), 0)
+    return fn(w, 1)
+
+
+def _col(t: torch.Tensor) -> torch.Tensor:
+    # () stays scalar; (out,) -> (out, 1) to broadcast over a row
+    return t if t.dim() == 0 else t.unsqueeze(1)
+
+
+def quantize_int8(w: torch.Tensor, cfg: Int8Config | None = None) -> Int8Tensor:
+    cfg = cfg or Int8Config()
+    if w.dim() != 2:
+        raise TernlmError(f"int8 quantization expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    wf = w.detach().float()
+    if cfg.scheme == "absmax":
+        amax = _reduce(wf.abs(), cfg.granularity, lambda t, d: t.amax(dim=d))
+        scale = (amax / 127.0).clamp_min(_EPS)
+        q = torch.round(wf / _col(scale)).clamp_(-127, 127)
+        return Int8Tensor(q.to(torch.int8), scale, None, "absmax", cfg.granularity)
+    # Zero-point: map [min, max] (widened to contain 0, so 0 is exact) onto [-128, 127].
+    lo = _reduce(wf, cfg.granularity, lambda t, d: t.amin(dim=d)).clamp(max=0)
+    hi = _reduce(wf, cfg.granularity, lambda t, d: t.amax(dim=d)).clamp(min=0)
+    scale = ((hi - lo) / 255.0).clamp_min(_EPS)
+    zp = torch.round(-128.0 - lo / scale).clamp(-128, 127)
+    q = (torch.round(wf / _col(scale)) + _col(zp)).clamp_(-128, 127)
+    return Int8Tensor(q.to(torch.int8), scale, zp.to(torch.int32), "zeropoint", cfg.granularity)
+
+
+def dequantize_int8(t: Int8Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q = t.q.float()
+    if t.zero_point is not None:
+        q = q - _col(t.zero_point.float())
+    return (q * _col(t.scale)).to(dtype)
