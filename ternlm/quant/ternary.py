@@ -60,7 +60,7 @@ def _scale_shape(out_f: int, in_f: int, granularity: str, group_size: int) -> tu
 
 def absmean_scale(w: torch.Tensor, cfg: TernaryConfig) -> torch.Tensor:
     """gamma = mean(|W|) over each scale's group (float32, clamped to eps)."""
-    g = _grouped(w.detach().float(), cfg.granularity, cfg.group_size)
+    g = _grouped(w.detach().float().contiguous(), cfg.granularity, cfg.group_size)
     gamma = g.abs().mean(dim=-1).clamp_min(cfg.eps)
     return gamma.reshape(_scale_shape(*w.shape, cfg.granularity, cfg.group_size))
 
@@ -73,7 +73,9 @@ def ternarize(w: torch.Tensor, cfg: TernaryConfig | None = None) -> TernaryTenso
     exactly idempotent (see TernaryConfig).
     """
     cfg = cfg or TernaryConfig()
-    wf = w.detach().float()
+    # NOTE: contiguous first, so a Conv1D's transposed view reduces in the same order as the
+    # equivalent nn.Linear weight and gets bit-identical scales.
+    wf = w.detach().float().contiguous()
     g = _grouped(wf, cfg.granularity, cfg.group_size)
     gamma = g.abs().mean(dim=-1, keepdim=True).clamp_min(cfg.eps)
     codes = torch.round(g / gamma).clamp_(-1, 1)
