@@ -6,6 +6,8 @@ Weights are held as real int8 buffers (1 byte per weight) plus float scales, alw
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -82,7 +84,9 @@ class LLMInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "bitsandbytes":
-            return self.bnb(x.float()).to(x.dtype)
+            with warnings.catch_warnings():  # bnb warns on every call that it casts to fp16
+                warnings.simplefilter("ignore")
+                return self.bnb(x.float()).to(x.dtype)
         y, n = llm_int8_linear(x, self.qweight, self.row_scale, self.bias, self.config.threshold)
         self.last_outlier_columns = n
         return y

@@ -1,0 +1,313 @@
+"""``ternlm pipeline``: the end-to-end experiment.
+
+1. fine-tune the full-precision classifier on SMS spam -> metrics
+2. ternary PTQ of that classifier -> metrics
+3. QAT fine-tune of the ternary classifier (one or more seeds) -> metrics
+4. the int8 baselines (absmax, zero-point, LLM.int8) -> metrics
+5. perplexity of the base LM under each quantizer (and after LM QAT when a training text is given)
+
+Every number in the report is measured in the run; the full config is saved with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ternlm.config import QuantConfig, TernaryConfig, config_to_dict, method_config
+from ternlm.errors import TernlmError
+from ternlm.train.classify import ClassifierTrainConfig
+
+BASELINES = ("int8_absmax", "int8_zeropoint", "llm_int8")
+VARIANTS = ("fp32", "ternary_ptq", "ternary_qat") + BASELINES
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "gpt2"
+    gguf_file: str | None = None
+    random_init: bool = False
+    data: str = "ucirvine/sms_spam"
+    text: str = "wikitext"                # perplexity text: hub id or local file/dir
+    text_config: str = "wikitext-2-raw-v1"
+    text_split: str = "test"
+    out: str = "runs/pipeline"
+    seed: int = 0
+    # classification fine-tuning
+    max_length: int = 64
+    batch_size: int = 16
+    epochs: float = 1.0
+    lr: float = 5e-5
+    qat_epochs: float = 2.0
+    qat_lr: float = 3e-4
+    qat_seeds: int = 1
+    ternary: TernaryConfig = field(default_factory=TernaryConfig)
+    limit_train: int | None = None       # stratified subsample of the training split (quick runs)
+    limit_test: int | None = None
+    eval_batch_size: int = 32
+    # perplexity
+    ppl_max_length: int = 256
+    ppl_stride: int = 256
+    ppl_windows: int | None = 40
+    lm_qat_text: str | None = None       # train text for LM QAT (omit to skip)
+    lm_qat_steps: int = 0
+    lm_qat_lr: float = 3e-4
+    # cost, robustness, samples
+    latency_messages: int = 64
+    robustness: bool = True
+    robustness_limit: int | None = 400
+    robustness_rate: float = 0.1
+    prompts: tuple = ("The history of the city", "In 1998, the team")
+    gen_tokens: int = 30
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.qat_seeds < 1:
+            raise TernlmError("qat_seeds must be >= 1")
+        for name in ("limit_train", "limit_test", "ppl_windows", "robustness_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise TernlmError(f"{name} must be >= 1")
+        if self.lm_qat_steps < 0:
+            raise TernlmError("lm_qat_steps must be >= 0")
+        self.prompts = tuple(self.prompts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ternary"] = config_to_dict(self.ternary)
+        d["prompts"] = list(self.prompts)
+        return d
+
+    def classifier_train(self, qat: bool, seed: int) -> ClassifierTrainConfig:
+        return ClassifierTrainConfig(epochs=self.qat_epochs if qat else self.epochs, lr=self.qat_lr if qat else self.lr,
+                                     batch_size=self.batch_size, max_length=self.max_length, seed=seed)
+
+
+def _quant_config(variant: str, cfg: PipelineConfig) -> QuantConfig:
+    if variant.startswith("ternary"):
+        return QuantConfig(weights=cfg.ternary)
+    return QuantConfig(weights=method_config(variant))
+
+
+def _log(cfg: PipelineConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[ternlm] {msg}", flush=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    import transformers
+
+    import ternlm
+    from ternlm.quant.llm_int8 import bitsandbytes_status
+
+    return {"ternlm": ternlm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu": platform.processor(),
+            "threads": torch.get_num_threads(), "bitsandbytes": bitsandbytes_status()[1]}
+
+
+def _describe_variant(model) -> dict:
+    from ternlm.nn.int8_linear import LLMInt8Linear
+
+    info = {}
+    llm = [m for m in model.modules() if isinstance(m, LLMInt8Linear)]
+    if llm:
+        info["llm_int8_backend"] = f"{llm[0].backend} ({llm[0].backend_detail})"
+    return info
+
+
+def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
+    from ternlm.eval.classification import evaluate_classifier
+    from ternlm.eval.cost import current_rss_mb, latency_per_message, model_bytes
+    from ternlm.eval.robustness import robustness_eval
+    from ternlm.nn.verify import verify
+
+    t0 = time.perf_counter()
+    ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+    res = evaluate_classifier(model, tok, test.texts, test.labels, progress=cfg.progress, **ev)
+    res.update(_describe_variant(model))
+    lat_texts = test.texts[:cfg.latency_messages]
+    res["cost"] = {
+        "latency_batch1": latency_per_message(model, tok, lat_texts[:16], batch_size=1, max_length=cfg.max_length),
+        "latency_batch32": latency_per_message(model, tok, lat_texts, batch_size=32, max_length=cfg.max_length),
+        "model_bytes_in_memory": model_bytes(model),
+        "rss_mb": current_rss_mb(),
+    }
+    if name.startswith("ternary"):
+        res["verify"] = verify(model, targets).totals()
+    if cfg.robustness:
+        n = cfg.robustness_limit or len(test)
+        rt, rl = test.texts[:n], test.labels[:n]
+        res["robustness"] = robustness_eval(
+            lambda t, l: evaluate_classifier(model, tok, t, l, progress=False, **ev),
+            rt, rl, seed=cfg.seed, rate=cfg.robustness_rate)
+    res["eval_seconds"] = time.perf_counter() - t0
+    _log(cfg, f"{name}: acc={res['accuracy']:.4f} f1={res['f1']:.4f} precision={res['precision']:.4f} "
+              f"recall={res['recall']:.4f}")
+    return res
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run every step, write report.json / report.md / plots into ``cfg.out``; return the report."""
+    from ternlm.data.sms import load_sms_spam, split_dataset, subsample
+    from ternlm.data.text import load_text
+    from ternlm.eval.cost import peak_rss_mb, weight_footprint
+    from ternlm.models.loading import load_classifier, load_tokenizer
+    from ternlm.nn.surgery import quantize_model, select_targets
+    from ternlm.report import write_report
+    from ternlm.train.classify import train_classifier
+    from ternlm.train.common import seed_everything
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    # ---- data and model
+    ds = load_sms_spam(cfg.data)
+    train, val, test = split_dataset(ds, seed=cfg.seed)
+    if cfg.limit_train and cfg.limit_train < len(train):
+        train = subsample(train, cfg.limit_train, seed=cfg.seed)
+    if cfg.limit_test and cfg.limit_test < len(test):
+        test = subsample(test, cfg.limit_test, seed=cfg.seed)
+    text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
+    _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped); "
+              f"train {len(train)} / val {len(val)} / test {len(test)}")
+    tok = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
+    fp = load_classifier(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    targets = select_targets(fp, QuantConfig(weights=cfg.ternary))
+    report = {"config": cfg.to_dict(), "environment": environment(),
+              "data": {"source": ds.source, "n_messages": len(ds), "n_spam": int(sum(ds.labels)),
+                       "n_malformed": ds.n_malformed, "malformed_examples": ds.malformed_examples[:5],
+                       "n_train": len(train), "n_val": len(val), "n_test": len(test)},
+              "model": {"name": cfg.model, "architecture": type(fp).__name__,
+                        "n_params": sum(p.numel() for p in fp.parameters()),
+                        "quantized_layers": targets},
+              "footprint": weight_footprint(fp, targets),
+              "variants": {}, "training": {}}
+
+    # ---- 1. full precision fine-tune
+    _log(cfg, "1/5 fine-tuning the full-precision classifier")
+    report["training"]["fp32"] = train_classifier(fp, tok, train.texts, train.labels,
+                                                  cfg.classifier_train(False, cfg.seed),
+                                                  progress=cfg.progress, desc="fp32 fine-tune")
+    report["variants"]["fp32"] = _evaluate_variant("fp32", fp, tok, test, cfg, targets)
+    layer = targets[0]
+    weights_for_plot = {"fp32": fp.get_submodule(layer).weight.detach().clone()}
+
+    # ---- 2. ternary PTQ
+    _log(cfg, "2/5 ternary post-training quantization")
+    ptq = quantize_model(copy.deepcopy(fp), _quant_config("ternary_ptq", cfg))
+    report["variants"]["ternary_ptq"] = _evaluate_variant("ternary_ptq", ptq, tok, test, cfg, targets)
+    weights_for_plot["ternary"] = _plot_weight(ptq, layer)
+    del ptq
+
+    # ---- 3. ternary QAT (several seeds when asked)
+    _log(cfg, f"3/5 ternary QAT fine-tuning ({cfg.qat_seeds} seed(s))")
+    seeds = [cfg.seed + i for i in range(cfg.qat_seeds)]
+    qat_runs = []
+    for i, s in enumerate(seeds):
+        qat = quantize_model(copy.deepcopy(fp), _quant_config("ternary_qat", cfg))
+        hist = train_classifier(qat, tok, train.texts, train.labels, cfg.classifier_train(True, s),
+                                progress=cfg.progress, desc=f"QAT seed {s}")
+        res = _evaluate_variant(f"ternary_qat[seed {s}]", qat, tok, test, cfg, targets)
+        qat_runs.append({"seed": s, "history": hist, "metrics": res})
+        if i == 0:
+            report["variants"]["ternary_qat"] = res
+            weights_for_plot["ternary_qat"] = _plot_weight(qat, layer)
+        del qat
+    report["training"]["ternary_qat"] = [r["history"] for r in qat_runs]
+    f1s = [r["metrics"]["f1"] for r in qat_runs]
+    report["qat_seeds"] = {"seeds": seeds, "f1": f1s, "accuracy": [r["metrics"]["accuracy"] for r in qat_runs],
+                           "f1_mean": statistics.fmean(f1s), "f1_std": statistics.pstdev(f1s) if len(f1s) > 1 else 0.0}
+
+    # ---- 4. int8 baselines
+    _log(cfg, "4/5 int8 baselines")
+    for name in BASELINES:
+        m = quantize_model(copy.deepcopy(fp), _quant_config(name, cfg))
+        report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets)
+        weights_for_plot[name] = _plot_weight(m, layer)
+        del m
+    del fp
+
+    # ---- 5. perplexity of the base LM
+    _log(cfg, "5/5 perplexity of the base language model under each quantizer")
+    report["perplexity"], report["generation"], lm_hist = _lm_section(cfg, tok, text)
+    if lm_hist is not None:
+        report["training"]["lm_qat"] = lm_hist
+
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["wall_seconds"] = time.perf_counter() - t_start
+    write_report(report, out, weights_for_plot, layer)
+    _log(cfg, f"wrote {out / 'report.json'}, {out / 'report.md'} and plots in {report['wall_seconds']:.0f}s")
+    return report
+
+
+@torch.no_grad()
+def _plot_weight(model, layer: str) -> torch.Tensor:
+    """The (out, in) weight a layer multiplies by, as a float tensor (for the histograms)."""
+    from ternlm.nn.verify import _effective_weight
+
+    return _effective_weight(model.get_submodule(layer)).float().clone()
+
+
+def _lm_section(cfg: PipelineConfig, tok, text: str):
+    from ternlm.data.text import load_text
+    from ternlm.eval.generation import generate_samples
+    from ternlm.eval.perplexity import perplexity
+    from ternlm.models.loading import load_causal_lm
+    from ternlm.nn.surgery import quantize_model
+    from ternlm.train.lm import LMTrainConfig, train_lm
+
+    base = load_causal_lm(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
+                 progress=cfg.progress)
+    ppl, gen = {}, {}
+    for name in ("fp32", "ternary_ptq") + BASELINES:
+        m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
+        ppl[name] = perplexity(m, tok, text, **pp_kw)
+        _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
+        if name in ("fp32", "ternary_ptq"):
+            gen[name] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+    lm_hist = None
+    if cfg.lm_qat_text and cfg.lm_qat_steps:
+        train_text = load_text(cfg.lm_qat_text, config=cfg.text_config, split="train")
+        ids = torch.tensor(tok(train_text)["input_ids"], dtype=torch.long)
+        m = quantize_model(copy.deepcopy(base), _quant_config("ternary_qat", cfg))
+        lm_hist = train_lm(m, ids, LMTrainConfig(steps=cfg.lm_qat_steps, lr=cfg.lm_qat_lr, seed=cfg.seed,
+                                                 block_size=min(128, cfg.ppl_max_length), warmup_steps=10,
+                                                 weight_decay=0.0),
+                           progress=cfg.progress, desc="LM QAT")
+        ppl["ternary_qat"] = perplexity(m, tok, text, **pp_kw)
+        gen["ternary_qat"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+        _log(cfg, f"perplexity ternary_qat (LM QAT, {cfg.lm_qat_steps} steps): {ppl['ternary_qat']['perplexity']:.2f}")
+    else:
+        ppl["ternary_qat"] = {"skipped": "no LM QAT text given (--lm-qat-text / --lm-qat-steps)"}
+    return ppl, gen, lm_hist
+
+
+def save_json(obj, path: Path) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

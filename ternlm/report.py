@@ -1,0 +1,188 @@
+"""Report writers: report.json, report.md and the PNG plots of a pipeline run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+def write_report(report: dict, out: Path, weights: dict, layer: str) -> None:
+    from ternlm.pipeline import atomic_write_text, save_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = plot_all(report, out, weights, layer)
+    save_json(report, out / "report.json")
+    atomic_write_text(out / "report.md", render_markdown(report))
+
+
+def _fmt(v, nd=4):
+    return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _mb(b):
+    return f"{b / 1e6:.2f} MB"
+
+
+def render_markdown(r: dict) -> str:
+    cfg, var = r["config"], r["variants"]
+    L = [f"# ternlm pipeline report", "",
+         f"Model: `{cfg['model']}` ({r['model']['architecture']}, {r['model']['n_params']:,} parameters"
+         f"{', random init' if cfg['random_init'] else ''}); {len(r['model']['quantized_layers'])} linear layers "
+         f"quantized. Data: `{r['data']['source']}` — {r['data']['n_messages']} messages, "
+         f"{r['data']['n_spam']} spam, {r['data']['n_malformed']} malformed rows skipped; "
+         f"train {r['data']['n_train']} / test {r['data']['n_test']}.", "",
+         "## Spam classification (test split, spam = positive class)", "",
+         "| variant | accuracy | precision | recall | F1 | ROC-AUC | ms/msg (batch 1) | ms/msg (batch 32) |",
+         "|---|---|---|---|---|---|---|---|"]
+    for name, v in var.items():
+        c = v.get("cost", {})
+        L.append(f"| {name} | {_fmt(v['accuracy'])} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | "
+                 f"{_fmt(v['f1'])} | {_fmt(v.get('roc_auc'))} | "
+                 f"{_fmt(c.get('latency_batch1', {}).get('ms_per_message'), 2)} | "
+                 f"{_fmt(c.get('latency_batch32', {}).get('ms_per_message'), 2)} |")
+    q = r.get("qat_seeds")
+    if q and len(q["seeds"]) > 1:
+        L += ["", f"QAT over seeds {q['seeds']}: F1 = {q['f1_mean']:.4f} ± {q['f1_std']:.4f} "
+                  f"(per seed: {', '.join(f'{x:.4f}' for x in q['f1'])})."]
+    if "llm_int8" in var and "llm_int8_backend" in var["llm_int8"]:
+        L += ["", f"LLM.int8 ran on: {var['llm_int8']['llm_int8_backend']}."]
+    for name in ("ternary_ptq", "ternary_qat"):
+        vv = var.get(name, {}).get("verify")
+        if vv:
+            L += ["", f"Verify {name}: {vv['n_layers']} layers, {100 * vv['ternary_share']:.2f}% of weights in "
+                      f"{{-1,0,+1}}·scale, {100 * vv['zeros_share']:.2f}% zeros, {vv['bits_per_weight']:.3f} bits/weight "
+                      f"({vv['storage_bits_per_weight']:.3f} as 2-bit storage) — {'OK' if vv['ok'] else 'NOT TERNARY'}."]
+    ppl = r.get("perplexity", {})
+    if ppl:
+        L += ["", f"## Perplexity of the base LM (`{cfg['text']}`, windows of {cfg['ppl_max_length']}, "
+                  f"stride {cfg['ppl_stride']})", "", "| variant | perplexity | tokens scored |", "|---|---|---|"]
+        for name, p in ppl.items():
+            if "skipped" in p:
+                L.append(f"| {name} | — ({p['skipped']}) | — |")
+            else:
+                L.append(f"| {name} | {p['perplexity']:.2f} | {p['n_tokens']} |")
+    fp = r.get("footprint")
+    if fp:
+        L += ["", "## Weight memory", "",
+              f"{fp['n_params_quantized']:,} of {fp['n_params_total']:,} parameters are in quantized layers.", "",
+              "| storage | whole model | quantized layers | rest |", "|---|---|---|---|"]
+        for k, d in fp["formats"].items():
+            L.append(f"| {k} | {_mb(d['total_bytes'])} | {_mb(d['quantized_bytes'])} | {_mb(d['rest_bytes'])} |")
+        L += ["", "In memory during this run (parameters + buffers actually held):", ""]
+        for name, v in var.items():
+            L.append(f"- {name}: {_mb(v['cost']['model_bytes_in_memory'])}")
+        L += ["", "BitLinear keeps latent fp32 weights for training, so ternary variants are not smaller *here*; "
+                  "the packed formats (2-bit, 1.6-bit) hold real ternary integers.",
+              "", f"Peak RSS of the run: {r.get('peak_rss_mb', 0):.0f} MB."]
+    rob = {n: v["robustness"] for n, v in var.items() if "robustness" in v}
+    if rob:
+        kinds = [k for k in next(iter(rob.values())) if k != "clean"]
+        L += ["", f"## Robustness (F1 under perturbed input, rate {cfg['robustness_rate']}, seed {cfg['seed']})", "",
+              "| variant | clean | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+        for n, rr in rob.items():
+            L.append(f"| {n} | {_fmt(rr['clean']['f1'])} | " + " | ".join(_fmt(rr[k]['f1']) for k in kinds) + " |")
+    gen = r.get("generation", {})
+    if gen:
+        L += ["", "## Generation samples (greedy)", ""]
+        for name, samples in gen.items():
+            for s in samples:
+                comp = s["completion"].replace("\n", " ")
+                L.append(f"- **{name}** — *{s['prompt']}*{comp}")
+    if r.get("plots"):
+        L += ["", "## Plots", ""] + [f"![{p}]({p})" for p in r["plots"]]
+    env = r["environment"]
+    L += ["", "## Environment", "",
+          f"ternlm {env['ternlm']}, torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
+          f"{env['threads']} threads, {env['platform']}. Wall time {r.get('wall_seconds', 0):.0f} s.", ""]
+    return "\n".join(L)
+
+
+def plot_all(report: dict, out: Path, weights: dict, layer: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name):
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(out / name)
+        files.append(name)
+
+    # weight histograms of one layer: original vs each quantizer
+    if weights:
+        n = len(weights)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), sharey=False)
+        axes = [axes] if n == 1 else axes
+        lim = float(weights["fp32"].abs().quantile(0.999)) if "fp32" in weights else None
+        for ax, (name, w) in zip(axes, weights.items()):
+            w = w.flatten()
+            if w.numel() > 200_000:
+                w = w[torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))[:200_000]]
+            ax.hist(w.numpy(), bins=121, range=(-lim, lim) if lim else None, color="#3465a4")
+            ax.set_title(name, fontsize=9)
+            ax.set_yscale("log")
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"weights of {layer}", fontsize=10)
+        save(fig, "weights_hist.png")
+
+    # training curves
+    tr = report.get("training", {})
+    if tr.get("ternary_qat") or tr.get("fp32"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if tr.get("fp32"):
+            ax.plot(tr["fp32"]["step"], _smooth(tr["fp32"]["loss"]), label="fp32 fine-tune", color="gray")
+        for i, h in enumerate(tr.get("ternary_qat", [])):
+            ax.plot(h["step"], _smooth(h["loss"]), label=f"ternary QAT seed {report['qat_seeds']['seeds'][i]}")
+        if tr.get("lm_qat"):
+            ax2 = ax.twinx()
+            ax2.plot(tr["lm_qat"]["step"], _smooth(tr["lm_qat"]["loss"]), color="tab:red", alpha=0.6, label="LM QAT")
+            ax2.set_ylabel("LM loss", color="tab:red")
+        ax.set_xlabel("step")
+        ax.set_ylabel("classification loss (smoothed)")
+        ax.legend(fontsize=8)
+        ax.set_title("training curves")
+        save(fig, "training_curves.png")
+
+    # metric comparison
+    var = report["variants"]
+    if var:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        names = list(var)
+        width = 0.8 / len(METRICS)
+        for j, m in enumerate(METRICS):
+            ax.bar([i + j * width for i in range(len(names))], [var[n][m] for n in names], width, label=m)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8, ncol=4, loc="lower right")
+        ax.set_title("spam classification, test split")
+        save(fig, "metrics.png")
+
+    rob = {n: v["robustness"] for n, v in var.items() if "robustness" in v}
+    if rob:
+        kinds = list(next(iter(rob.values())))
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        width = 0.8 / len(rob)
+        for j, (n, rr) in enumerate(rob.items()):
+            ax.bar([i + j * width for i in range(len(kinds))], [rr[k]["f1"] for k in kinds], width, label=n)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds, fontsize=8)
+        ax.set_ylabel("F1")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=7, ncol=3, loc="lower right")
+        ax.set_title("robustness to perturbed input")
+        save(fig, "robustness.png")
+    return files
+
+
+def _smooth(xs, k: int = 10):
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc = x if i == 0 else (1 - 1 / k) * acc + x / k
+        out.append(acc)
+    return out
