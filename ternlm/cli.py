@@ -45,7 +45,8 @@ def cmd_pipeline(a) -> int:
         eval_batch_size=a.eval_batch_size, ppl_max_length=a.ppl_max_length, ppl_stride=a.ppl_stride,
         ppl_windows=a.ppl_windows, lm_qat_text=a.lm_qat_text, lm_qat_steps=a.lm_qat_steps,
         latency_messages=a.latency_messages, robustness=not a.no_robustness, robustness_limit=a.robustness_limit,
-        gen_tokens=a.gen_tokens, progress=not a.quiet)
+        gen_tokens=a.gen_tokens, progress=not a.quiet,
+        baselines=tuple(b.strip() for b in a.baselines.split(",") if b.strip()))
     run_pipeline(cfg)
     return 0
 
@@ -86,10 +87,17 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ternlm", description="1.58-bit ternary language models.")
+    p = _Parser(prog="ternlm", description="1.58-bit ternary language models.")
     p.add_argument("--version", action="version", version=f"ternlm {__import__('ternlm').__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
     # pipeline
     q = sub.add_parser("pipeline", help="fp32 vs ternary PTQ vs ternary QAT vs int8 baselines on SMS spam",
@@ -123,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-robustness", action="store_true", help="skip the perturbed-input evaluation")
     q.add_argument("--robustness-limit", type=int, default=400, help="test messages used for robustness")
     q.add_argument("--gen-tokens", type=int, default=30, help="tokens per generation sample")
+    q.add_argument("--baselines", default="int8_absmax,int8_zeropoint,llm_int8",
+                   help="comma-separated int8 baselines to run (default: all three)")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     _add_ternary_args(q)
     q.set_defaults(fn=cmd_pipeline)

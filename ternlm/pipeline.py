@@ -67,6 +67,7 @@ class PipelineConfig:
     robustness_rate: float = 0.1
     prompts: tuple = ("The history of the city", "In 1998, the team")
     gen_tokens: int = 30
+    baselines: tuple = BASELINES
     progress: bool = True
 
     def __post_init__(self):
@@ -79,11 +80,16 @@ class PipelineConfig:
         if self.lm_qat_steps < 0:
             raise TernlmError("lm_qat_steps must be >= 0")
         self.prompts = tuple(self.prompts)
+        self.baselines = tuple(self.baselines)
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise TernlmError(f"unknown baseline method {b!r}; choose from {', '.join(BASELINES)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ternary"] = config_to_dict(self.ternary)
         d["prompts"] = list(self.prompts)
+        d["baselines"] = list(self.baselines)
         return d
 
     def classifier_train(self, qat: bool, seed: int) -> ClassifierTrainConfig:
@@ -176,7 +182,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
-    # ---- data and model
+    # ---- model first (fails fast on a bad path), then data
+    tok = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
+    fp = load_classifier(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
     ds = load_sms_spam(cfg.data)
     train, val, test = split_dataset(ds, seed=cfg.seed)
     if cfg.limit_train and cfg.limit_train < len(train):
@@ -186,8 +194,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
     _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped); "
               f"train {len(train)} / val {len(val)} / test {len(test)}")
-    tok = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
-    fp = load_classifier(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
     targets = select_targets(fp, QuantConfig(weights=cfg.ternary))
     report = {"config": cfg.to_dict(), "environment": environment(),
               "data": {"source": ds.source, "n_messages": len(ds), "n_spam": int(sum(ds.labels)),
@@ -236,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # ---- 4. int8 baselines
     _log(cfg, "4/5 int8 baselines")
-    for name in BASELINES:
+    for name in cfg.baselines:
         m = quantize_model(copy.deepcopy(fp), _quant_config(name, cfg))
         report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets)
         weights_for_plot[name] = _plot_weight(m, layer)
@@ -276,7 +282,7 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
     pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
                  progress=cfg.progress)
     ppl, gen = {}, {}
-    for name in ("fp32", "ternary_ptq") + BASELINES:
+    for name in ("fp32", "ternary_ptq") + cfg.baselines:
         m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
         ppl[name] = perplexity(m, tok, text, **pp_kw)
         _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
@@ -288,7 +294,8 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
         ids = torch.tensor(tok(train_text)["input_ids"], dtype=torch.long)
         m = quantize_model(copy.deepcopy(base), _quant_config("ternary_qat", cfg))
         lm_hist = train_lm(m, ids, LMTrainConfig(steps=cfg.lm_qat_steps, lr=cfg.lm_qat_lr, seed=cfg.seed,
-                                                 block_size=min(128, cfg.ppl_max_length), warmup_steps=10,
+                                                 block_size=min(128, cfg.ppl_max_length),
+                                                 warmup_steps=min(10, cfg.lm_qat_steps),
                                                  weight_decay=0.0),
                            progress=cfg.progress, desc="LM QAT")
         ppl["ternary_qat"] = perplexity(m, tok, text, **pp_kw)

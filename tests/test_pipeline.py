@@ -1,0 +1,78 @@
+"""A tiny end-to-end pipeline: tiny random GPT-2, real tokenizer, real SMS data."""
+
+import json
+
+import pytest
+import torch
+
+from ternlm.pipeline import VARIANTS, PipelineConfig, run_pipeline
+
+METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257))
+    m.save_pretrained(d)
+    gpt2_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model_dir, tmp_path_factory):
+    from tests.conftest import require_data
+
+    out = tmp_path_factory.mktemp("pipeline")
+    cfg = PipelineConfig(
+        model=str(tiny_model_dir), data=str(require_data("sms_spam", "SMSSpamCollection")),
+        text=str(require_data("wikitext-2", "wiki.test.raw")), out=str(out), max_length=32,
+        limit_train=96, limit_test=48, epochs=1, qat_epochs=3, qat_lr=1e-3, qat_seeds=2,
+        ppl_max_length=32, ppl_stride=32, ppl_windows=2, latency_messages=8, robustness_limit=24,
+        lm_qat_text=str(require_data("tinyshakespeare", "input.txt")), lm_qat_steps=3, gen_tokens=5,
+        progress=False)
+    r = run_pipeline(cfg)
+    return out, r
+
+
+def test_every_variant_and_metric_is_reported(report):
+    out, r = report
+    on_disk = json.loads((out / "report.json").read_text())
+    for rep in (r, on_disk):
+        assert set(rep["variants"]) == set(VARIANTS)
+        for name in VARIANTS:
+            v = rep["variants"][name]
+            for m in METRICS:
+                assert 0.0 <= v[m] <= 1.0, (name, m)
+            assert v["cost"]["latency_batch1"]["ms_per_message"] > 0
+            assert v["cost"]["latency_batch32"]["ms_per_message"] > 0
+            assert set(v["robustness"]) >= {"clean", "typos", "case", "whitespace_punct", "url", "number"}
+        assert rep["config"]["qat_seeds"] == 2 and len(rep["qat_seeds"]["f1"]) == 2
+        assert set(rep["perplexity"]) == {"fp32", "ternary_ptq", "ternary_qat", "int8_absmax", "int8_zeropoint",
+                                          "llm_int8"}
+        assert all(p["perplexity"] > 1 for p in rep["perplexity"].values())
+    for name in ("ternary_ptq", "ternary_qat"):
+        assert r["variants"][name]["verify"]["ok"] and r["variants"][name]["verify"]["ternary_share"] == 1.0
+    assert "llm_int8_backend" in r["variants"]["llm_int8"]
+
+
+def test_qat_training_loss_went_down(report):
+    _, r = report
+    for hist in r["training"]["ternary_qat"]:
+        loss = hist["loss"]
+        assert len(loss) == 18  # 96 examples / 16 per batch * 3 epochs
+        assert sum(loss[-5:]) / 5 < sum(loss[:3]) / 3
+
+
+def test_markdown_and_plots_written(report):
+    out, r = report
+    md = (out / "report.md").read_text()
+    for name in VARIANTS:
+        assert f"| {name} |" in md
+    for png in ("weights_hist.png", "training_curves.png", "metrics.png", "robustness.png"):
+        assert (out / png).stat().st_size > 1000
+        assert png in r["plots"]
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
