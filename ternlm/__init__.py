@@ -16,6 +16,21 @@ _LAZY = {
     "BitLinear": "ternlm.nn.bitlinear",
     "run_pipeline": "ternlm.pipeline",
     "PipelineConfig": "ternlm.pipeline",
+    "ternarize": "ternlm.quant.ternary",
+    "dequantize_ternary": "ternlm.quant.ternary",
+    "load_sms_spam": "ternlm.data.sms",
+    "split_dataset": "ternlm.data.sms",
+    "load_text": "ternlm.data.text",
+    "load_tokenizer": "ternlm.models.loading",
+    "load_causal_lm": "ternlm.models.loading",
+    "load_classifier": "ternlm.models.loading",
+    "save_model": "ternlm.models.loading",
+    "evaluate_classifier": "ternlm.eval.classification",
+    "perplexity": "ternlm.eval.perplexity",
+    "train_classifier": "ternlm.train.classify",
+    "ClassifierTrainConfig": "ternlm.train.classify",
+    "train_lm": "ternlm.train.lm",
+    "LMTrainConfig": "ternlm.train.lm",
 }
 
 

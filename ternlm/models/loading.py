@@ -1,0 +1,271 @@
+"""Load tokenizers, causal LMs and sequence classifiers from a local directory, a GGUF file or the hub.
+
+Every failure a user can cause (a wrong path, a directory without weights, a truncated weights
+file, an encoder model asked to act as a causal LM, no network) becomes a one-line TernlmError.
+Weights that silently fail to load are treated as errors too: a randomly initialised backbone
+would make every quantization number meaningless.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ternlm.data.text import looks_like_hub_id
+from ternlm.errors import TernlmError
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                    "spiece.model")
+
+
+@dataclass
+class _Source:
+    """Where a model comes from, after resolving paths and GGUF files."""
+
+    ref: str  # what from_pretrained receives: a local directory or a hub id
+    gguf_file: str | None
+    local: bool
+
+    def describe(self) -> str:
+        return f"{self.ref}/{self.gguf_file}" if self.gguf_file else self.ref
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    msg = msg if len(msg) <= limit else msg[: limit - 3] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _has_hf_weights(directory: Path) -> bool:
+    return any((directory / f).is_file() for f in _WEIGHT_FILES) or any(directory.glob("*.safetensors"))
+
+
+def _resolve(name_or_path, gguf_file: str | None) -> _Source:
+    """Turn a path or hub id (+ optional GGUF name) into something from_pretrained accepts."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise TernlmError(f"{path} is a file: pass the model directory (or a .gguf file)")
+        if gguf_file is not None and gguf_file != path.name:
+            raise TernlmError(f"both a GGUF path ({path}) and gguf_file={gguf_file!r} given")
+        return _Source(str(path.parent), path.name, True)
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise TernlmError(f"no GGUF file {gguf_file!r} in {path}")
+            return _Source(str(path), gguf_file, True)
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        # Prefer transformers-format weights when both exist: they are lossless, a GGUF rarely is.
+        if len(ggufs) == 1 and not (_has_hf_weights(path) and (path / "config.json").is_file()):
+            return _Source(str(path), ggufs[0], True)
+        if not (path / "config.json").is_file():
+            extra = f" and {len(ggufs)} .gguf files: pass gguf_file=" if len(ggufs) > 1 else ""
+            raise TernlmError(f"no config.json in {path} (not a model directory{extra})")
+        return _Source(str(path), None, True)
+    if not looks_like_hub_id(str(name_or_path)):
+        raise TernlmError(f"no such file or directory: {name_or_path}")
+    return _Source(str(name_or_path), gguf_file, False)
+
+
+def _hub_error(src: _Source, e: Exception) -> TernlmError:
+    return TernlmError(f"could not load {src.ref!r} from the Hugging Face Hub (offline?): "
+                       f"use a local directory [{_one_line(e, 120)}]")
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    import transformers
+
+    # transformers renamed torch_dtype to dtype in 4.56; support both ends of the pinned range.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _load_config(src: _Source, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(src.ref, **kwargs, **overrides)
+    except Exception as e:  # unreadable JSON, unknown model_type, network: all user-fixable
+        if not src.local:
+            raise _hub_error(src, e) from None
+        raise TernlmError(f"cannot read the model config in {src.describe()}: {_one_line(e)}") from None
+
+
+def _check_head(config, task: str) -> None:
+    """Refuse architectures that have no head for ``task`` (or only a misleading one)."""
+    from transformers.models.auto import modeling_auto as ma
+
+    names = {"causal-lm": ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             "classification": ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}[task]
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in names:
+        raise TernlmError(f"model type {model_type!r} has no {task} head in transformers")
+    # BERT-like encoders have a *ForCausalLM class for decoder use, but as loaded they are masked
+    # LMs; treating one as a causal LM would give meaningless perplexities.
+    if task == "causal-lm":
+        if getattr(config, "is_encoder_decoder", False):
+            raise TernlmError(f"model type {model_type!r} is an encoder-decoder, not a causal LM")
+        if model_type in ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+            raise TernlmError(f"model type {model_type!r} is an encoder (masked LM), not a causal LM")
+
+
+def _pad_token_id(config, src: _Source) -> int | None:
+    """The config's eos id (GPT-2's tokenizer pads with eos too), else the tokenizer's pad id."""
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        return int(eos)
+    try:
+        return load_tokenizer(src.ref, gguf_file=src.gguf_file).pad_token_id
+    except TernlmError:
+        return None  # unpadded batches (and batch size 1) still work
+
+
+def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dtype, config_overrides: dict,
+          new_head_ok: bool):
+    src = _resolve(name_or_path, gguf_file)
+    if src.local and src.gguf_file is None and not random_init and not _has_hf_weights(Path(src.ref)):
+        raise TernlmError(f"no weights in {src.ref} (pass random_init=True / --random-init to start from "
+                          f"random weights)")
+    dtype_kw = _dtype_kwarg(dtype)
+    if random_init:
+        config = _load_config(src, **config_overrides)
+        _check_head(config, task)
+        model = auto_cls.from_config(config, **dtype_kw)
+        return _finish(model, task, src)
+
+    # NOTE: parsing a GGUF's metadata takes seconds and from_pretrained already parses it twice
+    # (config, then tensors), so for GGUF the config is not read separately and the head is checked
+    # on the loaded model instead.
+    if src.gguf_file:
+        kwargs = {"gguf_file": src.gguf_file, **config_overrides}
+    else:
+        config = _load_config(src, **config_overrides)
+        _check_head(config, task)
+        kwargs = {"config": config}
+    try:
+        model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):  # the auto class has no head for this model
+            raise TernlmError(f"the model in {src.describe()} has no {task} head in transformers") from None
+        raise _load_error(src, e) from None
+    except Exception as e:  # truncated/corrupt files, shape mismatches, network
+        raise _load_error(src, e) from None
+    if src.gguf_file:
+        _check_head(model.config, task)
+
+    missing = set(info.get("missing_keys") or ())
+    if new_head_ok:
+        # A fresh task head is expected when a classifier starts from an LM checkpoint; a missing
+        # backbone weight is not.
+        prefix = model.base_model_prefix + "."
+        missing = {k for k in missing if k.startswith(prefix)}
+    if missing:
+        example = sorted(missing)[0]
+        raise TernlmError(f"weights in {src.describe()} do not match its config: {len(missing)} tensors "
+                          f"missing (e.g. {example})")
+    return _finish(model, task, src)
+
+
+def _load_error(src: _Source, e: Exception) -> TernlmError:
+    if not src.local:
+        return _hub_error(src, e)
+    return TernlmError(f"cannot load weights from {src.describe()}: {_one_line(e)}")
+
+
+def _finish(model, task: str, src: _Source):
+    if task == "classification" and model.config.pad_token_id is None:
+        # GPT-2 and Llama classifiers pool the last non-pad token and refuse batches without a pad id;
+        # they read config.pad_token_id at forward time, so setting it after loading is enough.
+        model.config.pad_token_id = _pad_token_id(model.config, src)
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None):
+    """AutoTokenizer from a directory, GGUF file or hub id; pad = eos when the model has no pad token."""
+    from transformers import AutoTokenizer
+
+    src = _resolve(name_or_path, gguf_file)
+    has_files = any((Path(src.ref) / f).is_file() for f in _TOKENIZER_FILES)
+    if src.local and src.gguf_file is None and not has_files:
+        raise TernlmError(f"no tokenizer files in {src.ref} (expected tokenizer.json or vocab.json)")
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(src.ref, **kwargs)
+    except Exception as e:
+        if not src.local:
+            raise _hub_error(src, e) from None
+        raise TernlmError(f"cannot load the tokenizer from {src.describe()}: {_one_line(e)}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        # GPT-2 ships without a pad token; padding with eos is the standard choice and is masked out.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str | Path, *, gguf_file: str | None = None, random_init: bool = False,
+                   dtype: torch.dtype = torch.float32):
+    """A causal LM in eval mode from a directory, a GGUF file (dequantized) or a hub id.
+
+    random_init builds the architecture from the config with fresh weights, drawn from torch's
+    global RNG, so seed it first for a reproducible model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, name_or_path, task="causal-lm", gguf_file=gguf_file,
+                 random_init=random_init, dtype=dtype, config_overrides={}, new_head_ok=False)
+
+
+def load_classifier(name_or_path: str | Path, *, num_labels: int = 2, gguf_file: str | None = None,
+                    random_init: bool = False, dtype: torch.dtype = torch.float32):
+    """A sequence classifier in eval mode; from an LM checkpoint the backbone loads and the head is new.
+
+    ``config.pad_token_id`` is filled from the eos token when missing (GPT-2), so padded batches work.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, name_or_path, task="classification", gguf_file=gguf_file,
+                 random_init=random_init, dtype=dtype, config_overrides={"num_labels": num_labels},
+                 new_head_ok=True)
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save model (+ tokenizer) as safetensors into out_dir, atomically.
+
+    Everything is written into a temporary directory beside out_dir and swapped in by rename, so
+    an interrupted save never leaves a half-written model, and an existing out_dir survives until
+    the new one is complete.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise TernlmError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)  # move aside within the same filesystem: a rename
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
