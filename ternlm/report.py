@@ -28,7 +28,7 @@ def _mb(b):
 
 def render_markdown(r: dict) -> str:
     cfg, var = r["config"], r["variants"]
-    L = [f"# ternlm pipeline report", "",
+    L = ["# ternlm pipeline report", "",
          f"Model: `{cfg['model']}` ({r['model']['architecture']}, {r['model']['n_params']:,} parameters"
          f"{', random init' if cfg['random_init'] else ''}); {len(r['model']['quantized_layers'])} linear layers "
          f"quantized. Data: `{r['data']['source']}` — {r['data']['n_messages']} messages, "

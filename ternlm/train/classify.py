@@ -10,7 +10,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ternlm.errors import TernlmError
-from ternlm.train.common import QATHooks, check_loss, lr_at, make_optimizer, seed_everything
+from ternlm.train.common import Stepper, seed_everything
 
 
 @dataclass
@@ -59,38 +59,18 @@ def train_classifier(model: nn.Module, tokenizer, texts: list[str], labels: list
     y = torch.tensor(labels, dtype=torch.long)
     steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_ratio * total))
-    hooks = QATHooks(model)
+    stepper = Stepper(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total=total,
+                      warmup=max(1, int(cfg.warmup_ratio * total)), grad_clip=cfg.grad_clip)
     gen = torch.Generator().manual_seed(cfg.seed)
-    hist = {"step": [], "loss": [], "lr": [], "quant_lambda": []}
-    model.train()
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True)
     while step < total:
         for ids, mask, yb in _batches(enc, y, cfg.batch_size, gen, tokenizer.pad_token_id):
             if step >= total:
                 break
-            lr = lr_at(step, total, warmup, cfg.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            lam = hooks.before_step(step)
-            out = model(input_ids=ids, attention_mask=mask, labels=yb)
-            loss = check_loss(out.loss, step)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            hooks.after_step(model)
-            hist["step"].append(step)
-            hist["loss"].append(loss)
-            hist["lr"].append(lr)
-            hist["quant_lambda"].append(lam)
+            loss = stepper.step(step, input_ids=ids, attention_mask=mask, labels=yb)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
     bar.close()
-    hooks.finish()
-    model.eval()
-    return hist
+    return stepper.finish()

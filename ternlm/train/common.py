@@ -65,3 +65,38 @@ def check_loss(loss: torch.Tensor, step: int) -> float:
     if not math.isfinite(v):
         raise TernlmError(f"training diverged: loss is {v} at step {step} (lower the learning rate)")
     return v
+
+
+class Stepper:
+    """One optimizer step at a time with the shared recipe: lr schedule, QAT hooks, NaN check,
+    gradient clipping, history."""
+
+    def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, total: int, warmup: int,
+                 grad_clip: float):
+        self.model, self.base_lr, self.total, self.warmup, self.grad_clip = model, lr, total, warmup, grad_clip
+        self.opt = make_optimizer(model, lr, weight_decay)
+        self.hooks = QATHooks(model)
+        self.hist = {"step": [], "loss": [], "lr": [], "quant_lambda": []}
+        model.train()
+
+    def step(self, step: int, **batch) -> float:
+        lr = lr_at(step, self.total, self.warmup, self.base_lr)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        lam = self.hooks.before_step(step)
+        out = self.model(**batch)
+        loss = check_loss(out.loss, step)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.hooks.after_step(self.model)
+        for k, v in (("step", step), ("loss", loss), ("lr", lr), ("quant_lambda", lam)):
+            self.hist[k].append(v)
+        return loss
+
+    def finish(self) -> dict:
+        self.hooks.finish()
+        self.model.eval()
+        return self.hist

@@ -13,7 +13,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ternlm.errors import TernlmError
-from ternlm.train.common import QATHooks, check_loss, lr_at, make_optimizer, seed_everything
+from ternlm.train.common import Stepper, seed_everything
 
 
 @dataclass
@@ -43,31 +43,12 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: LMTrainConfig, *, prog
         raise TernlmError(f"text too short: {n} tokens for block_size {cfg.block_size}")
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    hooks = QATHooks(model)
-    hist = {"step": [], "loss": [], "lr": [], "quant_lambda": []}
-    model.train()
+    stepper = Stepper(model, lr=cfg.lr, weight_decay=cfg.weight_decay, total=cfg.steps,
+                      warmup=cfg.warmup_steps, grad_clip=cfg.grad_clip)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for step in bar:
         ix = torch.randint(0, n - cfg.block_size - 1, (cfg.batch_size,), generator=gen)
         x = torch.stack([tokens[i:i + cfg.block_size] for i in ix.tolist()])  # (B, T)
-        lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lam = hooks.before_step(step)
-        out = model(input_ids=x, labels=x)  # HF shifts labels internally
-        loss = check_loss(out.loss, step)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        hooks.after_step(model)
-        hist["step"].append(step)
-        hist["loss"].append(loss)
-        hist["lr"].append(lr)
-        hist["quant_lambda"].append(lam)
+        loss = stepper.step(step, input_ids=x, labels=x)  # HF shifts labels internally
         bar.set_postfix(loss=f"{loss:.3f}")
-    hooks.finish()
-    model.eval()
-    return hist
+    return stepper.finish()

@@ -3,7 +3,6 @@ pretrained GPT-2 weights), saved as a Hugging Face directory with the tokenizer.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
