@@ -94,6 +94,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def cmd_generate(a) -> int:
+    from ternlm.generate import GenerateConfig, main_generate
+
+    main_generate(a.model, a.prompt, GenerateConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                                    top_k=a.top_k, top_p=a.top_p, seed=a.seed),
+                  gguf_file=a.gguf_file)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ternlm", description="1.58-bit ternary language models.")
     p.add_argument("--version", action="version", version=f"ternlm {__import__('ternlm').__version__}")
@@ -169,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_pretrain)
+
+    # generate
+    g = sub.add_parser("generate", help="stream a continuation and report tokens/s",
+                       description="Generate text (KV cache on) from a ternlm checkpoint or any causal LM.")
+    g.add_argument("--model", required=True, help="ternlm checkpoint dir, HF model dir or hub id")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--gguf-file", default=None)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
     return p
 
 

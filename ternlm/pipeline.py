@@ -178,8 +178,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ternlm.train.common import seed_everything
 
     t_start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # created only when the report is written
     seed_everything(cfg.seed)
 
     # ---- model first (fails fast on a bad path), then data

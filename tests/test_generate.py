@@ -1,0 +1,36 @@
+import io
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ternlm.errors import TernlmError
+from ternlm.generate import GenerateConfig, generate
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=48)).eval()
+
+
+def test_greedy_matches_hf_and_streams(lm, gpt2_tokenizer):
+    buf = io.StringIO()
+    res = generate(lm, gpt2_tokenizer, "The city of", GenerateConfig(max_new_tokens=8), stream=buf)
+    enc = gpt2_tokenizer("The city of", return_tensors="pt")
+    ref = lm.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id)
+    assert res["text"] == gpt2_tokenizer.decode(ref[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert buf.getvalue().strip() == res["text"].strip()
+    assert res["n_new_tokens"] == 8 and res["decode_tok_s"] > 0
+
+
+def test_sampling_is_seeded(lm, gpt2_tokenizer):
+    cfg = GenerateConfig(max_new_tokens=6, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    assert generate(lm, gpt2_tokenizer, "Hello", cfg)["text"] == generate(lm, gpt2_tokenizer, "Hello", cfg)["text"]
+
+
+def test_context_overflow_and_bad_config(lm, gpt2_tokenizer):
+    with pytest.raises(TernlmError, match="context"):
+        generate(lm, gpt2_tokenizer, "word " * 40, GenerateConfig(max_new_tokens=20))
+    with pytest.raises(TernlmError):
+        GenerateConfig(top_p=0)
