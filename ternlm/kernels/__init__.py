@@ -1,0 +1,35 @@
+"""Fast CPU kernels for packed ternary weights, each with a pure-PyTorch reference twin.
+
+Loaded lazily: importing ``ternlm.kernels`` compiles and imports nothing; the C extension
+(``ternlm._C``) is imported on the first kernel call, with one warning if it must fall back.
+
+    from ternlm.kernels import linear_a8, linear_a16, available_levels, use_level, set_num_threads
+"""
+
+_LAZY = {
+    "linear_a8": "ternlm.kernels.ops",
+    "linear_a16": "ternlm.kernels.ops",
+    "dequantize": "ternlm.kernels.ops",
+    "a8_accumulators": "ternlm.kernels.ops",
+    "quantize_activations": "ternlm.kernels.ops",
+    "ternary_linear": "ternlm.kernels.ops",
+    "available_levels": "ternlm.kernels._ext",
+    "set_level": "ternlm.kernels._ext",
+    "get_level": "ternlm.kernels._ext",
+    "use_level": "ternlm.kernels._ext",
+    "set_num_threads": "ternlm.kernels._ext",
+    "get_num_threads": "ternlm.kernels._ext",
+    "is_available": "ternlm.kernels._ext",
+    "disable_extension": "ternlm.kernels._ext",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ternlm.kernels' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,636 @@
+// ternlm._C: CPU kernels for packed ternary linear layers.
+//
+// A plain CPython extension (no torch headers, so it builds in seconds): every function takes raw
+// data pointers as Python ints (tensor.data_ptr()) plus sizes; the Python side in
+// ternlm/kernels/ checks dtypes, shapes and contiguity before calling in.
+//
+// One binary for every x86-64: each instruction set's kernels are compiled from the same source
+// under __attribute__((target(...))) and chosen at run time with __builtin_cpu_supports, so the
+// build needs no -march flag. Levels: 0 scalar, 1 AVX2, 2 AVX-512BW, 3 AVX-512 VNNI. On other
+// architectures only the scalar level exists.
+//
+// Weight layouts are documented with bit diagrams in ternlm/quant/pack.py. Both store code + 1
+// in {0,1,2}; the integer kernels compute sum((c+1) * x) with u8 x s8 dot instructions and
+// subtract the token's activation sum, which equals sum(c * x) exactly.
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+// -DTL_PORTABLE_ONLY builds what a non-x86 machine gets (the scalar level only).
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(TL_PORTABLE_ONLY)
+#define TL_X86 1
+#include <immintrin.h>
+#else
+#define TL_X86 0
+#endif
+
+enum { LV_SCALAR = 0, LV_AVX2 = 1, LV_AVX512 = 2, LV_VNNI = 3, LV_COUNT = 4 };
+enum { FMT_2BIT = 0, FMT_BASE3 = 1 };
+
+// out[m * 4 + r] for an MR x NR tile (MR tokens, NR weight rows).
+typedef void (*TileI)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t n, int32_t* out);
+// out[r] for one token x NR rows.
+typedef void (*TileF)(const uint8_t* w, int64_t ws, const float* x, int64_t n, float* out);
+typedef void (*DecodeFn)(const uint8_t* src, int64_t Kp, uint8_t* dst, int64_t Kx, int off);
+typedef void (*QuantFn)(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, float* scale,
+                        int32_t* sum);
+
+struct Isa {
+  TileI p2[4][4];   // packed 2-bit weights, int8 activations
+  TileI u8[4][4];   // decoded u8 weights, int8 activations
+  TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
+  DecodeFn dec2, dec3;
+  QuantFn quant;
+};
+
+#define FILL_ROW(T, F, M) \
+  T[M - 1][0] = F<M, 1>;  \
+  T[M - 1][1] = F<M, 2>;  \
+  T[M - 1][2] = F<M, 3>;  \
+  T[M - 1][3] = F<M, 4>;
+#define FILL_ROW1(T, F) \
+  T[0] = F<1>;            \
+  T[1] = F<2>;            \
+  T[2] = F<3>;            \
+  T[3] = F<4>;
+#define FILL_TABLE(T, F) \
+  do {                   \
+    FILL_ROW(T, F, 1)    \
+    FILL_ROW(T, F, 2)    \
+    FILL_ROW(T, F, 3)    \
+    FILL_ROW(T, F, 4)    \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Portable scalar level: the model every vector level must match bit for bit (integer path).
+namespace scalar_ns {
+#define TL_TARGET
+#include "isa_common.inc"
+#undef TL_TARGET
+
+template <int MR, int NR>
+static void tile_p2(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk, int32_t* out) {
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) {
+      int32_t acc = 0;
+      const uint8_t* wr = w + r * ws;
+      const int8_t* xm = x + m * xs;
+      for (int64_t b = 0; b < nblk; b++)
+        for (int j = 0; j < 64; j++) {
+          const uint8_t byte = wr[b * 64 + j];
+          const int8_t* xb = xm + b * 256 + j;
+          acc += (int32_t)(byte & 3) * xb[0] + (int32_t)((byte >> 2) & 3) * xb[64] +
+                 (int32_t)((byte >> 4) & 3) * xb[128] + (int32_t)(byte >> 6) * xb[192];
+        }
+      out[m * 4 + r] = acc;
+    }
+}
+
+template <int NR>
+static void tile_f_s8(const uint8_t* w, int64_t ws, const float* x, int64_t nvec, float* out) {
+  for (int r = 0; r < NR; r++) {
+    float acc = 0.0f;
+    const int8_t* wr = (const int8_t*)(w + r * ws);
+    for (int64_t k = 0; k < nvec * 64; k++) acc += (float)wr[k] * x[k];
+    out[r] = acc;
+  }
+}
+
+static void quant(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, float* scale, int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+  const float s = (amax > 1e-5f ? amax : 1e-5f) / qmax;
+  int32_t total = 0;
+  quant_tail(x, 0, K, Kx, s, qmax, q, &total);
+  *scale = s;
+  *sum = total;
+}
+
+static void fill(Isa& I) {
+  FILL_TABLE(I.p2, tile_p2);
+  FILL_TABLE(I.u8, tile_u8_generic);
+  FILL_ROW1(I.fs8, tile_f_s8);
+  I.dec2 = dec2;
+  I.dec3 = dec3;
+  I.quant = quant;
+}
+}  // namespace scalar_ns
+
+#if TL_X86
+#define TL_NS avx2_ns
+#define TL_TARGET __attribute__((target("avx2,fma")))
+#include "isa_avx2.inc"
+#undef TL_NS
+#undef TL_TARGET
+
+#define TL_NS avx512_ns
+#define TL_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#define TL_VNNI 0
+#include "isa_avx512.inc"
+#undef TL_NS
+#undef TL_TARGET
+#undef TL_VNNI
+
+#define TL_NS vnni_ns
+#define TL_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define TL_VNNI 1
+#include "isa_avx512.inc"
+#undef TL_NS
+#undef TL_TARGET
+#undef TL_VNNI
+#endif
+
+static Isa g_isa[LV_COUNT];
+static bool g_have[LV_COUNT];
+static int g_best = LV_SCALAR;
+
+static void init_isas() {
+  scalar_ns::fill(g_isa[LV_SCALAR]);
+  g_have[LV_SCALAR] = true;
+#if TL_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool bw = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool vnni = bw && __builtin_cpu_supports("avx512vnni");
+  avx2_ns::fill(g_isa[LV_AVX2]);
+  avx512_ns::fill(g_isa[LV_AVX512]);
+  vnni_ns::fill(g_isa[LV_VNNI]);
+  g_have[LV_AVX2] = avx2;
+  g_have[LV_AVX512] = bw;
+  g_have[LV_VNNI] = vnni;
+#endif
+  for (int l = 0; l < LV_COUNT; l++)
+    if (g_have[l]) g_best = l;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threading: a small persistent pool where tasks are CLAIMED, not assigned. The calling thread
+// publishes a job and starts working on it at once; pool threads join when they wake and take
+// whatever tasks are left. The caller only ever waits for tasks some thread has already started.
+//
+// Why not OpenMP: its parallel region ends in a barrier that waits for every team thread. On a
+// shared machine a team thread that cannot get a core holds that barrier for a full scheduler
+// slice (measured 4-8 ms per call on a busy 2-core VM, against a 20-500 us kernel). Here a
+// thread that does not show up costs nothing: the caller does its share.
+
+struct Job {
+  void (*fn)(void*, int64_t);
+  void* ctx;
+  int64_t n;
+  int max_helpers;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<int> helpers{0};
+  std::atomic<int> refs{1};  // the caller + every pool thread that picked the job up
+};
+
+static void job_release(Job* j) {
+  if (j->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete j;
+}
+
+static void job_work(Job* j) {
+  for (;;) {
+    const int64_t i = j->next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= j->n) break;
+    j->fn(j->ctx, i);
+    j->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+struct Pool {
+  std::mutex mu;
+  std::condition_variable cv;
+  Job* job = nullptr;
+  uint64_t gen = 0;
+  std::atomic<uint64_t> gen_seen{0};  // lock-free copy of gen for the short spin
+  int nthreads = 0;
+};
+
+static Pool* g_pool = nullptr;
+static long g_pool_pid = 0;
+
+static void pool_worker(Pool* p) {
+  uint64_t seen = 0;
+  for (;;) {
+    // spin briefly (back-to-back layer calls), then sleep until the next job
+    for (int spin = 0; spin < 2000 && p->gen_seen.load(std::memory_order_acquire) == seen; spin++) {
+#if TL_X86
+      _mm_pause();
+#endif
+    }
+    Job* j;
+    {
+      std::unique_lock<std::mutex> lk(p->mu);
+      p->cv.wait(lk, [&] { return p->gen != seen; });
+      seen = p->gen;
+      j = p->job;
+      if (!j) continue;
+      j->refs.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (j->helpers.fetch_add(1, std::memory_order_relaxed) < j->max_helpers) job_work(j);
+    job_release(j);
+  }
+}
+
+static Pool* pool_get(int helpers) {
+  static std::mutex create_mu;
+  std::lock_guard<std::mutex> create_lk(create_mu);
+  // a forked child inherits the pool's memory but not its threads: start a fresh one
+  const long pid = (long)getpid();
+  if (!g_pool || g_pool_pid != pid) {
+    g_pool = new Pool();  // deliberately leaked: its threads live for the whole process
+    g_pool_pid = pid;
+  }
+  std::lock_guard<std::mutex> lk(g_pool->mu);
+  while (g_pool->nthreads < helpers) {
+    std::thread(pool_worker, g_pool).detach();
+    g_pool->nthreads++;
+  }
+  return g_pool;
+}
+
+template <class F>
+static void call_task(void* ctx, int64_t i) {
+  (*(const F*)ctx)(i);
+}
+
+template <class F>
+static void parallel_for(int64_t n, int nth, const F& f) {
+  if (nth > n) nth = (int)n;
+  if (nth <= 1) {
+    for (int64_t i = 0; i < n; i++) f(i);
+    return;
+  }
+  // Concurrent callers (GIL released) are safe: each finishes its own job, a newer job only
+  // takes the pool's attention away from an older one.
+  Pool* p = pool_get(nth - 1);
+  Job* j = new Job();
+  j->fn = call_task<F>;
+  j->ctx = (void*)&f;
+  j->n = n;
+  j->max_helpers = nth - 1;
+  {
+    std::lock_guard<std::mutex> lk(p->mu);
+    p->job = j;
+    p->gen++;
+    p->gen_seen.store(p->gen, std::memory_order_release);
+  }
+  p->cv.notify_all();
+  job_work(j);
+  while (j->done.load(std::memory_order_acquire) < n) {  // only tasks already running elsewhere
+#if TL_X86
+    _mm_pause();
+#endif
+  }
+  {
+    std::lock_guard<std::mutex> lk(p->mu);
+    if (p->job == j) p->job = nullptr;
+  }
+  job_release(j);
+}
+
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tokens per block of the GEMM path: 64 tokens x K int8 stay in L2 while a chunk's decoded rows
+// (4 * TILES_PER_CHUNK rows x K bytes) are reused from L1/L2 across them.
+static const int64_t TOKENS_PER_BLOCK = 64;
+static const int64_t TILES_PER_CHUNK = 8;  // 32 rows
+// Below this many tokens the 2-bit kernel reads packed weights directly (decode in registers);
+// from here on decoding a chunk once into u8 and reusing it across tokens is cheaper.
+static const int64_t DIRECT_MAX_M = 8;
+
+struct A8Job {
+  const Isa* I;
+  int fmt;
+  const int8_t* xq;
+  const int32_t* xsum;
+  const float* xscale;  // null when only accumulators are wanted
+  int64_t M, Kx, N, Kp, wrow;
+  const uint8_t* w;
+  const float* ws;
+  int64_t ws_stride;  // 0: per-tensor scale, 1: per-row
+  const float* bias;  // null: none
+  float* out;
+  int32_t* acc;
+};
+
+static inline void a8_store(const A8Job& j, int64_t m0, int64_t n0, int mr, int nr, const int32_t* t) {
+  const int64_t N = j.N, wss = j.ws_stride;
+  for (int m = 0; m < mr; m++) {
+    const int32_t xsum = j.xsum[m0 + m];
+    if (j.acc) {
+      int32_t* __restrict o = j.acc + (m0 + m) * N + n0;
+      for (int r = 0; r < nr; r++) o[r] = t[m * 4 + r] - xsum;
+    } else {
+      // NOTE: (acc * act_scale) * w_scale (+ bias) in float32, left to right, no FMA -- the
+      // reference does the same operations in the same order, so outputs are bitwise equal.
+      const float as = j.xscale[m0 + m];
+      const float* __restrict ws = j.ws + n0 * wss;
+      float* __restrict o = j.out + (m0 + m) * N + n0;
+      if (j.bias) {
+        const float* __restrict bias = j.bias + n0;
+        for (int r = 0; r < nr; r++) o[r] = (float)(t[m * 4 + r] - xsum) * as * ws[r * wss] + bias[r];
+      } else {
+        for (int r = 0; r < nr; r++) o[r] = (float)(t[m * 4 + r] - xsum) * as * ws[r * wss];
+      }
+    }
+  }
+}
+
+static int a8_run(const A8Job& j, int nth) {
+  const int64_t ntile = cdiv(j.N, 4);
+  if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M) {
+    const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));  // short tasks: a helper preempted mid-task stalls the caller less
+    parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
+      for (int64_t nt = c * chunk; nt < std::min(ntile, (c + 1) * chunk); nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, j.N - n0);
+        for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
+          const int mr = (int)std::min<int64_t>(4, j.M - m0);
+          int32_t tmp[16];
+          j.I->p2[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * j.Kx, j.Kx, j.Kp / 256, tmp);
+          a8_store(j, m0, n0, mr, nr, tmp);
+        }
+      }
+    });
+    return 0;
+  }
+  const DecodeFn dec = j.fmt == FMT_2BIT ? j.I->dec2 : j.I->dec3;
+  int failed = 0;
+  parallel_for(cdiv(ntile, TILES_PER_CHUNK), nth, [&](int64_t c) {
+    const int64_t nt0 = c * TILES_PER_CHUNK, nt1 = std::min(ntile, nt0 + TILES_PER_CHUNK);
+    const int64_t r0 = nt0 * 4, r1 = std::min(j.N, nt1 * 4);
+    uint8_t* buf = (uint8_t*)malloc((size_t)((r1 - r0) * j.Kx));
+    if (!buf) {
+      failed = 1;
+      return;
+    }
+    for (int64_t r = r0; r < r1; r++) dec(j.w + r * j.wrow, j.Kp, buf + (r - r0) * j.Kx, j.Kx, 0);
+    for (int64_t mb = 0; mb < j.M; mb += TOKENS_PER_BLOCK)
+      for (int64_t nt = nt0; nt < nt1; nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, j.N - n0);
+        for (int64_t m0 = mb; m0 < std::min(j.M, mb + TOKENS_PER_BLOCK); m0 += 4) {
+          const int mr = (int)std::min<int64_t>(4, j.M - m0);
+          int32_t tmp[16];
+          j.I->u8[mr - 1][nr - 1](buf + (n0 - r0) * j.Kx, j.Kx, j.xq + m0 * j.Kx, j.Kx, j.Kx / 64, tmp);
+          a8_store(j, m0, n0, mr, nr, tmp);
+        }
+      }
+    free(buf);
+  });
+  return failed;
+}
+
+static int a16_run(const Isa* I, int fmt, const float* x, int64_t M, int64_t Kx, const uint8_t* w, int64_t N,
+                   int64_t Kp, int64_t wrow, const float* ws, int64_t ws_stride, const float* bias, float* out,
+                   int nth) {
+  const int64_t ntile = cdiv(N, 4);
+  const DecodeFn dec = fmt == FMT_2BIT ? I->dec2 : I->dec3;
+  int failed = 0;
+  parallel_for(cdiv(ntile, TILES_PER_CHUNK), nth, [&](int64_t c) {
+    const int64_t nt0 = c * TILES_PER_CHUNK, nt1 = std::min(ntile, nt0 + TILES_PER_CHUNK);
+    const int64_t r0 = nt0 * 4, r1 = std::min(N, nt1 * 4);
+    uint8_t* buf = (uint8_t*)malloc((size_t)((r1 - r0) * Kx));
+    if (!buf) {
+      failed = 1;
+      return;
+    }
+    for (int64_t r = r0; r < r1; r++) dec(w + r * wrow, Kp, buf + (r - r0) * Kx, Kx, -1);
+    for (int64_t mb = 0; mb < M; mb += TOKENS_PER_BLOCK)
+      for (int64_t nt = nt0; nt < nt1; nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, N - n0);
+        for (int64_t m = mb; m < std::min(M, mb + TOKENS_PER_BLOCK); m++) {
+          float tmp[4];
+          I->fs8[nr - 1](buf + (n0 - r0) * Kx, Kx, x + m * Kx, Kx / 64, tmp);
+          for (int r = 0; r < nr; r++)
+            out[m * N + n0 + r] = tmp[r] * ws[(n0 + r) * ws_stride] + (bias ? bias[n0 + r] : 0.0f);
+        }
+      }
+    free(buf);
+  });
+  return failed;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings
+
+static const Isa* pick_isa(int level) {
+  if (level < 0) level = g_best;
+  if (level >= LV_COUNT || !g_have[level]) {
+    PyErr_Format(PyExc_ValueError, "kernel level %d is not available on this CPU/build", level);
+    return NULL;
+  }
+  return &g_isa[level];
+}
+
+static int check_fmt(int fmt, int64_t K, int64_t Kp) {
+  const int64_t qk = fmt == FMT_2BIT ? 256 : 160;
+  if ((fmt != FMT_2BIT && fmt != FMT_BASE3) || Kp % qk || K > Kp || K < 0) {
+    PyErr_Format(PyExc_ValueError, "bad format/shape: fmt=%d K=%lld Kp=%lld", fmt, (long long)K, (long long)Kp);
+    return -1;
+  }
+  return 0;
+}
+
+static inline int64_t row_bytes(int fmt, int64_t Kp) { return fmt == FMT_2BIT ? Kp / 4 : Kp / 5; }
+static inline int64_t x_stride(int64_t Kp) { return cdiv(Kp, 64) * 64; }
+
+static int resolve_threads(int nth) {
+  if (nth <= 0) nth = (int)std::max(1u, std::thread::hardware_concurrency());
+  return std::min(nth, 256);
+}
+
+// Below ~1M multiply-adds per thread (a few microseconds of work) the hand-off costs more than it
+// saves.
+static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 20;
+
+static int threads_for(int nth, int64_t M, int64_t N, int64_t Kp) {
+  const int64_t by_work = (M * N * Kp) / MIN_WORK_PER_EXTRA_THREAD;
+  return (int)std::max<int64_t>(1, std::min<int64_t>(nth, by_work));
+}
+
+static PyObject* py_quantize(PyObject*, PyObject* args) {
+  int level, nth;
+  unsigned long long xp, qp, sp, sump;
+  long long M, K, Kx;
+  float qmax;
+  if (!PyArg_ParseTuple(args, "iKLLLfKKKi", &level, &xp, &M, &K, &Kx, &qmax, &qp, &sp, &sump, &nth)) return NULL;
+  const Isa* I = pick_isa(level);
+  if (!I) return NULL;
+  nth = resolve_threads(nth);
+  const float* x = (const float*)xp;
+  int8_t* q = (int8_t*)qp;
+  float* s = (float*)sp;
+  int32_t* sum = (int32_t*)sump;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(M, M * K < 65536 ? 1 : nth, [&](int64_t m) { I->quant(x + m * K, K, Kx, qmax, q + m * Kx, s + m, sum + m); });
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_gemm_acc(PyObject*, PyObject* args) {
+  int fmt, level, nth;
+  unsigned long long xqp, sump, wp, accp;
+  long long M, Kx, N, Kp;
+  if (!PyArg_ParseTuple(args, "iiKKLLKLLKi", &fmt, &level, &xqp, &sump, &M, &Kx, &wp, &N, &Kp, &accp, &nth))
+    return NULL;
+  const Isa* I = pick_isa(level);
+  if (!I || check_fmt(fmt, Kp, Kp)) return NULL;
+  if (Kx != x_stride(Kp)) return PyErr_Format(PyExc_ValueError, "activation stride must be %lld", (long long)x_stride(Kp));
+  nth = threads_for(resolve_threads(nth), M, N, Kp);
+  A8Job j = {I, fmt, (const int8_t*)xqp, (const int32_t*)sump, NULL, M, Kx, N, Kp, row_bytes(fmt, Kp),
+             (const uint8_t*)wp, NULL, 0, NULL, NULL, (int32_t*)accp};
+  int failed;
+  Py_BEGIN_ALLOW_THREADS
+  failed = a8_run(j, nth);
+  Py_END_ALLOW_THREADS
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_linear_a8(PyObject*, PyObject* args) {
+  int fmt, level, nth;
+  unsigned long long xp, wp, wsp, bp, outp;
+  long long M, K, N, Kp, wss;
+  float qmax;
+  if (!PyArg_ParseTuple(args, "iiKLLKLLKLKfKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &bp, &qmax,
+                        &outp, &nth))
+    return NULL;
+  const Isa* I = pick_isa(level);
+  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  nth = resolve_threads(nth);
+  const int64_t Kx = x_stride(Kp);
+  int8_t* xq = (int8_t*)malloc((size_t)(M * Kx) + 64);
+  float* xs = (float*)malloc(sizeof(float) * (size_t)(M + 1));
+  int32_t* xsum = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M + 1));
+  int failed = !xq || !xs || !xsum;
+  if (!failed) {
+    const float* x = (const float*)xp;
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(M, M * K < 65536 ? 1 : nth, [&](int64_t m) { I->quant(x + m * K, K, Kx, qmax, xq + m * Kx, xs + m, xsum + m); });
+    A8Job j = {I, fmt, xq, xsum, xs, M, Kx, N, Kp, row_bytes(fmt, Kp), (const uint8_t*)wp, (const float*)wsp, wss,
+               (const float*)bp, (float*)outp, NULL};
+    failed = a8_run(j, threads_for(nth, M, N, Kp));
+    Py_END_ALLOW_THREADS
+  }
+  free(xq);
+  free(xs);
+  free(xsum);
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_linear_a16(PyObject*, PyObject* args) {
+  int fmt, level, nth;
+  unsigned long long xp, wp, wsp, bp, outp;
+  long long M, K, N, Kp, wss;
+  if (!PyArg_ParseTuple(args, "iiKLLKLLKLKKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &bp, &outp, &nth))
+    return NULL;
+  const Isa* I = pick_isa(level);
+  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  nth = threads_for(resolve_threads(nth), M, N, Kp);
+  const int64_t Kx = x_stride(Kp);
+  const float* x = (const float*)xp;
+  float* xpad = NULL;
+  if (Kx != K) {  // the kernels read whole 64-wide vectors: give them a zero-padded copy
+    xpad = (float*)calloc((size_t)(M * Kx), sizeof(float));
+    if (!xpad) return PyErr_NoMemory();
+    for (int64_t m = 0; m < M; m++) memcpy(xpad + m * Kx, x + m * K, sizeof(float) * (size_t)K);
+    x = xpad;
+  }
+  int failed;
+  Py_BEGIN_ALLOW_THREADS
+  failed = a16_run(I, fmt, x, M, Kx, (const uint8_t*)wp, N, Kp, row_bytes(fmt, Kp), (const float*)wsp, wss,
+                   (const float*)bp, (float*)outp, nth);
+  Py_END_ALLOW_THREADS
+  free(xpad);
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+// Dense float32 (N, K) weight code * scale. Large float batches use it with torch's sgemm, which
+// beats any add/subtract kernel once the decode is amortized over many tokens.
+static PyObject* py_dequantize(PyObject*, PyObject* args) {
+  int fmt, level, nth;
+  unsigned long long wp, wsp, outp;
+  long long N, Kp, K, wss;
+  if (!PyArg_ParseTuple(args, "iiKLLLKLKi", &fmt, &level, &wp, &N, &Kp, &K, &wsp, &wss, &outp, &nth)) return NULL;
+  const Isa* I = pick_isa(level);
+  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  nth = threads_for(resolve_threads(nth), 1, N, Kp);
+  const DecodeFn dec = fmt == FMT_2BIT ? I->dec2 : I->dec3;
+  const uint8_t* w = (const uint8_t*)wp;
+  const float* ws = (const float*)wsp;
+  float* out = (float*)outp;
+  const int64_t wrow = row_bytes(fmt, Kp), Kx = x_stride(Kp), rows = 64;
+  int failed = 0;
+  Py_BEGIN_ALLOW_THREADS
+  parallel_for(cdiv(N, rows), nth, [&](int64_t c) {
+    uint8_t* buf = (uint8_t*)malloc((size_t)Kx);
+    if (!buf) {
+      failed = 1;
+      return;
+    }
+    for (int64_t n = c * rows; n < std::min<int64_t>(N, (c + 1) * rows); n++) {
+      dec(w + n * wrow, Kp, buf, Kx, -1);
+      const float s = ws[n * wss];
+      const int8_t* __restrict c = (const int8_t*)buf;
+      float* __restrict o = out + n * K;
+      for (int64_t k = 0; k < K; k++) o[k] = (float)c[k] * s;
+    }
+    free(buf);
+  });
+  Py_END_ALLOW_THREADS
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyObject* py_levels(PyObject*, PyObject*) {
+  PyObject* l = PyList_New(0);
+  for (int i = 0; i < LV_COUNT; i++)
+    if (g_have[i]) {
+      PyObject* v = PyLong_FromLong(i);
+      PyList_Append(l, v);
+      Py_DECREF(v);
+    }
+  return l;
+}
+
+
+static PyMethodDef methods[] = {
+    {"quantize_act", py_quantize, METH_VARARGS,
+     "quantize_act(level, x, M, K, Kx, qmax, xq, scale, xsum, nthreads): per-token absmax int8"},
+    {"gemm_acc", py_gemm_acc, METH_VARARGS,
+     "gemm_acc(fmt, level, xq, xsum, M, Kx, w, N, Kp, acc, nthreads): int32 accumulators (M, N)"},
+    {"linear_a8", py_linear_a8, METH_VARARGS,
+     "linear_a8(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, bias_or_0, qmax, out, nthreads)"},
+    {"linear_a16", py_linear_a16, METH_VARARGS,
+     "linear_a16(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, bias_or_0, out, nthreads)"},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, out, nthreads): float32 (N, K)"},
+    {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ternlm CPU kernels for packed ternary weights",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  init_isas();
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,113 @@
+"""Packed ternary kernels vs torch fp32 ``F.linear`` on GPT-2 shapes.
+
+    python -m ternlm.kernels.microbench [--threads 2] [--batches 1 512] [--json out.json]
+
+Times each op over repeated calls after warm-up at batch 1 (decode GEMV) and a prefill batch,
+prints a table with speed-ups over fp32, and writes the rows (best and median times) as JSON with
+``--json``. The table uses the best time (``--stat min``, the default) because on a shared
+machine a preempted thread inflates medians by whole scheduler slices; ``--stat median`` shows
+those. Timings are for this machine only; compare ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# GPT-2 small (out, in): attn c_attn, attn c_proj, mlp c_fc, mlp c_proj, tied LM head.
+GPT2_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768)]
+
+
+def _time(fn, min_time: float = 0.3, max_reps: int = 200) -> tuple[float, float]:
+    """(best, median) seconds per call."""
+    fn()
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[0], times[len(times) // 2]
+
+
+def run(shapes=GPT2_SHAPES, batches=(1, 512), threads: int = 2, min_time: float = 0.3, stat: str = "min") -> dict:
+    from ternlm.kernels import _ext, ops
+    from ternlm.quant.pack import pack
+
+    torch.set_num_threads(threads)
+    _ext.set_num_threads(threads)
+    rows = []
+    for out_f, in_f in shapes:
+        w = torch.randn(out_f, in_f) * 0.02
+        codes = torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8)
+        scale = torch.rand(out_f) + 0.5
+        packed = {fmt: pack(codes, fmt) for fmt in ("2bit", "base3")}
+        for m in batches:
+            x = torch.randn(m, in_f)
+            pick = 0 if stat == "min" else 1
+            t = _time(lambda: F.linear(x, w), min_time)
+            t_fp32 = t[pick]
+            row = {"out": out_f, "in": in_f, "batch": m, "fp32_ms": t_fp32 * 1e3,
+                   "fp32_best_ms": t[0] * 1e3, "fp32_median_ms": t[1] * 1e3}
+            for name, fn in {
+                "w2a8": lambda: ops.linear_a8(x, packed["2bit"], scale, in_f, "2bit"),
+                "w2a16": lambda: ops.linear_a16(x, packed["2bit"], scale, in_f, "2bit"),
+                "wb3a8": lambda: ops.linear_a8(x, packed["base3"], scale, in_f, "base3"),
+            }.items():
+                t = _time(fn, min_time)
+                row[f"{name}_ms"] = t[pick] * 1e3
+                row[f"{name}_best_ms"], row[f"{name}_median_ms"] = t[0] * 1e3, t[1] * 1e3
+                row[f"{name}_speedup"] = t_fp32 / t[pick]
+            rows.append(row)
+    return {
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "ternlm.kernels.microbench", *sys.argv[1:]]),
+        "threads": threads,
+        "stat": stat,
+        "kernel_level": _ext.get_level(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "bytes_per_weight": {"fp32": 4, "2bit": 0.25, "base3": 0.2},
+        "rows": rows,
+    }
+
+
+def format_table(res: dict) -> str:
+    head = f"{'out x in':>12} {'batch':>5} {'fp32 ms':>9} {'w2a8 ms':>9} {'x fp32':>7} " \
+           f"{'w2a16 ms':>9} {'x fp32':>7} {'wb3a8 ms':>9} {'x fp32':>7}"
+    lines = [f"# {res['command']}  (threads={res['threads']}, level={res['kernel_level']}, "
+             f"{res['stat']} time, torch {res['torch']})",
+             head, "-" * len(head)]
+    for r in res["rows"]:
+        lines.append(f"{r['out']:>6}x{r['in']:<5} {r['batch']:>5} {r['fp32_ms']:>9.3f} "
+                     f"{r['w2a8_ms']:>9.3f} {r['w2a8_speedup']:>6.2f}x "
+                     f"{r['w2a16_ms']:>9.3f} {r['w2a16_speedup']:>6.2f}x "
+                     f"{r['wb3a8_ms']:>9.3f} {r['wb3a8_speedup']:>6.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 512])
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per op")
+    p.add_argument("--stat", choices=("min", "median"), default="min", help="time shown in the table")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    res = run(batches=tuple(args.batches), threads=args.threads, min_time=args.min_time, stat=args.stat)
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

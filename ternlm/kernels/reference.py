@@ -1,0 +1,81 @@
+"""Pure-PyTorch twins of the compiled kernels: the same math, written to be read.
+
+These are the ground truth the C kernels are tested against and the fallback when the extension
+is unavailable. All take 2-D float activations ``x`` (M, in_features) and a packed weight
+(out_features, row_bytes) in one of the formats of ``ternlm.quant.pack``, and return float32
+(M, out_features).
+
+Scales follow ``ternlm.quant.ternary``: a 0-d scale is per tensor, (out,) per channel and
+(out, in // g) per group.
+
+NOTE on numerics (W1.58A8): activations go through the canonical per-token absmax quantizer
+(``ternlm.quant.activations.quantize_activations``), the integer dot products are exact, and the
+result is ``(acc * act_scale) * weight_scale (+ bias)`` in float32 -- the compiled kernel performs
+the very same float operations in the same order, so for per-tensor/per-channel scales the two
+produce bitwise-equal outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ternlm.quant.activations import quantize_activations
+from ternlm.quant.pack import unpack
+from ternlm.quant.ternary import expand_scale
+
+
+def granularity_of(scale: torch.Tensor) -> str:
+    return {0: "per_tensor", 1: "per_channel", 2: "per_group"}[scale.dim()]
+
+
+def a8_accumulators(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Exact int32 sum_k q[m, k] * codes[n, k]: (M, K) int8 x (N, K) int8 -> (M, N) int32.
+
+    NOTE: every partial sum is an integer of magnitude <= 127 * K, so a float32 matmul is exact
+    (whatever its summation order) while 127 * K < 2**24, i.e. K < 132k; beyond that float64 is.
+    Either is far faster than an integer matmul on CPU.
+    """
+    dtype = torch.float32 if 127 * q.shape[-1] < 2**24 else torch.float64
+    return (q.to(dtype) @ codes.to(dtype).t()).to(torch.int32)
+
+
+def linear_a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+              fmt: str = "2bit", act_bits: int = 8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58A8 (or A4): per-token absmax int activations x ternary codes, int32 accumulation."""
+    y = _linear_a8(x, packed, scale, in_features, fmt, act_bits)
+    return y if bias is None else y + bias.float()
+
+
+def _linear_a8(x, packed, scale, in_features, fmt, act_bits):
+    out_f = packed.shape[0]
+    codes = unpack(packed, (out_f, in_features), fmt)
+    q, s = quantize_activations(x, act_bits)  # (M, K) int8, (M, 1) float32
+    if scale.dim() < 2:
+        return a8_accumulators(q, codes).float() * s * scale.float()
+    # per group: one exact accumulator per (token, row, group), scaled and summed in float
+    groups = scale.shape[1]
+    g = in_features // groups
+    qg = q.reshape(q.shape[0], groups, g).transpose(0, 1)  # (G, M, g)
+    cg = codes.reshape(out_f, groups, g).transpose(0, 1)  # (G, N, g)
+    dtype = torch.float32 if 127 * g < 2**24 else torch.float64
+    acc = torch.bmm(qg.to(dtype), cg.to(dtype).transpose(1, 2)).float()  # (G, M, N)
+    return (acc * scale.float().t().unsqueeze(1)).sum(0) * s
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str = "2bit",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense (out, in) weight codes * scale."""
+    out_f = packed.shape[0]
+    codes = unpack(packed, (out_f, in_features), fmt)
+    gran = granularity_of(scale)
+    group = in_features // scale.shape[1] if gran == "per_group" else 1
+    s = expand_scale(scale.float(), codes.shape, gran, group)
+    return (codes.float() * s).to(dtype)
+
+
+def linear_a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+               fmt: str = "2bit", bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58A16: float activations times the dequantized ternary weight."""
+    return F.linear(x.float(), dequantize(packed, scale, in_features, fmt),
+                    None if bias is None else bias.float())

@@ -1,0 +1,153 @@
+"""Packed storage for ternary codes: 2 bits per weight and base-3 (5 trits per byte, 1.6 bits).
+
+Both formats pack each output row independently along the input dimension, so a kernel streams
+one row's bytes and the matching activations side by side. Rows are padded to a whole number of
+blocks; the padding holds code 0, which contributes nothing to a dot product, and the true
+``(out_features, in_features)`` shape travels next to the packed tensor (``unpack_*`` take it).
+
+Stored values are ``code + 1`` in {0, 1, 2}, never the signed code: the kernels multiply the
+unsigned value by signed int8 activations (``vpdpbusd`` / ``pmaddubsw`` want u8 x s8) and subtract
+the activation sum once per token, since sum((c + 1) * x) - sum(x) = sum(c * x).
+
+Pure PyTorch; the C kernels in ``csrc/`` read exactly these layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ternlm.errors import TernlmError
+
+FORMATS = ("2bit", "base3")
+
+# Weights per block and bytes per block, per format.
+QK_2BIT = 256
+BLOCK_BYTES_2BIT = 64
+QK_BASE3 = 160
+BLOCK_BYTES_BASE3 = 32
+
+_POW3 = (81, 27, 9, 3, 1)  # trit i of a byte has weight 3**(4 - i): trit 0 is the most significant
+
+
+def block_size(fmt: str) -> int:
+    """Weights per block: rows are padded to a multiple of this."""
+    return {"2bit": QK_2BIT, "base3": QK_BASE3}[_check_fmt(fmt)]
+
+
+def padded_in_features(in_features: int, fmt: str) -> int:
+    qk = block_size(fmt)
+    return -(-in_features // qk) * qk
+
+
+def packed_row_bytes(in_features: int, fmt: str) -> int:
+    """Bytes one packed row takes (including block padding)."""
+    kp = padded_in_features(in_features, fmt)
+    return kp // 4 if fmt == "2bit" else kp // 5
+
+
+def _check_fmt(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise TernlmError(f"unknown packed format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_codes(codes: torch.Tensor) -> torch.Tensor:
+    if codes.dim() != 2:
+        raise TernlmError(f"packing expects 2-D codes (out, in), got shape {tuple(codes.shape)}")
+    if codes.dtype != torch.int8:
+        raise TernlmError(f"packing expects int8 codes, got {codes.dtype}")
+    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
+        raise TernlmError("packing expects ternary codes in {-1, 0, 1}")
+    return codes
+
+
+def _padded_unsigned(codes: torch.Tensor, qk: int) -> torch.Tensor:
+    """(out, in) int8 codes -> (out, in_padded) uint8 values code + 1, padding = 1 (code 0)."""
+    out_f, in_f = codes.shape
+    kp = -(-in_f // qk) * qk
+    u = torch.ones(out_f, kp, dtype=torch.uint8, device=codes.device)
+    u[:, :in_f] = (codes + 1).to(torch.uint8)
+    return u
+
+
+def _check_packed(packed: torch.Tensor, shape, fmt: str) -> tuple[int, int]:
+    out_f, in_f = (int(s) for s in shape)
+    want = (out_f, packed_row_bytes(in_f, fmt))
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != want:
+        raise TernlmError(f"{fmt} packed tensor for shape {(out_f, in_f)} must be uint8 {want}, "
+                          f"got {packed.dtype} {tuple(packed.shape)}")
+    return out_f, in_f
+
+
+# 2-bit layout: one block = 256 weights of a row in 64 bytes. Byte j of block b holds the four
+# weights b*256 + j + 64*s, s = 0..3, as code + 1 in 2-bit fields:
+#
+#     byte j:   bit 7 6 | 5 4 | 3 2 | 1 0
+#                  s=3  | s=2 | s=1 | s=0      -> weights j+192 | j+128 | j+64 | j
+#
+#     packed block:  [ byte 0 | byte 1 | ... | byte 63 ]
+#     (v >> 2s) & 3  over all 64 bytes = weights 64*s .. 64*s+63, in order
+#
+# Why: one 512-bit load of a block, then ``(v >> 2s) & 3`` for s = 0..3, gives four vectors of 64
+# consecutive weights that line up byte-for-byte with four consecutive 64-byte loads of int8
+# activations -- no shuffles. The 16-bit shift leaks bits across byte boundaries, but the mask
+# keeps only the low two bits of each byte. A 256-bit machine splits the block into two halves
+# (bytes 0-31, 32-63) and gets 32 consecutive weights per shift the same way.
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes (out, in) in {-1, 0, 1} -> uint8 (out, ceil(in / 256) * 64)."""
+    codes = _check_codes(codes)
+    out_f = codes.shape[0]
+    u = _padded_unsigned(codes, QK_2BIT)
+    u = u.reshape(out_f, -1, 4, 64)  # (out, blocks, s, j)
+    packed = u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)
+    return packed.reshape(out_f, -1).contiguous()
+
+
+def unpack_2bit(packed: torch.Tensor, shape) -> torch.Tensor:
+    """uint8 from ``pack_2bit`` -> int8 codes of the true ``shape`` (out, in)."""
+    out_f, in_f = _check_packed(packed, shape, "2bit")
+    p = packed.reshape(out_f, -1, 1, 64)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).reshape(1, 1, 4, 1)
+    u = (p >> shifts) & 3  # (out, blocks, s, j)
+    return (u.reshape(out_f, -1)[:, :in_f].to(torch.int8) - 1).contiguous()
+
+
+# Base-3 layout: one block = 160 weights of a row in 32 bytes, 5 trits per byte (1.6 bits/weight).
+# Byte j of block b holds the five weights b*160 + j + 32*i, i = 0..4, as t_i = code + 1 in {0,1,2}:
+#
+#     q      = t_0*81 + t_1*27 + t_2*9 + t_3*3 + t_4        in [0, 242]
+#     byte j = ceil(q * 256 / 243)                           in [0, 255]
+#
+#     packed block:  [ byte 0 | ... | byte 31 ]     trit i of every byte = weights 32*i .. 32*i+31
+#
+# Why the fixed-point byte rather than q itself: byte/256 ~ q/243 is the base-3 fraction
+# 0.t_0 t_1 t_2 t_3 t_4, so trit i comes out with a multiply, a wrap to 8 bits and a high-byte
+# take -- t_i = (((byte * 3**i) mod 256) * 3) >> 8 -- instead of divisions, which SIMD lacks.
+# Rounding up makes this exact for all 243 values (tested exhaustively). 32-byte groups keep the
+# row padding small (GPT-2's 768 pads to 800, not 960) and match one 256-bit vector.
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes (out, in) in {-1, 0, 1} -> uint8 (out, ceil(in / 160) * 32)."""
+    codes = _check_codes(codes)
+    out_f = codes.shape[0]
+    u = _padded_unsigned(codes, QK_BASE3).to(torch.int32).reshape(out_f, -1, 5, 32)  # (out, blocks, i, j)
+    pow3 = torch.tensor(_POW3, dtype=torch.int32, device=codes.device).reshape(1, 1, 5, 1)
+    q = (u * pow3).sum(dim=2)
+    packed = (q * 256 + 242) // 243
+    return packed.to(torch.uint8).reshape(out_f, -1).contiguous()
+
+
+def unpack_base3(packed: torch.Tensor, shape) -> torch.Tensor:
+    """uint8 from ``pack_base3`` -> int8 codes of the true ``shape`` (out, in)."""
+    out_f, in_f = _check_packed(packed, shape, "base3")
+    p = packed.to(torch.int32).reshape(out_f, -1, 1, 32)
+    mul = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=packed.device).reshape(1, 1, 5, 1)
+    t = (((p * mul) & 255) * 3) >> 8  # (out, blocks, i, j)
+    return (t.reshape(out_f, -1)[:, :in_f].to(torch.int8) - 1).contiguous()
+
+
+def pack(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    return pack_2bit(codes) if _check_fmt(fmt) == "2bit" else pack_base3(codes)
+
+
+def unpack(packed: torch.Tensor, shape, fmt: str) -> torch.Tensor:
+    return unpack_2bit(packed, shape) if _check_fmt(fmt) == "2bit" else unpack_base3(packed, shape)

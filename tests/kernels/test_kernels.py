@@ -1,0 +1,221 @@
+"""Compiled kernels against their pure-PyTorch reference, at every dispatch level this CPU runs.
+
+Integer path (W1.58A8): the int32 accumulators must be EXACTLY equal, and so must the float
+outputs -- kernel and reference do the same two float32 multiplies, (acc * act_scale) * w_scale,
+in the same order. Float path (W1.58A16): allclose (the kernel sums in a different order).
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from ternlm.errors import TernlmError
+from ternlm.kernels import _ext, ops, reference
+from ternlm.quant.activations import quantize_activations
+from ternlm.quant.pack import pack
+
+if not _ext.is_available():  # pragma: no cover - only on machines where the build failed
+    if os.environ.get("TERNLM_REQUIRE_KERNELS") == "1":
+        pytest.fail("compiled kernels missing and TERNLM_REQUIRE_KERNELS=1", pytrace=False)
+    pytest.skip("compiled kernels not built (pip install -e . with a C++ compiler)", allow_module_level=True)
+
+LEVELS = _ext.available_levels()
+FMTS = ["2bit", "base3"]
+# (M tokens, N rows, K inputs): batch 1 and > 1, widths off every block/SIMD multiple, tile tails
+SHAPES = [(1, 1, 1), (1, 7, 100), (1, 64, 768), (2, 5, 257), (3, 33, 300), (4, 8, 320),
+          (5, 13, 777), (8, 9, 64), (17, 6, 513), (70, 37, 160)]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    with _ext.use_level(request.param):
+        yield request.param
+
+
+def _problem(M, N, K, fmt, seed=0):
+    g = torch.Generator().manual_seed(seed + M * 1000 + N * 10 + K)
+    codes = torch.randint(-1, 2, (N, K), generator=g).to(torch.int8)
+    x = torch.randn(M, K, generator=g) * 3
+    x[0, 0] = 40.0  # an outlier so rounding is exercised at several magnitudes
+    return codes, pack(codes, fmt), x
+
+
+def test_levels_cover_this_cpu():
+    assert LEVELS[0] == "scalar"
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx2" in flags and "fma" in flags:
+        assert "avx2" in LEVELS
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= set(flags):
+        assert "avx512_vnni" in LEVELS
+
+
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 100), (5, 777), (64, 768)])
+def test_quantize_matches_canonical(level, M, K, act_bits):
+    x = torch.randn(M, K) * 2
+    q, s, sums = ops.quantize_activations(x, act_bits)
+    q_ref, s_ref = quantize_activations(x, act_bits)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert torch.equal(sums, q_ref.int().sum(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_accumulators_exact(level, fmt, M, N, K):
+    codes, packed, x = _problem(M, N, K, fmt)
+    q, _ = quantize_activations(x, 8)
+    assert torch.equal(ops.a8_accumulators(q, packed, K, fmt), reference.a8_accumulators(q, codes))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_linear_a8_bitwise_equal(level, fmt, M, N, K, granularity):
+    codes, packed, x = _problem(M, N, K, fmt)
+    scale = torch.tensor(0.0371) if granularity == "per_tensor" else torch.rand(N) + 0.05
+    out = ops.linear_a8(x, packed, scale, K, fmt, backend="native")
+    assert torch.equal(out, reference.linear_a8(x, packed, scale, K, fmt))
+
+
+@pytest.mark.parametrize("M", [1, 9])
+def test_linear_bias_fused(level, M):
+    codes, packed, x = _problem(M, 13, 300, "2bit")
+    scale, bias = torch.rand(13), torch.randn(13)
+    assert torch.equal(ops.linear_a8(x, packed, scale, 300, bias=bias, backend="native"),
+                       reference.linear_a8(x, packed, scale, 300, bias=bias))
+    torch.testing.assert_close(ops.linear_a16(x, packed, scale, 300, bias=bias, backend="native"),
+                               reference.linear_a16(x, packed, scale, 300, bias=bias), rtol=1e-5, atol=1e-4)
+
+
+def test_linear_a4_bitwise_equal(level):
+    codes, packed, x = _problem(6, 11, 300, "2bit")
+    scale = torch.rand(11)
+    assert torch.equal(ops.linear_a8(x, packed, scale, 300, act_bits=4, backend="native"),
+                       reference.linear_a8(x, packed, scale, 300, act_bits=4))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", SHAPES + [(20, 9, 300)])  # M >= 16 takes the dequantize + sgemm path
+def test_linear_a16_close(level, fmt, M, N, K):
+    codes, packed, x = _problem(M, N, K, fmt)
+    scale = torch.rand(N) + 0.05
+    out = ops.linear_a16(x, packed, scale, K, fmt, backend="native")
+    torch.testing.assert_close(out, reference.linear_a16(x, packed, scale, K, fmt), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantize_bitwise_equal(level, fmt):
+    codes, packed, _ = _problem(1, 21, 333, fmt)
+    for scale in (torch.tensor(0.5), torch.rand(21)):
+        assert torch.equal(ops.dequantize(packed, scale, 333, fmt, backend="native"),
+                           reference.dequantize(packed, scale, 333, fmt))
+
+
+def test_thread_count_does_not_change_results():
+    codes, packed, x = _problem(9, 301, 1000, "2bit")
+    scale = torch.rand(301)
+    outs = []
+    for n in (1, 2, 3):
+        _ext.set_num_threads(n)
+        outs.append(ops.linear_a8(x, packed, scale, 1000))
+    _ext.set_num_threads(None)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def _big_job():
+    # enough work (M * N * K > 2**21) that the kernels hand tasks to pool threads
+    codes, packed, x = _problem(3, 1500, 768, "2bit")
+    scale = torch.rand(1500)
+    return x, packed, scale, reference.linear_a8(x, packed, scale, 768)
+
+
+def test_concurrent_callers_get_their_own_results():
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [_big_job() for _ in range(4)]
+    _ext.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda j: [ops.linear_a8(j[0], j[1], j[2], 768) for _ in range(5)], jobs))
+    finally:
+        _ext.set_num_threads(None)
+    for job, res in zip(jobs, outs):
+        assert all(torch.equal(r, job[3]) for r in res)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_kernels_work_in_a_forked_child():
+    x, packed, scale, expected = _big_job()
+    _ext.set_num_threads(2)
+    try:
+        ops.linear_a8(x, packed, scale, 768)  # start the pool in the parent
+        pid = os.fork()
+        if pid == 0:  # child: the pool's threads did not survive the fork
+            ok = torch.equal(ops.linear_a8(x, packed, scale, 768), expected)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        _ext.set_num_threads(None)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_per_group_falls_back_to_reference_and_native_refuses():
+    codes, packed, x = _problem(3, 4, 256, "2bit")
+    scale = torch.rand(4, 2)
+    assert torch.equal(ops.linear_a8(x, packed, scale, 256), reference.linear_a8(x, packed, scale, 256))
+    with pytest.raises(TernlmError, match="per_group"):
+        ops.linear_a8(x, packed, scale, 256, backend="native")
+
+
+def test_shape_errors_are_clear():
+    _, packed, x = _problem(2, 4, 100, "2bit")
+    with pytest.raises(TernlmError):
+        ops.linear_a8(x[:, :99], packed, torch.tensor(1.0), 100)
+    with pytest.raises(TernlmError):
+        ops.linear_a8(x, packed, torch.tensor(1.0), 100, fmt="base3")
+    with pytest.raises(TernlmError):
+        _ext.set_level("avx9000")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_custom_ops_registered_and_consistent(fmt):
+    codes, packed, x = _problem(3, 8, 200, fmt)
+    scale = torch.rand(8)
+    a8 = ops.CUSTOM_OPS[(fmt, 8)]
+    a16 = ops.CUSTOM_OPS[(fmt, None)]
+    bias = torch.randn(8)
+    for b in (None, bias):
+        torch.library.opcheck(a8, (x, packed, scale, b, 200, 8))
+        torch.library.opcheck(a16, (x, packed, scale, b, 200))
+    with torch.inference_mode():
+        assert torch.equal(a8(x, packed, scale, bias, 200, 8),
+                           reference.linear_a8(x, packed, scale, 200, fmt, bias=bias))
+
+
+def test_fallback_warns_once():
+    codes, packed, x = _problem(2, 4, 100, "2bit")
+    scale = torch.tensor(0.5)
+    try:
+        _ext.disable_extension(True)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            a = ops.linear_a8(x, packed, scale, 100)
+            b = ops.linear_a16(x, packed, scale, 100)
+            ops.linear_a8(x, packed, scale, 100)
+        msgs = [w for w in rec if "compiled kernels unavailable" in str(w.message)]
+        assert len(msgs) == 1
+        assert torch.equal(a, reference.linear_a8(x, packed, scale, 100))
+        assert torch.equal(b, reference.linear_a16(x, packed, scale, 100))
+    finally:
+        _ext.disable_extension(False)
+    assert _ext.is_available()
+
+
+def test_nothing_compiled_is_imported_at_package_import():
+    code = ("import sys, ternlm, ternlm.kernels, ternlm.nn.ternary_linear, ternlm.quant.pack; "
+            "assert 'ternlm._C' not in sys.modules, 'extension imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
