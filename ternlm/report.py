@@ -118,7 +118,7 @@ def plot_all(report: dict, out: Path, weights: dict, layer: str) -> list[str]:
     # weight histograms of one layer: original vs each quantizer
     if weights:
         n = len(weights)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), sharey=False)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), sharey=True)
         axes = [axes] if n == 1 else axes
         lim = float(weights["fp32"].abs().quantile(0.999)) if "fp32" in weights else None
         for ax, (name, w) in zip(axes, weights.items()):
@@ -128,8 +128,10 @@ def plot_all(report: dict, out: Path, weights: dict, layer: str) -> list[str]:
             ax.hist(w.numpy(), bins=121, range=(-lim, lim) if lim else None, color="#3465a4")
             ax.set_title(name, fontsize=9)
             ax.set_yscale("log")
+            ax.set_ylim(bottom=0.8)  # log axis from 1 count, so a ternary layer's zero bar is visible
             ax.tick_params(labelsize=7)
-        fig.suptitle(f"weights of {layer}", fontsize=10)
+        axes[0].set_ylabel("count (log)")
+        fig.suptitle(f"weights of {layer} (x: weight value)", fontsize=10, y=1.03)
         save(fig, "weights_hist.png")
 
     # training curves
