@@ -612,6 +612,7 @@ static PyObject* py_levels(PyObject*, PyObject*) {
   return l;
 }
 
+#include "int8_gemv.inc"
 
 static PyMethodDef methods[] = {
     {"quantize_act", py_quantize, METH_VARARGS,
@@ -625,6 +626,7 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, out, nthreads): float32 (N, K)"},
     {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
+    INT8_GEMV_METHODS
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ternlm CPU kernels for packed ternary weights",

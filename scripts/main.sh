@@ -16,4 +16,4 @@ if [ ! -f runs/gpt2-mini/model.safetensors ]; then
 fi
 ternlm pipeline --model runs/gpt2-mini --data "$DATA/sms_spam/SMSSpamCollection" \
   --text "$DATA/wikitext-2/wiki.test.raw" --lm-qat-text "$DATA/tinyshakespeare/input.txt" --lm-qat-steps 60 \
-  --epochs 2 --lr 2e-4 --qat-epochs 2 --qat-lr 5e-4 --qat-seeds 2 --out runs/pipeline "$@"
+  --limit-train 2000 --epochs 2 --lr 2e-4 --qat-epochs 2 --qat-lr 5e-4 --qat-seeds 2 --out runs/pipeline "$@"

@@ -237,3 +237,104 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, i
     if act_bits is None:
         return CUSTOM_OPS[(fmt, None)](x, packed, scale, bias, in_features)
     return CUSTOM_OPS[(fmt, 8)](x, packed, scale, bias, in_features, act_bits)
+
+
+# ---- int8 weights (the LM head): rows padded to a multiple of 64, one float32 scale per row ----
+
+def int8_row_stride(in_features: int) -> int:
+    return -(-in_features // 64) * 64
+
+
+def pad_int8_rows(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N, Kx) with zero columns up to the kernels' 64-element row stride (any dtype)."""
+    kx = int8_row_stride(q.shape[1])
+    if kx == q.shape[1]:
+        return q.contiguous()
+    out = q.new_zeros(q.shape[0], kx)
+    out[:, :q.shape[1]] = q
+    return out
+
+
+def _check_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int) -> None:
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
+    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != int8_row_stride(in_features):
+        raise TernlmError(f"expected int8 rows (N, {int8_row_stride(in_features)}), got {w.dtype} {tuple(w.shape)}")
+    if scale.shape != (w.shape[0],):
+        raise TernlmError(f"expected one scale per row ({w.shape[0]},), got {tuple(scale.shape)}")
+
+
+def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int | None = 8,
+                bias: torch.Tensor | None = None, backend: str = "auto", out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """x (M, in) against int8 rows w (N, Kx) with per-row scales: W8A8 (act_bits=8) or W8A16 (None).
+
+    ``out`` (M, N) float32 is written in place when given (the decode loop reuses one buffer).
+    """
+    _check_int8(x, w, scale, in_features)
+    if act_bits not in (8, None):
+        raise TernlmError(f"int8 weights take act_bits 8 or None, got {act_bits!r}")
+    mod = _native(backend, scale)
+    if mod is None:
+        fn = reference.int8_linear_a8 if act_bits == 8 else reference.int8_linear_a16
+        y = fn(x, w, scale, in_features, bias)
+        return y if out is None else out.copy_(y)
+    x = _f32(x)
+    s = _f32(scale)
+    M, N = x.shape[0], w.shape[0]
+    b, bptr = _bias_ptr(bias, N)
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.float32)
+    elif out.shape != (M, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TernlmError(f"out must be a contiguous float32 ({M}, {N}) tensor")
+    if M and N:
+        fn = mod.int8_linear_a8 if act_bits == 8 else mod.int8_linear_a16
+        fn(_ext.level_id(), x.data_ptr(), M, in_features, w.data_ptr(), N, w.shape[1], s.data_ptr(), bptr,
+           out.data_ptr(), _ext.get_num_threads())
+    return out
+
+
+def int8_accumulators(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Compiled exact int32 q (M, Kx) . w (N, Kx)^T for int8 activations and int8 rows."""
+    mod = _require_ext()
+    if q.dtype != torch.int8 or w.dtype != torch.int8 or q.dim() != 2 or w.dim() != 2 or q.shape[1] != w.shape[1]:
+        raise TernlmError(f"expected int8 (M, Kx) and (N, Kx), got {tuple(q.shape)} and {tuple(w.shape)}")
+    if q.shape[1] % 64:
+        raise TernlmError("pad rows with pad_int8_rows first (Kx must be a multiple of 64)")
+    q, w = q.contiguous(), w.contiguous()
+    sums = q.to(torch.int32).sum(1, dtype=torch.int32).contiguous()
+    acc = torch.empty(q.shape[0], w.shape[0], dtype=torch.int32)
+    if acc.numel():
+        mod.int8_acc(_ext.level_id(), q.data_ptr(), sums.data_ptr(), q.shape[0], q.shape[1], w.data_ptr(),
+                     w.shape[0], acc.data_ptr(), _ext.get_num_threads())
+    return acc
+
+
+_WF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backend: str = "auto",
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) float32 against fp32/fp16/bf16 rows w (N, Kx) (padded like pad_int8_rows), no bias.
+
+    On the kernels' own thread pool, so a decode step never mixes it with torch's OpenMP team.
+    """
+    if w.dtype not in _WF or w.dim() != 2 or w.shape[1] != int8_row_stride(in_features):
+        raise TernlmError(f"expected fp32/fp16/bf16 rows (N, {int8_row_stride(in_features)}), got "
+                          f"{w.dtype} {tuple(w.shape)}")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
+    mod = _native(backend, w.new_zeros((), dtype=torch.float32))
+    if mod is None:
+        y = reference.float_rows_linear(x, w, in_features)
+        return y if out is None else out.copy_(y)
+    x = _f32(x)
+    M, N = x.shape[0], w.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.float32)
+    elif out.shape != (M, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TernlmError(f"out must be a contiguous float32 ({M}, {N}) tensor")
+    if M and N:
+        mod.float_linear(_ext.level_id(), _WF[w.dtype], x.data_ptr(), M, in_features, w.data_ptr(), N, w.shape[1],
+                         out.data_ptr(), _ext.get_num_threads())
+    return out

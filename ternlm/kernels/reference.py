@@ -79,3 +79,27 @@ def linear_a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_fe
     """W1.58A16: float activations times the dequantized ternary weight."""
     return F.linear(x.float(), dequantize(packed, scale, in_features, fmt),
                     None if bias is None else bias.float())
+
+
+def int8_linear_a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8: per-token absmax int8 activations x int8 rows (N, >= in_features; padding ignored).
+
+    NOTE: like the ternary A8 path, (acc * act_scale) * w_scale (+ bias) in float32 from an exact
+    int32 accumulator, so the compiled kernel matches bit for bit.
+    """
+    q, s = quantize_activations(x, 8)
+    y = a8_accumulators(q, w[:, :in_features]).float() * s * scale.float()
+    return y if bias is None else y + bias.float()
+
+
+def int8_linear_a16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A16: float activations times the dequantized int8 rows."""
+    wd = w[:, :in_features].float() * scale.float().unsqueeze(1)
+    return F.linear(x.float(), wd, None if bias is None else bias.float())
+
+
+def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x against float rows stored in any float dtype (padding columns ignored), in float32."""
+    return F.linear(x.float(), w[:, :in_features].float())

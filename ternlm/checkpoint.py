@@ -1,0 +1,368 @@
+"""Save and load converted (packed ternary) models as Hugging Face-style directories.
+
+    out_dir/
+      config.json                 the HF architecture config, unchanged
+      generation_config.json      when the model has one
+      tokenizer files             when a tokenizer is given
+      ternlm_quantization.json    what was quantized and how (QUANT_FILE, versioned)
+      model.safetensors           packed uint8 codes, float32 scales and every other tensor;
+                                  the quantization record is repeated in its metadata
+
+Loading builds the architecture on the meta device, swaps the target layers for empty
+``TernaryLinear`` modules and assigns the tensors of the memory-mapped safetensors file, so no
+float copy of a ternary weight ever exists. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ternlm.config import QuantConfig, TernaryConfig
+from ternlm.errors import TernlmError
+
+FORMAT_VERSION = 1
+QUANT_FILE = "ternlm_quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+_META_KEY = "ternlm_quantization"
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantization record
+
+
+def quantization_record(model: nn.Module) -> dict:
+    """The JSON-able description of a converted model's ternary layers."""
+    from ternlm import __version__
+    from ternlm.convert import ternary_linears
+
+    layers = ternary_linears(model)
+    if not layers:
+        raise TernlmError("the model holds no TernaryLinear layers: convert it first (ternlm.convert.convert)")
+    first = layers[0][1]
+    for name, m in layers:
+        if (m.fmt, m.act_bits, m.granularity, m.group_size) != (first.fmt, first.act_bits, first.granularity,
+                                                               first.group_size):
+            raise TernlmError(f"ternary layer {name} differs from {layers[0][0]} in format, act_bits or "
+                              f"granularity; a checkpoint holds one setting for all layers")
+    qc = getattr(model, "ternlm_quant_config", None)
+    if not isinstance(qc, QuantConfig) or not isinstance(qc.weights, TernaryConfig):
+        qc = QuantConfig(weights=TernaryConfig(granularity=first.granularity, group_size=first.group_size,
+                                               act_bits=first.act_bits))
+    return {
+        "format_version": FORMAT_VERSION,
+        "method": "ternary",
+        "granularity": first.granularity,
+        "group_size": first.group_size,
+        "fmt": first.fmt,
+        "act_bits": first.act_bits,
+        "targets": [n for n, _ in layers],
+        "quant_config": qc.to_dict(),
+        "ternlm_version": __version__,
+    }
+
+
+def check_record(rec, where: str) -> dict:
+    """Validate a quantization record read from a file; returns it."""
+    from ternlm.quant.pack import FORMATS
+
+    if not isinstance(rec, dict):
+        raise TernlmError(f"{where}: the quantization record is not a JSON object")
+    version = rec.get("format_version")
+    if version != FORMAT_VERSION:
+        raise TernlmError(f"{where}: unsupported ternlm format version {version!r} (this ternlm reads "
+                          f"version {FORMAT_VERSION})")
+    if rec.get("method") != "ternary":
+        raise TernlmError(f"{where}: unsupported quantization method {rec.get('method')!r}")
+    if rec.get("fmt") not in FORMATS:
+        raise TernlmError(f"{where}: unknown packed format {rec.get('fmt')!r}")
+    if rec.get("act_bits") not in (None, 8, 4):
+        raise TernlmError(f"{where}: bad act_bits {rec.get('act_bits')!r}")
+    if rec.get("granularity") not in ("per_tensor", "per_channel", "per_group") \
+            or not isinstance(rec.get("group_size"), int) or rec["group_size"] < 1:
+        raise TernlmError(f"{where}: bad granularity/group_size {rec.get('granularity')!r}/{rec.get('group_size')!r}")
+    targets = rec.get("targets")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise TernlmError(f"{where}: the quantization record lists no target layers")
+    QuantConfig.from_dict(rec["quant_config"])  # raises TernlmError on unknown keys
+    return rec
+
+
+def apply_record(model: nn.Module, rec: dict) -> None:
+    model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
+    model.ternlm_targets = list(rec["targets"])
+    model.ternlm_format = rec["fmt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the empty model
+
+
+def _dtype_of(config) -> torch.dtype:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+
+
+def empty_model(config, rec: dict) -> nn.Module:
+    """The HF architecture on the meta device with the target layers swapped for TernaryLinear.
+
+    Nothing is allocated; every tensor must be assigned afterwards (``assign_state``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ternlm.nn.bitlinear import is_linear_like, linear_weight_out_in
+    from ternlm.nn.surgery import _set_module
+    from ternlm.nn.ternary_linear import TernaryLinear
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=_dtype_of(config))
+    except Exception as e:
+        raise TernlmError(f"cannot build a causal LM for model type {getattr(config, 'model_type', '?')!r}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    for name in rec["targets"]:
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise TernlmError(f"ternary target {name!r} does not exist in {type(model).__name__}") from None
+        if not is_linear_like(old):
+            raise TernlmError(f"ternary target {name!r} is a {type(old).__name__}, not a linear layer")
+        out_f, in_f = linear_weight_out_in(old).shape
+        with torch.device("meta"):
+            new = TernaryLinear(in_f, out_f, old.bias is not None, rec["act_bits"], rec["fmt"],
+                                rec["granularity"], rec["group_size"])
+        _set_module(model, name, new)
+    return model
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """State-dict names that the model re-ties to another tensor (GPT-2's lm_head -> wte)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+    if not getattr(model.config, "tie_word_embeddings", True):
+        return set()
+    return set(tied.keys() if isinstance(tied, dict) else tied)
+
+
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Assign ``state`` into a meta-device model built by ``empty_model``; re-tie, rebuild buffers.
+
+    Every mismatch (missing, unexpected, wrong shape or dtype) is a one-line TernlmError.
+    """
+    expected = model.state_dict()
+    tied = tied_names(model)
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise TernlmError(f"{where}: {len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    missing = sorted(set(expected) - set(state) - tied)
+    if missing:
+        raise TernlmError(f"{where}: {len(missing)} tensors missing (e.g. {missing[0]})")
+    for k, v in state.items():
+        want = expected[k]
+        if tuple(v.shape) != tuple(want.shape):
+            raise TernlmError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want.shape)}")
+        if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):
+            raise TernlmError(f"{where}: tensor {k} is {v.dtype}, the model expects {want.dtype}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _rebuild_nonpersistent_buffers(model)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise TernlmError(f"{where}: {len(left)} tensors were not loaded (e.g. {left[0]})")
+    return model.eval()
+
+
+def _rebuild_nonpersistent_buffers(model: nn.Module) -> None:
+    """Recompute buffers that are not saved (rotary ``inv_freq``) and so are still on meta.
+
+    Only modules without parameters of their own are re-initialised, so no loaded weight can be
+    overwritten by the architecture's random init.
+    """
+    for mod in model.modules():
+        names = [n for n in getattr(mod, "_non_persistent_buffers_set", ()) if
+                 getattr(mod, n, None) is not None and getattr(mod, n).is_meta]
+        if not names or any(True for _ in mod.parameters(recurse=False)):
+            continue
+        for n in names:
+            setattr(mod, n, torch.empty_like(getattr(mod, n), device="cpu"))
+        if hasattr(model, "_init_weights"):
+            with torch.no_grad():
+                model._init_weights(mod)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without tied duplicates (safetensors refuses shared storage).
+
+    A tied name (GPT-2's ``lm_head.weight``) is left out and re-tied on load; any other alias is
+    saved as its own copy, since the architecture would not recreate it.
+    """
+    tied = tied_names(model)
+    state = model.state_dict()
+    out, seen = {}, set()
+    for k in sorted(state, key=lambda k: k in tied):  # untied names claim shared storage first
+        v = state[k]
+        if v.is_meta:
+            raise TernlmError(f"tensor {k} is on the meta device and holds no data")
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            if k in tied:
+                continue
+            v = v.clone()
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def _atomic_dir(out_dir, write) -> Path:
+    """Run ``write(tmp_dir)`` and swap tmp_dir in for out_dir by rename (an old out_dir survives
+    until the new one is complete)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise TernlmError(f"{out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write a converted model (+ tokenizer) as a ternlm checkpoint directory, atomically."""
+    from safetensors.torch import save_file
+
+    rec = quantization_record(model)
+    state = _state_to_save(model)
+    text = json.dumps(rec, indent=2, sort_keys=True)
+
+    def write(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / QUANT_FILE).write_text(text + "\n")
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", _META_KEY: text})
+
+    return _atomic_dir(out_dir, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def read_record(directory: str | Path) -> dict:
+    d = Path(directory)
+    f = d / QUANT_FILE
+    if not f.is_file():
+        raise TernlmError(f"{d} is not a ternlm checkpoint: no {QUANT_FILE}")
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TernlmError(f"cannot read {f}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return check_record(rec, str(f))
+
+
+def _open_weights(path: Path):
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise TernlmError(f"no {path.name} in {path.parent}")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError: bad header, truncated data, not a safetensors file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TernlmError(f"{path} is corrupt or truncated: {msg}") from None
+
+
+def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module:
+    """Load a ternlm checkpoint directory into a model with packed TernaryLinear layers (eval mode)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    d = Path(directory).expanduser()
+    if not d.is_dir():
+        raise TernlmError(f"no such checkpoint directory: {d}")
+    rec = read_record(d)
+    wpath = d / WEIGHTS_FILE
+    f = _open_weights(wpath)
+    meta = (f.metadata() or {}).get(_META_KEY)
+    if meta is not None:
+        try:
+            inner = json.loads(meta)
+        except json.JSONDecodeError:
+            raise TernlmError(f"{wpath}: unreadable quantization metadata") from None
+        if {k: v for k, v in inner.items() if k != "ternlm_version"} != \
+                {k: v for k, v in rec.items() if k != "ternlm_version"}:
+            raise TernlmError(f"{wpath} was written for a different {QUANT_FILE} (the files do not belong together)")
+    try:
+        config = AutoConfig.from_pretrained(str(d))
+    except Exception as e:
+        raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
+
+    model = empty_model(config, rec)
+    try:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
+    assign_state(model, state, str(wpath))
+    if kernel != "auto":
+        from ternlm.convert import ternary_linears
+
+        for _, m in ternary_linears(model):
+            m.kernel = kernel
+    if (d / "generation_config.json").is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(d))
+        except Exception as e:
+            raise TernlmError(f"cannot read {d / 'generation_config.json'}: {type(e).__name__}") from None
+    apply_record(model, rec)
+    return model
+
+
+def quantize_pretrained(name_or_path: str | Path, out_dir: str | Path,
+                        config: TernaryConfig | QuantConfig | None = None, fmt: str = "2bit", *,
+                        act_bits: int | None | str = "config", random_init: bool = False) -> Path:
+    """Load a causal LM (directory, GGUF or hub id), convert it to packed ternary and save it.
+
+    ``act_bits`` as in ``convert`` (default: the config's). The tokenizer is saved beside the
+    weights when the source has one.
+    """
+    from ternlm.convert import convert
+    from ternlm.models.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(name_or_path, random_init=random_init)
+    try:
+        tokenizer = load_tokenizer(name_or_path)
+    except TernlmError:
+        tokenizer = None  # a bare config directory: the checkpoint is still usable with any tokenizer
+    convert(model, config, fmt=fmt, act_bits=act_bits)
+    return save_pretrained(model, tokenizer, out_dir)

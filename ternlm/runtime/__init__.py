@@ -1,0 +1,23 @@
+"""Lean decode engines: static KV cache, prefill + minimal-overhead decode step, sampling.
+
+    from ternlm.runtime import GPT2Runtime, RuntimeConfig
+    rt = GPT2Runtime(converted_gpt2_model, RuntimeConfig(head="int8"))
+    rt.generate(prompt_ids, max_new_tokens=128)["tokens"]
+"""
+
+_LAZY = {
+    "GPT2Runtime": "ternlm.runtime.gpt2",
+    "RuntimeConfig": "ternlm.runtime.gpt2",
+    "HEADS": "ternlm.runtime.gpt2",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ternlm.runtime' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,64 @@
+"""ternlm.bench on a tiny GPT-2: result structure only (a test never asserts a time)."""
+
+import json
+
+import pytest
+
+from tests.conftest import require_data
+from ternlm.bench import BenchConfig, bench_command, bench_main, format_table, run_bench
+from ternlm.errors import TernlmError
+
+ROW_KEYS = {"system", "variant", "decode_tok_s", "prefill_tok_s", "file_bytes", "peak_rss_mb", "bytes_per_token",
+            "achieved_gbs", "pct_of_copy_bw", "x_hf_fp32", "x_llama_tq2_same_head"}
+
+
+def _tiny(**kw):
+    # n_embd 256: TQ2_0 blocks need in_features divisible by 256
+    return BenchConfig(model_config=str(require_data("gpt2-tokenizer")), new_tokens=4, repeats=1, profile=False,
+                       ternlm_variants=("a8-2bit-int8",), hf_variants=("fp32",), llama_variants=("tq2_0-q8_0",),
+                       overrides=dict(n_layer=1, n_embd=256, n_head=4, n_positions=64), **kw)
+
+
+def test_run_bench_tiny(tmp_path):
+    res = run_bench(_tiny(), log=lambda *a: None)
+    assert {"config", "command", "copy_bandwidth_gbs", "machine", "rows", "skipped"} <= res.keys()
+    got = {(r["system"], r["variant"]) for r in res["rows"]} | {(s["system"], s["variant"]) for s in res["skipped"]}
+    assert got == {("ternlm", "a8-2bit-int8"), ("hf", "fp32"), ("llama_cpp", "tq2_0-q8_0")}
+    systems = {r["system"] for r in res["rows"]}
+    assert {"ternlm", "hf"} <= systems  # the peer may be skipped (not installed), never these
+    for r in res["rows"]:
+        assert ROW_KEYS <= r.keys()
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0
+    for s in res["skipped"]:
+        assert s["reason"]
+    assert "ternlm" in format_table(res)
+    json.dumps(res, default=str)
+
+
+def test_config_validation_and_command():
+    with pytest.raises(TernlmError):
+        BenchConfig(ternlm_variants=("a8-3bit-int8",))
+    with pytest.raises(TernlmError):
+        BenchConfig(systems=("vllm",))
+    assert bench_command(BenchConfig()) == "python -m ternlm.bench"
+    assert "--threads 4" in bench_command(BenchConfig(threads=4))
+
+
+def test_bench_main_accepts_args_like_objects(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake(cfg, log=print):
+        seen["cfg"] = cfg
+        return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": 1.0, "rows": [],
+                "skipped": []}
+
+    monkeypatch.setattr("ternlm.bench.run_bench", fake)
+
+    class Args:
+        threads = 3
+        systems = "ternlm,hf"
+        json = str(tmp_path / "out.json")
+
+    bench_main(Args())
+    assert seen["cfg"].threads == 3 and seen["cfg"].systems == ("ternlm", "hf")
+    assert json.loads((tmp_path / "out.json").read_text())["config"]["threads"] == 3
