@@ -15,5 +15,5 @@ if [ ! -f runs/gpt2-mini/model.safetensors ]; then
     --text "$DATA/wikitext-2/tokens.valid.txt" --out runs/gpt2-mini --steps 400
 fi
 ternlm pipeline --model runs/gpt2-mini --data "$DATA/sms_spam/SMSSpamCollection" \
-  --text "$DATA/wikitext-2/wiki.test.raw" --lm-qat-text "$DATA/tinyshakespeare/input.txt" --lm-qat-steps 60 \
-  --limit-train 2000 --epochs 2 --lr 2e-4 --qat-epochs 2 --qat-lr 5e-4 --qat-seeds 2 --out runs/pipeline "$@"
+  --text "$DATA/wikitext-2/wiki.test.raw" --lm-qat-text "$DATA/wikitext-2/tokens.valid.txt" --lm-qat-steps 150 \
+  --epochs 2 --lr 2e-4 --qat-epochs 2 --qat-lr 5e-4 --qat-seeds 2 --out runs/pipeline "$@"

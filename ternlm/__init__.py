@@ -31,6 +31,15 @@ _LAZY = {
     "ClassifierTrainConfig": "ternlm.train.classify",
     "train_lm": "ternlm.train.lm",
     "LMTrainConfig": "ternlm.train.lm",
+    "TernaryLinear": "ternlm.nn.ternary_linear",
+    "convert": "ternlm.convert",
+    "from_pretrained": "ternlm.checkpoint",
+    "save_pretrained": "ternlm.checkpoint",
+    "quantize_pretrained": "ternlm.checkpoint",
+    "export_gguf": "ternlm.export.gguf",
+    "from_gguf": "ternlm.export.gguf",
+    "GPT2Runtime": "ternlm.runtime.gpt2",
+    "RuntimeConfig": "ternlm.runtime.gpt2",
 }
 
 

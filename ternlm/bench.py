@@ -6,7 +6,7 @@ subprocess so its peak RSS is its own; every row reports decode and prefill toke
 bytes, peak RSS, and achieved GB/s (weight bytes a decoded token reads / time per token) against
 the copy bandwidth measured at the start of the run. Ratios are only meaningful within one run.
 
-    python -m ternlm.bench --threads 2 --json bench.json
+    ternlm bench --threads 2 --json bench.json      (or: python -m ternlm.bench ...)
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ DEFAULT_LLAMA_PYTHON = "/work/venv-llama/bin/python"
 
 @dataclass
 class BenchConfig:
-    model_config: str = "/work/shared/data/gpt2-tokenizer"
+    model_config: str = field(default_factory=lambda: os.path.join(
+        os.environ.get("TERNLM_DATA_DIR", "../shared/data"), "gpt2-tokenizer"))
     prompt_tokens: int = 16
     new_tokens: int = 128
     threads: int = 2
@@ -150,7 +151,7 @@ def prepare_files(cfg: BenchConfig, work: Path, log) -> dict:
         if save_pretrained is None:
             break
         m = convert(make_model(cfg), TernaryConfig(act_bits=8), fmt=fmt)
-        d = save_pretrained(m, tok, work / f"ternlm-{fmt}")
+        d = save_pretrained(m, tok, work / f"ternlm-{fmt}", float_dtype="fp16")
         files[f"ternlm_{fmt}_dir"] = str(d)
         files[f"ternlm_{fmt}_bytes"] = _dir_bytes(Path(d))
 
@@ -521,7 +522,7 @@ def bench_command(cfg: BenchConfig) -> str:
             args.append(flag if v else "--no-" + f.name.replace("_", "-"))
         else:
             args += [flag, str(v)]
-    return " ".join(["python -m ternlm.bench", *map(shlex.quote, args)])
+    return " ".join(["ternlm bench", *map(shlex.quote, args)])
 
 
 def format_table(res: dict) -> str:
@@ -570,24 +571,60 @@ def bench_main(args) -> dict:
     print(f"ternlm bench config: {json.dumps(cfg.to_dict(), sort_keys=True)}")
     res = run_bench(cfg)
     print(format_table(res))
+    if getattr(args, "kernels", False):
+        from ternlm.kernels import microbench
+
+        print("\nkernel micro-benchmark (GPT-2 shapes, ternlm W2A8/W2A16 vs torch fp32 F.linear):")
+        micro = microbench.run(threads=cfg.threads)
+        print(microbench.format_table(micro))
+        res["kernels"] = micro
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+        from ternlm.pipeline import atomic_write_text
+
+        atomic_write_text(Path(cfg.json), json.dumps(res, indent=2, default=str) + "\n")
         print(f"wrote {cfg.json}")
     return res
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ternlm.bench", description=__doc__.split("\n\n")[0])
+_HELP = {
+    "model_config": "GPT-2 config (+ tokenizer) directory or hub id giving the model's shape",
+    "prompt_tokens": "prompt length (default: 16)",
+    "new_tokens": "greedy tokens decoded per run (default: 128)",
+    "threads": "threads for every system (default: 2)",
+    "repeats": "runs per system; the best is reported (default: 3)",
+    "systems": "comma-separated: ternlm,hf,llama_cpp",
+    "ternlm_variants": f"comma-separated ACT-FORMAT-HEAD (default: {','.join(TERNLM_VARIANTS)})",
+    "hf_variants": "comma-separated: fp32,bf16",
+    "llama_variants": f"comma-separated: {','.join(LLAMA_VARIANTS)}",
+    "gelu": "runtime GELU: tanh (fused) or model (HF's op for op)",
+    "llama_python": "interpreter that imports llama_cpp (default: this one, else the benchmark venv)",
+    "workdir": "keep the model files here (default: a temporary directory)",
+    "json": "also write the results as JSON here",
+    "profile": "per-component decode profile of the first ternlm variant",
+    "seed": "random seed of the model weights and the prompt",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The BenchConfig fields as command-line flags (shared by ``ternlm bench`` and ``-m ternlm.bench``)."""
     for f in fields(BenchConfig):
         if f.name == "overrides":
             continue
         flag = "--" + f.name.replace("_", "-")
+        h = _HELP.get(f.name)
         if f.type == "bool":
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.type in ("int",):
-            p.add_argument(flag, dest=f.name, type=int)
+            p.add_argument(flag, dest=f.name, type=int, help=h)
         else:
-            p.add_argument(flag, dest=f.name)
+            p.add_argument(flag, dest=f.name, help=h)
+    p.add_argument("--kernels", action="store_true",
+                   help="also run the kernel micro-benchmark (GPT-2 shapes, batch 1 and 512, vs torch fp32)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ternlm.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     return p

@@ -95,9 +95,12 @@ def check_record(rec, where: str) -> dict:
 
 
 def apply_record(model: nn.Module, rec: dict) -> None:
+    from ternlm.convert import _bind_save_pretrained
+
     model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
     model.ternlm_targets = list(rec["targets"])
     model.ternlm_format = rec["fmt"]
+    _bind_save_pretrained(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +175,10 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
             raise TernlmError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want.shape)}")
         if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):
             raise TernlmError(f"{where}: tensor {k} is {v.dtype}, the model expects {want.dtype}")
+    for k, v in state.items():  # float tensors stored narrower (fp16 embeddings) come back in the model's dtype
+        want = expected[k]
+        if v.dtype != want.dtype and v.dtype.is_floating_point and want.dtype.is_floating_point:
+            state[k] = v.to(want.dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -254,12 +261,27 @@ def _atomic_dir(out_dir, write) -> Path:
     return out
 
 
-def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write a converted model (+ tokenizer) as a ternlm checkpoint directory, atomically."""
+FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_dtype: str = "fp32") -> Path:
+    """Write a converted model (+ tokenizer) as a ternlm checkpoint directory, atomically.
+
+    float_dtype: storage of the float tensors outside the ternary layers (embeddings, LM head,
+    norms): ``fp32``, ``fp16`` or ``bf16``. Packed codes and ternary scales are stored as they are;
+    loading casts the float tensors back to the model's dtype.
+    """
     from safetensors.torch import save_file
 
+    if float_dtype not in FLOAT_DTYPES:
+        raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
     rec = quantization_record(model)
     state = _state_to_save(model)
+    targets = tuple(t + "." for t in rec["targets"])
+    want = FLOAT_DTYPES[float_dtype]
+    for k, v in state.items():
+        if v.is_floating_point() and not k.startswith(targets) and v.dtype != want:
+            state[k] = v.to(want)
     text = json.dumps(rec, indent=2, sort_keys=True)
 
     def write(tmp: Path) -> None:
@@ -350,7 +372,8 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
 
 def quantize_pretrained(name_or_path: str | Path, out_dir: str | Path,
                         config: TernaryConfig | QuantConfig | None = None, fmt: str = "2bit", *,
-                        act_bits: int | None | str = "config", random_init: bool = False) -> Path:
+                        act_bits: int | None | str = "config", random_init: bool = False,
+                        gguf_file: str | None = None, float_dtype: str = "fp32") -> Path:
     """Load a causal LM (directory, GGUF or hub id), convert it to packed ternary and save it.
 
     ``act_bits`` as in ``convert`` (default: the config's). The tokenizer is saved beside the
@@ -359,10 +382,39 @@ def quantize_pretrained(name_or_path: str | Path, out_dir: str | Path,
     from ternlm.convert import convert
     from ternlm.models.loading import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(name_or_path, random_init=random_init)
+    model = load_causal_lm(name_or_path, gguf_file=gguf_file, random_init=random_init)
     try:
-        tokenizer = load_tokenizer(name_or_path)
+        tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file)
     except TernlmError:
         tokenizer = None  # a bare config directory: the checkpoint is still usable with any tokenizer
     convert(model, config, fmt=fmt, act_bits=act_bits)
-    return save_pretrained(model, tokenizer, out_dir)
+    return save_pretrained(model, tokenizer, out_dir, float_dtype=float_dtype)
+
+
+def checkpoint_summary(directory: str | Path) -> str:
+    """A few lines on a saved checkpoint: layers, format, bits per weight, file sizes."""
+    from safetensors import safe_open
+
+    d = Path(directory)
+    rec = read_record(d)
+    n_other = packed_bytes = 0
+    with safe_open(str(d / WEIGHTS_FILE), framework="pt") as f:
+        targets = set(rec["targets"])
+        for k in f.keys():
+            sl = f.get_slice(k)
+            numel = 1
+            for s in sl.get_shape():
+                numel *= s
+            module = k.rpartition(".")[0]
+            if module in targets:
+                if k.endswith(".packed"):
+                    packed_bytes += numel
+            else:
+                n_other += numel
+    cfg = json.loads((d / "config.json").read_text())
+    size = (d / WEIGHTS_FILE).stat().st_size
+    act = "float (W1.58A16)" if rec["act_bits"] is None else f"int{rec['act_bits']} per token (W1.58A{rec['act_bits']})"
+    return (f"saved {d}\n"
+            f"  model type {cfg.get('model_type')}, {len(rec['targets'])} ternary layers, packed {rec['fmt']} "
+            f"({packed_bytes / 1e6:.1f} MB of codes), {rec['granularity']} scales, activations {act}\n"
+            f"  {n_other / 1e6:.1f}M other parameters kept in float; {WEIGHTS_FILE} {size / 1e6:.1f} MB")

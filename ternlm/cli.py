@@ -98,8 +98,44 @@ def cmd_generate(a) -> int:
     from ternlm.generate import GenerateConfig, main_generate
 
     main_generate(a.model, a.prompt, GenerateConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                                    top_k=a.top_k, top_p=a.top_p, seed=a.seed),
+                                                    top_k=a.top_k, top_p=a.top_p, seed=a.seed, engine=a.engine,
+                                                    head=a.head),
                   gguf_file=a.gguf_file)
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from ternlm.checkpoint import quantize_pretrained
+    from ternlm.config import QuantConfig, TernaryConfig
+
+    act = None if a.act_bits == 16 else a.act_bits
+    tcfg = TernaryConfig(granularity=a.granularity, group_size=a.group_size, scale_mode=a.scale_mode, act_bits=act)
+    qc = QuantConfig(weights=tcfg, include=tuple(a.include or ()), exclude=tuple(a.exclude or ()))
+    out = quantize_pretrained(a.model, a.out, qc, a.format, gguf_file=a.gguf_file, random_init=a.random_init,
+                              float_dtype=a.float_dtype)
+    from ternlm.checkpoint import checkpoint_summary
+
+    print(checkpoint_summary(out))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from ternlm.export.gguf import export_gguf
+
+    if a.format != "gguf":
+        from ternlm.errors import TernlmError
+
+        raise TernlmError(f"unknown export format {a.format!r}; only gguf is supported")
+    out = export_gguf(a.model, a.out, a.type, head_dtype=a.head_dtype)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type.upper()} ternary layers, "
+          f"{a.head_dtype} embeddings/head)")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from ternlm.bench import bench_main
+
+    bench_main(a)
     return 0
 
 
@@ -190,7 +226,57 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine", default="auto", choices=["auto", "hf", "fast"],
+                   help="fast = ternlm's lean GPT-2 decode loop (static KV cache, packed kernels); hf = "
+                        "transformers generate; auto = fast for GPT-2 ternlm checkpoints, else hf")
+    g.add_argument("--head", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+                   help="fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel (default: fp32)")
     g.set_defaults(fn=cmd_generate)
+
+    # quantize
+    z = sub.add_parser("quantize", help="post-training quantize a HF causal LM to packed ternary and save it",
+                       description="Load a causal LM (hub id, local dir, GGUF), replace its block linear layers by "
+                                   "packed ternary TernaryLinear layers and save a ternlm checkpoint directory.")
+    z.add_argument("model", help="hub id or local directory")
+    z.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
+    z.add_argument("--format", default="2bit", choices=["2bit", "base3"],
+                   help="packed storage: 2 bits/weight or base-3 1.6 bits/weight (default: 2bit)")
+    z.add_argument("--granularity", default="per_tensor", choices=["per_tensor", "per_channel", "per_group"],
+                   help="one scale per tensor (BitNet, default), per output channel, or per group")
+    z.add_argument("--group-size", type=int, default=128, help="weights per scale with per_group (default: 128)")
+    z.add_argument("--scale-mode", default="absmean", choices=["absmean", "fit"])
+    z.add_argument("--act-bits", type=int, default=8, choices=[8, 4, 16],
+                   help="activations: 8 = per-token int8, integer kernel (W1.58A8, default); 4 = int4; "
+                        "16 = float (W1.58A16)")
+    z.add_argument("--float-dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="storage of embeddings, LM head and norms in the file (default: fp16)")
+    z.add_argument("--include", nargs="*", help="fnmatch patterns of module names to quantize")
+    z.add_argument("--exclude", nargs="*", help="fnmatch patterns of module names to keep")
+    z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
+    z.add_argument("--random-init", action="store_true", help="random weights from the model's config")
+    z.set_defaults(fn=cmd_quantize)
+
+    # export
+    x = sub.add_parser("export", help="export a ternlm checkpoint to GGUF for llama.cpp",
+                       description="Write a ternlm checkpoint as a GGUF file (GPT-2 and Llama architectures) whose "
+                                   "ternary layers use llama.cpp's TQ2_0 or TQ1_0 types.")
+    x.add_argument("model", help="ternlm checkpoint directory")
+    x.add_argument("--format", default="gguf", help="output format (gguf)")
+    x.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0"],
+                   help="ternary block type: tq2_0 (2.06 bits/weight) or tq1_0 (1.69) (default: tq2_0)")
+    x.add_argument("--head-dtype", default="f16", choices=["f16", "f32", "q8_0"],
+                   help="storage of embeddings / LM head / other 2-D float tensors (default: f16)")
+    x.add_argument("-o", "--out", required=True, help="GGUF file to write")
+    x.set_defaults(fn=cmd_export)
+
+    # bench
+    from ternlm.bench import add_arguments
+
+    b = sub.add_parser("bench", help="decode/prefill tok/s vs HF transformers and llama.cpp on a GPT-2-small shape",
+                       description="Same model, same threads, every system in its own process: decode and prefill "
+                                   "tok/s, file bytes, peak RSS, achieved GB/s vs copy bandwidth.")
+    add_arguments(b)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -101,4 +101,16 @@ def convert(model: nn.Module, config: TernaryConfig | QuantConfig | None = None,
     model.ternlm_quant_config = QuantConfig(weights=tcfg, include=include, exclude=exclude)
     model.ternlm_targets = list(targets)
     model.ternlm_format = fmt
+    _bind_save_pretrained(model)
     return model.eval()
+
+
+def _bind_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir, tokenizer=None)`` write a packed ternlm checkpoint
+    (HF's own method would not know the packed layers)."""
+    def save_pretrained(out_dir, tokenizer=None, float_dtype: str = "fp32"):
+        from ternlm.checkpoint import save_pretrained as save
+
+        return save(model, tokenizer, out_dir, float_dtype=float_dtype)
+
+    object.__setattr__(model, "save_pretrained", save_pretrained)

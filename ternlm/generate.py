@@ -1,8 +1,13 @@
 """Text generation with streamed output and a tokens/s measurement.
 
 Loads a ternlm checkpoint (packed ternary layers) when the directory holds
-``ternlm_quantization.json``, any other causal LM otherwise, and decodes with Hugging Face
-``generate`` (KV cache on) so greedy, temperature, top-k and top-p sampling behave as users expect.
+``ternlm_quantization.json``, any other causal LM otherwise. Two engines:
+
+    hf    Hugging Face ``generate`` (KV cache on), any architecture
+    fast  ``ternlm.runtime.GPT2Runtime``: static KV cache, packed kernels called directly, optional
+          int8 LM head; GPT-2 architecture only, same sampling order as HF (temperature, top-k, top-p)
+
+``auto`` picks ``fast`` for a GPT-2 ternlm checkpoint and ``hf`` otherwise.
 """
 
 from __future__ import annotations
@@ -22,8 +27,14 @@ class GenerateConfig:
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1 = off
     seed: int = 0
+    engine: str = "auto"       # auto | hf | fast
+    head: str = "fp32"         # fast engine: LM-head storage fp32 | fp16 | bf16 | int8
 
     def __post_init__(self):
+        if self.engine not in ("auto", "hf", "fast"):
+            raise TernlmError(f"unknown engine {self.engine!r}; choose auto, hf or fast")
+        if self.head not in ("fp32", "fp16", "bf16", "int8"):
+            raise TernlmError(f"unknown head {self.head!r}; choose fp32, fp16, bf16 or int8")
         if self.max_new_tokens < 1:
             raise TernlmError("max_new_tokens must be >= 1")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
@@ -95,12 +106,63 @@ def generate(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *
             "total_tok_s": n_new / (t1 - t0)}
 
 
+def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
+    """``generate`` on ternlm's GPT-2 decode loop (``ternlm.runtime.GPT2Runtime``); same result keys."""
+    from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
+
+    cfg = cfg or GenerateConfig()
+    if not prompt:
+        raise TernlmError("empty prompt")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    ctx = model.config.n_positions
+    if ids.numel() + cfg.max_new_tokens > ctx:
+        raise TernlmError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
+                          f"exceeds the model's context ({ctx})")
+    rt = GPT2Runtime(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
+    shown: list[int] = []
+    printed = [0]
+
+    def on_token(tok: int) -> None:  # print the newly completed text (a token may end mid-character)
+        shown.append(tok)
+        text = tokenizer.decode(shown, skip_special_tokens=True)
+        if stream is not None and not text.endswith("\ufffd"):
+            stream.write(text[printed[0]:])
+            stream.flush()
+            printed[0] = len(text)
+
+    r = rt.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                    seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=on_token)
+    text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
+    if stream is not None:
+        stream.write(text[printed[0]:] + "\n")
+        stream.flush()
+    total = r["prefill_seconds"] + r["decode_seconds"]
+    return {"text": text, "n_prompt_tokens": r["n_prompt_tokens"], "n_new_tokens": r["n_new_tokens"],
+            "prefill_seconds": r["prefill_seconds"], "decode_seconds": r["decode_seconds"],
+            "decode_tok_s": r["decode_tok_s"], "total_tok_s": r["n_new_tokens"] / total if total > 0 else None,
+            "engine": "fast"}
+
+
+def _pick_engine(model, cfg: GenerateConfig) -> str:
+    gpt2 = getattr(model.config, "model_type", None) == "gpt2"
+    if cfg.engine == "fast" and not gpt2:
+        raise TernlmError(f"the fast engine runs GPT-2 models; this is {model.config.model_type!r} (use --engine hf)")
+    if cfg.engine == "auto":
+        from ternlm.convert import ternary_linears
+
+        return "fast" if gpt2 and ternary_linears(model) else "hf"
+    return cfg.engine
+
+
 def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=sys.stdout) -> dict:
     model, tok = load_for_generation(model_path, gguf_file)
+    engine = _pick_engine(model, cfg)
+    if engine == "hf" and cfg.head != "fp32":
+        raise TernlmError("--head applies to the fast engine only")
     out.write(prompt)
     out.flush()
-    res = generate(model, tok, prompt, cfg, stream=out)
+    res = (generate_fast if engine == "fast" else generate)(model, tok, prompt, cfg, stream=out)
     rate = f"{res['decode_tok_s']:.1f} tok/s decode" if res["decode_tok_s"] else "n/a"
-    print(f"\n[{res['n_new_tokens']} tokens; prompt {res['n_prompt_tokens']} tokens in "
+    print(f"[{engine} engine; {res['n_new_tokens']} tokens; prompt {res['n_prompt_tokens']} tokens in "
           f"{res['prefill_seconds'] * 1e3:.0f} ms; {rate}]", file=sys.stderr)
     return res

@@ -40,7 +40,7 @@ def test_config_validation_and_command():
         BenchConfig(ternlm_variants=("a8-3bit-int8",))
     with pytest.raises(TernlmError):
         BenchConfig(systems=("vllm",))
-    assert bench_command(BenchConfig()) == "python -m ternlm.bench"
+    assert bench_command(BenchConfig()) == "ternlm bench"
     assert "--threads 4" in bench_command(BenchConfig(threads=4))
 
 

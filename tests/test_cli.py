@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tests.conftest import require_data
+
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "ternlm.cli", *args], capture_output=True, text=True,
@@ -63,6 +65,66 @@ def test_verify_exit_status(tmp_path, gpt2_tokenizer):
     assert (tmp_path / "v.json").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["pipeline", "--help"], ["verify", "--help"], ["pretrain", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["pipeline", "--help"], ["verify", "--help"], ["pretrain", "--help"],
+                                  ["quantize", "--help"], ["export", "--help"], ["bench", "--help"],
+                                  ["generate", "--help"]])
 def test_help(args):
     assert run(*args).returncode == 0
+
+
+# ---- quantize -> generate -> export: the inference workflow a user runs
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small GPT-2 HF directory with the real tokenizer (n_embd 256: TQ blocks need multiples of 256)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("hf")
+    tok_dir = require_data("gpt2-tokenizer")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=4, n_positions=128)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(str(tok_dir)).save_pretrained(d)
+    return d
+
+
+def test_quantize_generate_export(hf_dir, tmp_path):
+    from safetensors import safe_open
+
+    ck = tmp_path / "ck"
+    p = run("quantize", str(hf_dir), "-o", str(ck), "--format", "base3", "--act-bits", "16")
+    assert p.returncode == 0, p.stderr
+    assert "8 ternary layers" in p.stdout and "base3" in p.stdout
+    rec = __import__("json").loads((ck / "ternlm_quantization.json").read_text())
+    assert rec["fmt"] == "base3" and rec["act_bits"] is None
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.h.0.attn.c_attn.packed").dtype.is_floating_point is False
+        assert str(f.get_tensor("transformer.wte.weight").dtype) == "torch.float16"  # --float-dtype default
+
+    outs = {}
+    for engine in ("fast", "hf"):
+        p = run("generate", "--model", str(ck), "--prompt", "Hello there", "--max-new-tokens", "8",
+                "--engine", engine)
+        assert p.returncode == 0, p.stderr
+        assert f"[{engine} engine; 8 tokens" in p.stderr and "tok/s" in p.stderr
+        outs[engine] = p.stdout
+    assert outs["fast"] == outs["hf"]  # same greedy continuation on both engines
+
+    p = run("export", str(ck), "--type", "tq1_0", "-o", str(tmp_path / "m.gguf"))
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_inference_commands_on_bad_input(hf_dir, tmp_path):
+    assert_one_line_error(run("quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "error")
+    ck = tmp_path / "ck"
+    assert run("quantize", str(hf_dir), "-o", str(ck)).returncode == 0
+    w = ck / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated
+    assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), "corrupt or truncated")
+    assert_one_line_error(run("export", str(ck), "-o", str(tmp_path / "x.gguf")), "corrupt or truncated")
+    assert not (tmp_path / "x.gguf").exists()
+    assert_one_line_error(run("export", str(hf_dir), "-o", str(tmp_path / "x.gguf")), "not a ternlm checkpoint")
+    assert_one_line_error(run("generate", "--model", str(hf_dir), "--prompt", "Hi", "--head", "int8",
+                              "--engine", "hf"), "fast engine")
