@@ -102,7 +102,22 @@ def convert(model: nn.Module, config: TernaryConfig | QuantConfig | None = None,
     model.ternlm_targets = list(targets)
     model.ternlm_format = fmt
     _bind_save_pretrained(model)
+    release_freed_memory()
     return model.eval()
+
+
+def release_freed_memory() -> None:
+    """Hand the dropped float weights back to the OS (glibc keeps freed heap pages otherwise, so
+    RSS would not show the saving)."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _bind_save_pretrained(model: nn.Module) -> None:

@@ -233,6 +233,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if i == 0:
             report["variants"]["ternary_qat"] = res
             weights_for_plot["ternary_qat"] = _plot_weight(qat, layer)
+            report["packed"] = _packed_section(qat, tok, test, cfg)
         del qat
     report["training"]["ternary_qat"] = [r["history"] for r in qat_runs]
     f1s = [r["metrics"]["f1"] for r in qat_runs]
@@ -259,6 +260,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     write_report(report, out, weights_for_plot, layer)
     _log(cfg, f"wrote {out / 'report.json'}, {out / 'report.md'} and plots in {report['wall_seconds']:.0f}s")
     return report
+
+
+def _packed_section(qat, tok, test, cfg: PipelineConfig) -> dict:
+    """The QAT classifier converted to packed 2-bit TernaryLinear layers (the inference format):
+    same metrics, real memory and latency. Converts ``qat`` in place."""
+    from ternlm.convert import convert
+    from ternlm.eval.classification import evaluate_classifier
+    from ternlm.eval.cost import latency_per_message, model_bytes
+
+    before = model_bytes(qat)
+    convert(qat, fmt="2bit")
+    ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
+    res = evaluate_classifier(qat, tok, test.texts, test.labels, progress=False, **ev)
+    lat_texts = test.texts[:cfg.latency_messages]
+    out = {k: res[k] for k in ("accuracy", "precision", "recall", "f1")}
+    out.update(fmt="2bit", act_bits=cfg.ternary.act_bits, model_bytes_before=before, model_bytes_in_memory=model_bytes(qat),
+               latency_batch1=latency_per_message(qat, tok, lat_texts[:16], batch_size=1, max_length=cfg.max_length),
+               latency_batch32=latency_per_message(qat, tok, lat_texts, batch_size=32, max_length=cfg.max_length))
+    _log(cfg, f"ternary_qat packed (2-bit TernaryLinear): f1={out['f1']:.4f}, "
+              f"{before / 1e6:.1f} MB -> {out['model_bytes_in_memory'] / 1e6:.1f} MB in memory")
+    return out
 
 
 @torch.no_grad()

@@ -75,8 +75,16 @@ def render_markdown(r: dict) -> str:
         for name, v in var.items():
             L.append(f"- {name}: {_mb(v['cost']['model_bytes_in_memory'])}")
         L += ["", "BitLinear keeps latent fp32 weights for training, so ternary variants are not smaller *here*; "
-                  "the packed formats (2-bit, 1.6-bit) hold real ternary integers.",
-              "", f"Peak RSS of the run: {r.get('peak_rss_mb', 0):.0f} MB."]
+                  "the packed formats (2-bit, 1.6-bit) hold real ternary integers."]
+        pk = r.get("packed")
+        if pk:
+            act = "A16 (float activations)" if pk["act_bits"] is None else f"A{pk['act_bits']}"
+            L += ["", f"**ternary_qat converted for inference** (packed {pk['fmt']} `TernaryLinear`, W1.58{act}, "
+                      f"compiled kernels): F1 {_fmt(pk['f1'])}, accuracy {_fmt(pk['accuracy'])}; "
+                      f"{_mb(pk['model_bytes_before'])} → {_mb(pk['model_bytes_in_memory'])} in memory; "
+                      f"{_fmt(pk['latency_batch1']['ms_per_message'], 2)} ms/msg at batch 1, "
+                      f"{_fmt(pk['latency_batch32']['ms_per_message'], 2)} at batch 32."]
+        L += ["", f"Peak RSS of the run: {r.get('peak_rss_mb', 0):.0f} MB."]
     rob = {n: v["robustness"] for n, v in var.items() if "robustness" in v}
     if rob:
         kinds = [k for k in next(iter(rob.values())) if k != "clean"]

@@ -125,3 +125,37 @@ def test_converted_forward_equals_dequantized_reference():
     layer = model.model.layers[1].mlp.down_proj
     x = torch.randn(3, 128)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize_weight()), rtol=1e-5, atol=1e-5)
+
+
+_RSS_SCRIPT = r"""
+import gc, json, torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from ternlm.convert import convert
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=512, n_head=8, n_positions=64, vocab_size=256)).eval()
+gc.collect()
+before = rss_mb()
+block = sum(p.numel() * 4 for n, p in model.named_parameters() if ".h." in n and n.endswith("weight") and p.dim() == 2)
+convert(model)
+gc.collect()
+print(json.dumps({"before": before, "after": rss_mb(), "block_mb": block / 2**20}))
+"""
+
+
+def test_convert_lowers_rss():
+    """RSS, not just tensor bytes: the fp32 block weights (48 MiB here) leave the process."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    expected_drop = m["block_mb"] * (1 - 1 / 16)  # 2-bit codes are 1/16 of fp32
+    assert m["before"] - m["after"] > 0.8 * expected_drop, m

@@ -57,6 +57,11 @@ def test_every_variant_and_metric_is_reported(report):
     for name in ("ternary_ptq", "ternary_qat"):
         assert r["variants"][name]["verify"]["ok"] and r["variants"][name]["verify"]["ternary_share"] == 1.0
     assert "llm_int8_backend" in r["variants"]["llm_int8"]
+    # the QAT classifier converted to packed TernaryLinear: far smaller in memory, same predictions' quality
+    pk = r["packed"]
+    assert pk["model_bytes_in_memory"] < pk["model_bytes_before"]
+    assert abs(pk["f1"] - r["variants"]["ternary_qat"]["f1"]) <= 0.05
+    assert "converted for inference" in (out / "report.md").read_text()
 
 
 def test_qat_training_loss_went_down(report):

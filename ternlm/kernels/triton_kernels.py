@@ -1,0 +1,364 @@
+"""Triton GPU kernels for 2-bit packed ternary weights: W1.58A8 and W1.58A16 linears.
+
+Twins of ``ternlm.kernels.reference.linear_a8`` / ``linear_a16`` for ``fmt="2bit"``, with the same
+arguments (less ``fmt``) and the same float32 (M, out_features) result:
+
+    linear_a8_triton(x, packed, scale, in_features, bias=None)    int8 activations, int32 accumulation
+    linear_a16_triton(x, packed, scale, in_features, bias=None)   float activations, fp32 accumulation
+
+The weight stays packed in GPU memory: each program loads the uint8 bytes of one 256-weight block
+(64 bytes per row) and unpacks the codes in registers (shift, mask, subtract 1) right before
+``tl.dot`` -- the dense weight is never built. Programs tile M (tokens) x N (out features) and
+walk K (in features) one packed block at a time.
+
+Scales: per tensor (0-d), per channel (out,) and per group (out, in // g) when g is a multiple of
+64 (one 64-weight slice of a block then never straddles two groups); other group sizes raise
+``TernlmError``.
+
+NOTE on numerics. W2A8 quantizes activations with the canonical torch quantizer
+(``ternlm.quant.activations.quantize_activations``; not a Triton kernel, so there is one quantizer,
+not two), accumulates int8 x ternary products exactly in int32, then computes
+``(acc * act_scale) * w_scale (+ bias)`` in float32 in the reference's order, compiled with FMA
+contraction off -- so per-tensor and per-channel outputs equal the reference bit for bit. Per-group
+scales sum float32 partial results across groups, so they match to rounding. W2A16 accumulates
+``x * code`` in fp32 and scales once per channel (per group for group scales): equal to the
+reference up to summation order. Float16/bfloat16 activations feed the tensor cores directly (the
+products with codes in {-1, 0, 1} are exact); float32 activations use an IEEE fp32 dot, not TF32.
+
+Testing: ``tests/kernels/test_triton.py`` runs these kernels on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``) against the reference, so the suite needs no GPU. GPU speed is
+measured separately with ``bench_vs_cublas`` (``python -m ternlm.kernels.triton_kernels --bench``).
+
+Triton is imported lazily: this module imports (and ``triton_available()`` answers False) without it.
+The kernels are built on first use, after ``TRITON_INTERPRET`` has been read.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ternlm.errors import TernlmError
+from ternlm.quant.activations import quantize_activations
+from ternlm.quant.pack import BLOCK_BYTES_2BIT, QK_2BIT, packed_row_bytes
+
+SUB_K = 64  # weights per shift of a block's bytes: the K of one tl.dot
+# The kernels hard-code the 2-bit block geometry (256 weights = 4 shifts x 64 bytes).
+assert QK_2BIT == 4 * SUB_K and BLOCK_BYTES_2BIT == SUB_K
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` (and ``triton.language``) import."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails on import
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``), read at each call."""
+    if triton_available():
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _require_triton():
+    if not triton_available():
+        raise TernlmError("Triton is not installed; pip install triton (or use ternlm.kernels.reference)")
+    import triton
+    import triton.language as tl
+
+    return triton, tl
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(interpret: bool):
+    """Build the jitted kernels; cached per interpreter mode, since ``triton.jit`` reads it once."""
+    del interpret  # only the cache key: triton.jit itself reads TRITON_INTERPRET
+    triton, tl = _require_triton()
+
+    # 2-bit layout (ternlm.quant.pack.pack_2bit), one block = 256 weights of a row in 64 bytes.
+    # Byte j of block b holds weights b*256 + j + 64*s, s = 0..3, each stored as code + 1:
+    #
+    #     byte j:   bit 7 6 | 5 4 | 3 2 | 1 0
+    #                  s=3  | s=2 | s=1 | s=0      -> weights j+192 | j+128 | j+64 | j
+    #
+    # So a (64, BLOCK_N) tile of block b's bytes, shifted right by 2s and masked with 3, is the
+    # (64, BLOCK_N) slice of codes + 1 for inputs b*256 + 64*s + (0..63), in order: it lines up
+    # with a plain (BLOCK_M, 64) load of the activations, no gather or shuffle. One byte load
+    # feeds four dots. Row padding past in_features stores 1 (code 0) and the activations there
+    # load as 0, so the tail block needs no special case. Rows past N load 0x55 = 01 01 01 01
+    # (four code-0 weights); their outputs are masked off anyway.
+    @triton.jit
+    def w2a8_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
+                    stride_qm, stride_qk, stride_wn, stride_ym,
+                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # q (M, K) int8, xs (M,) float32 token scales, w (N, row_bytes) uint8 packed,
+        # s: 0-d / (N,) / (N, G) float32 weight scales, y (M, N) float32
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, 64)
+        m_ok = rm < M
+        n_ok = rn < N
+        q_rows = q_ptr + rm.to(tl.int64)[:, None] * stride_qm  # (BLOCK_M, 1)
+        w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: |acc| <= 127 * K
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per group: sum of scaled groups
+        for blk in range(0, tl.cdiv(K, 256)):
+            wb = tl.load(w_rows + (blk * 64 + rj)[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
+            for s in tl.static_range(4):
+                k0 = blk * 256 + s * 64
+                kk = k0 + rj
+                xq = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
+                w = ((wb >> (2 * s)) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes of slice s
+                acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
+                if SCALE_MODE == 2:
+                    # a group ends after this slice: fold its exact accumulator in, scaled
+                    # (slices in the padding past K hold 0 and flush 0 * the last group's scale)
+                    grp = tl.minimum(k0 // GS, G - 1)
+                    flush = (k0 + 64) % GS == 0
+                    gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+                    accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
+                    acc = tl.where(flush, 0, acc)
+        xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+        # same float32 ops, same order as the reference: (acc * act_scale) * w_scale (+ bias)
+        if SCALE_MODE == 0:
+            y = acc.to(tl.float32) * xs[:, None] * tl.load(s_ptr)
+        elif SCALE_MODE == 1:
+            y = acc.to(tl.float32) * xs[:, None] * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        else:
+            y = accf * xs[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def w2a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
+                     stride_xm, stride_xk, stride_wn, stride_ym,
+                     SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # x (M, K) fp16/bf16/fp32, w (N, row_bytes) uint8 packed, s as in w2a8, y (M, N) float32.
+        # DOT_F32: dot in IEEE fp32 (fp32 activations; bf16 ones under the interpreter, whose dot
+        # cannot multiply bf16); otherwise the codes are cast to x's 16-bit type for the tensor cores.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rj = tl.arange(0, 64)
+        m_ok = rm < M
+        n_ok = rn < N
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for blk in range(0, tl.cdiv(K, 256)):
+            wb = tl.load(w_rows + (blk * 64 + rj)[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
+            for s in tl.static_range(4):
+                k0 = blk * 256 + s * 64
+                kk = k0 + rj
+                xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+                w = ((wb >> (2 * s)) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes, as in w2a8
+                if DOT_F32:
+                    acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, w.to(xt.dtype), acc)
+                if SCALE_MODE == 2:
+                    grp = tl.minimum(k0 // GS, G - 1)
+                    flush = (k0 + 64) % GS == 0
+                    gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+                    accf = tl.where(flush, accf + acc * gs[None, :], accf)
+                    acc = tl.where(flush, 0.0, acc)
+        if SCALE_MODE == 0:
+            y = acc * tl.load(s_ptr)
+        elif SCALE_MODE == 1:
+            y = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        else:
+            y = accf
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    return w2a8_kernel, w2a16_kernel
+
+
+def _check(x, packed, scale, in_features, bias):
+    """Validate like ``ops._check`` does; returns (scale mode, groups, group size, scale, bias)."""
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
+    if not (x.is_floating_point()):
+        raise TernlmError(f"expected float activations, got {x.dtype}")
+    want = packed_row_bytes(in_features, "2bit")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != want:
+        raise TernlmError(f"expected 2bit packed uint8 (out, {want}), got {packed.dtype} {tuple(packed.shape)}")
+    if packed.stride(1) != 1:
+        packed = packed.contiguous()
+    N = packed.shape[0]
+    groups, group_size = 1, in_features
+    if scale.dim() == 0:
+        mode = 0
+    elif scale.dim() == 1 and scale.shape[0] == N:
+        mode = 1
+    elif scale.dim() == 2 and scale.shape[0] == N and scale.shape[1] > 0:
+        mode, groups = 2, scale.shape[1]
+        group_size = in_features // groups
+        if in_features % groups or group_size % SUB_K:
+            raise TernlmError(f"the Triton kernels support per-group scales only for group sizes that are a "
+                              f"multiple of {SUB_K}; got {groups} groups over in_features={in_features} "
+                              f"(use ternlm.kernels.reference)")
+    else:
+        raise TernlmError(f"scale must be 0-d, ({N},) or ({N}, groups), got {tuple(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise TernlmError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    tensors = [t for t in (x, packed, scale, bias) if t is not None]
+    if len({t.device for t in tensors}) != 1:
+        raise TernlmError(f"x, packed, scale and bias must share a device, got {[str(t.device) for t in tensors]}")
+    if x.device.type != "cuda" and not interpreting():
+        raise TernlmError(f"the Triton kernels need CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+                          "to run them on CPU through Triton's interpreter")
+    s = scale.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    return packed, mode, groups, group_size, s, b
+
+
+def _tiles(M: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): small M tiles for decode, larger for prefill (tl.dot needs >= 16)."""
+    # NOTE: untuned first guess (no GPU at hand when written); decode (M <= 16) takes narrow N tiles
+    # so that more programs stream the weight at once.
+    bm = min(128, max(16, _next_pow2(M)))
+    bn = 32 if bm == 16 else 64 if bm == 32 or N <= 64 else 128
+    return bm, bn, 8 if bm * bn >= 128 * 128 else 4
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58A8 on 2-bit weights: per-token absmax int8 x (torch quantizer) . codes, int32 in-kernel."""
+    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias)
+    M, N = x.shape[0], packed.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if in_features == 0:
+        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    _, tl = _require_triton()
+    w2a8, _ = _kernels(interpreting())
+    # (M, K) int8, (M, 1) float32: the canonical quantizer; q keeps x's strides (passed along)
+    q, xs = quantize_activations(x, 8)
+    xs = xs.reshape(-1).contiguous()  # (M,)
+    bm, bn, warps = _tiles(M, N)
+    grid = (-(-M // bm), -(-N // bn))
+    w2a8[grid](q, xs, packed, s, b if b is not None else s, y, M, N, in_features, groups, gsize,
+               q.stride(0), q.stride(1), packed.stride(0), y.stride(0),
+               SCALE_MODE=mode, HAS_BIAS=b is not None, BLOCK_M=bm, BLOCK_N=bn,
+               num_warps=warps, num_stages=3, enable_fp_fusion=False)  # no FMA: bitwise like torch
+    return y
+
+
+def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58A16 on 2-bit weights: float x . codes in fp32, times the scale (+ bias). Returns float32."""
+    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias)
+    M, N = x.shape[0], packed.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return y
+    if in_features == 0:
+        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    _require_triton()
+    _, w2a16 = _kernels(interpreting())
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        x = x.float()  # e.g. float64: the reference computes in float32 too
+    dot_f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting())
+    bm, bn, warps = _tiles(M, N)
+    grid = (-(-M // bm), -(-N // bn))
+    w2a16[grid](x, packed, s, b if b is not None else s, y, M, N, in_features, groups, gsize,
+                x.stride(0), x.stride(1), packed.stride(0), y.stride(0),
+                SCALE_MODE=mode, HAS_BIAS=b is not None, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=warps, num_stages=3)
+    return y
+
+
+# ---- GPU benchmark (not run by tests) -------------------------------------------------------------
+
+DEFAULT_SHAPES = ((768, 768), (3072, 768), (2560, 2560), (6912, 2560), (2560, 6912))  # (out, in)
+DEFAULT_BATCHES = (1, 16, 128, 1024)
+
+
+def bench_vs_cublas(shapes=DEFAULT_SHAPES, batches=DEFAULT_BATCHES, seed: int = 0) -> list[dict]:
+    """Time Triton W2A8 / W2A16 against ``F.linear`` in bf16 (cuBLAS) on CUDA; print a table.
+
+    ``shapes``: (out_features, in_features) pairs; ``batches``: token counts M. Per-channel scales,
+    bf16 activations for all three. W2A8 includes the torch activation quantizer. Returns one dict
+    per row (times in microseconds, medians from ``triton.testing.do_bench``).
+    """
+    triton, _ = _require_triton()
+    if not torch.cuda.is_available():
+        raise TernlmError("bench_vs_cublas needs a CUDA device")
+    from triton.testing import do_bench
+
+    from ternlm.quant.pack import pack_2bit
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rows = []
+    print(f"{torch.cuda.get_device_name(dev)}  triton {triton.__version__}  torch {torch.__version__}")
+    head = f"{'out':>6} {'in':>6} {'M':>5} | {'bf16 F.linear':>13} {'W2A16':>9} {'W2A8':>9} | " \
+           f"{'A16 speedup':>11} {'A8 speedup':>10}"
+    print(head)
+    print("-" * len(head))
+    for n, k in shapes:
+        codes = torch.randint(-1, 2, (n, k), generator=g).to(torch.int8)
+        packed = pack_2bit(codes).to(dev)
+        scale = (torch.rand(n, generator=g) + 0.05).to(dev)
+        w_bf16 = (codes.float() * scale.cpu().unsqueeze(1)).to(torch.bfloat16).to(dev)
+        for m in batches:
+            x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
+            t_ref = do_bench(lambda: torch.nn.functional.linear(x, w_bf16)) * 1e3
+            t_a16 = do_bench(lambda: linear_a16_triton(x, packed, scale, k)) * 1e3
+            t_a8 = do_bench(lambda: linear_a8_triton(x, packed, scale, k)) * 1e3
+            rows.append({"out": n, "in": k, "M": m, "cublas_bf16_us": t_ref, "w2a16_us": t_a16, "w2a8_us": t_a8})
+            print(f"{n:>6} {k:>6} {m:>5} | {t_ref:>11.1f}us {t_a16:>7.1f}us {t_a8:>7.1f}us | "
+                  f"{t_ref / t_a16:>10.2f}x {t_ref / t_a8:>9.2f}x")
+    return rows
+
+
+def _main(argv=None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m ternlm.kernels.triton_kernels",
+                                description="Benchmark the Triton 2-bit ternary kernels against cuBLAS bf16.")
+    p.add_argument("--bench", action="store_true", help="run bench_vs_cublas and print a table")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    if not a.bench:
+        p.print_help()
+        return 0
+    if not triton_available():
+        raise SystemExit("triton_kernels: Triton is not installed; nothing to benchmark")
+    if not torch.cuda.is_available():
+        raise SystemExit("triton_kernels: no CUDA device present; the benchmark needs a GPU")
+    rows = bench_vs_cublas()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
