@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
 extras="dev"
-if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,bnb"; fi
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,bnb,triton"; fi
 "$PY" -m pip install --quiet -e ".[${extras}]"
 "$PY" -m pytest -q "$@"

@@ -579,7 +579,7 @@ def bench_main(args) -> dict:
         print(microbench.format_table(micro))
         res["kernels"] = micro
     if cfg.json:
-        from ternlm.pipeline import atomic_write_text
+        from ternlm.fileio import atomic_write_text
 
         atomic_write_text(Path(cfg.json), json.dumps(res, indent=2, default=str) + "\n")
         print(f"wrote {cfg.json}")

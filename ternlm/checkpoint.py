@@ -16,9 +16,6 @@ float copy of a ternary weight ever exists. Nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ import torch.nn as nn
 
 from ternlm.config import QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
+from ternlm.fileio import atomic_dir
 
 FORMAT_VERSION = 1
 QUANT_FILE = "ternlm_quantization.json"
@@ -234,33 +232,6 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_dir(out_dir, write) -> Path:
-    """Run ``write(tmp_dir)`` and swap tmp_dir in for out_dir by rename (an old out_dir survives
-    until the new one is complete)."""
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise TernlmError(f"{out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -294,7 +265,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
         (tmp / QUANT_FILE).write_text(text + "\n")
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", _META_KEY: text})
 
-    return _atomic_dir(out_dir, write)
+    return atomic_dir(out_dir, write)
 
 
 # ---------------------------------------------------------------------------------------------

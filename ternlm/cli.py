@@ -58,7 +58,7 @@ def cmd_verify(a) -> int:
     from ternlm.models.loading import load_causal_lm
     from ternlm.nn.surgery import quantize_model
     from ternlm.nn.verify import verify
-    from ternlm.pipeline import atomic_write_text
+    from ternlm.fileio import atomic_write_text
 
     model = load_causal_lm(a.model, gguf_file=a.gguf_file, random_init=a.random_init)
     if a.quantize:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ import torch
 
 from ternlm.config import QuantConfig, TernaryConfig, config_to_dict, method_config
 from ternlm.errors import TernlmError
+from ternlm.fileio import atomic_write_text
 from ternlm.train.classify import ClassifierTrainConfig
 
 BASELINES = ("int8_absmax", "int8_zeropoint", "llm_int8")
@@ -108,10 +108,7 @@ def _log(cfg: PipelineConfig, msg: str) -> None:
         print(f"[ternlm] {msg}", flush=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+
 
 
 def environment() -> dict:

@@ -10,7 +10,8 @@ METRICS = ("accuracy", "precision", "recall", "f1")
 
 
 def write_report(report: dict, out: Path, weights: dict, layer: str) -> None:
-    from ternlm.pipeline import atomic_write_text, save_json
+    from ternlm.fileio import atomic_write_text
+    from ternlm.pipeline import save_json
 
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plot_all(report, out, weights, layer)

@@ -194,10 +194,10 @@ def _kernels(interpret: bool):
 
 
 def _check(x, packed, scale, in_features, bias):
-    """Validate like ``ops._check`` does; returns (scale mode, groups, group size, scale, bias)."""
+    """Validate like ``ops._check``; returns (packed, scale mode 0/1/2, groups, group size, f32 scale, f32 bias)."""
     if x.dim() != 2 or x.shape[1] != in_features:
         raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
-    if not (x.is_floating_point()):
+    if not x.is_floating_point():
         raise TernlmError(f"expected float activations, got {x.dtype}")
     want = packed_row_bytes(in_features, "2bit")
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != want:
