@@ -89,13 +89,31 @@ def hf_dir(tmp_path_factory):
     return d
 
 
-def test_quantize_generate_export(hf_dir, tmp_path):
+def cli(capfd, *args):
+    """Run the CLI in this process (fast); (exit status, stdout, stderr)."""
+    from ternlm.cli import main
+
+    capfd.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def assert_cli_error(res, needle):
+    rc, out, err = res
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("ternlm: error") and needle in lines[-1], err
+    assert "Traceback" not in err + out
+
+
+def test_quantize_generate_export(hf_dir, tmp_path, capfd):
     from safetensors import safe_open
 
     ck = tmp_path / "ck"
-    p = run("quantize", str(hf_dir), "-o", str(ck), "--format", "base3", "--act-bits", "16")
-    assert p.returncode == 0, p.stderr
-    assert "8 ternary layers" in p.stdout and "base3" in p.stdout
+    rc, out, err = cli(capfd, "quantize", hf_dir, "-o", ck, "--format", "base3", "--act-bits", "16")
+    assert rc == 0, err
+    assert "8 ternary layers" in out and "base3" in out
     rec = __import__("json").loads((ck / "ternlm_quantization.json").read_text())
     assert rec["fmt"] == "base3" and rec["act_bits"] is None
     with safe_open(str(ck / "model.safetensors"), "pt") as f:
@@ -104,27 +122,29 @@ def test_quantize_generate_export(hf_dir, tmp_path):
 
     outs = {}
     for engine in ("fast", "hf"):
-        p = run("generate", "--model", str(ck), "--prompt", "Hello there", "--max-new-tokens", "8",
-                "--engine", engine)
-        assert p.returncode == 0, p.stderr
-        assert f"[{engine} engine; 8 tokens" in p.stderr and "tok/s" in p.stderr
-        outs[engine] = p.stdout
+        rc, out, err = cli(capfd, "generate", "--model", ck, "--prompt", "Hello there", "--max-new-tokens", "8",
+                           "--engine", engine)
+        assert rc == 0, err
+        assert f"[{engine} engine; 8 tokens" in err and "tok/s" in err
+        outs[engine] = out
     assert outs["fast"] == outs["hf"]  # same greedy continuation on both engines
 
-    p = run("export", str(ck), "--type", "tq1_0", "-o", str(tmp_path / "m.gguf"))
-    assert p.returncode == 0, p.stderr
+    rc, out, err = cli(capfd, "export", ck, "--type", "tq1_0", "-o", tmp_path / "m.gguf")
+    assert rc == 0, err
     assert (tmp_path / "m.gguf").stat().st_size > 0
 
 
-def test_inference_commands_on_bad_input(hf_dir, tmp_path):
-    assert_one_line_error(run("quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "error")
+def test_inference_commands_on_bad_input(hf_dir, tmp_path, capfd):
+    assert_cli_error(cli(capfd, "quantize", tmp_path / "nope", "-o", tmp_path / "o"), "nope")
     ck = tmp_path / "ck"
-    assert run("quantize", str(hf_dir), "-o", str(ck)).returncode == 0
+    assert cli(capfd, "quantize", hf_dir, "-o", ck)[0] == 0
     w = ck / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated
-    assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), "corrupt or truncated")
-    assert_one_line_error(run("export", str(ck), "-o", str(tmp_path / "x.gguf")), "corrupt or truncated")
+    assert_cli_error(cli(capfd, "generate", "--model", ck, "--prompt", "Hi"), "corrupt or truncated")
+    assert_cli_error(cli(capfd, "export", ck, "-o", tmp_path / "x.gguf"), "corrupt or truncated")
     assert not (tmp_path / "x.gguf").exists()
-    assert_one_line_error(run("export", str(hf_dir), "-o", str(tmp_path / "x.gguf")), "not a ternlm checkpoint")
-    assert_one_line_error(run("generate", "--model", str(hf_dir), "--prompt", "Hi", "--head", "int8",
-                              "--engine", "hf"), "fast engine")
+    assert_cli_error(cli(capfd, "export", hf_dir, "-o", tmp_path / "x.gguf"), "not a ternlm checkpoint")
+    assert_cli_error(cli(capfd, "generate", "--model", hf_dir, "--prompt", "Hi", "--head", "int8", "--engine", "hf"),
+                     "fast engine")
+    # and as a real process: one line on stderr, exit status 2, no traceback
+    assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), "corrupt or truncated")
