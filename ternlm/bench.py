@@ -34,7 +34,9 @@ _BPW = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "2bit": 0.25, "base3
         "q8_0": 34 / 32, "f16": 2.0}
 # which llama.cpp file has the same LM-head precision as a ternlm head
 _SAME_HEAD = {"fp16": "tq2_0-f16", "int8": "tq2_0-q8_0", "fp32": "tq2_0-f16"}
-DEFAULT_LLAMA_PYTHON = "/work/venv-llama/bin/python"
+# the peer's interpreter and converter, as scripts/setup_llama_peer.sh builds them (or set the variables)
+DEFAULT_LLAMA_PYTHON = os.environ.get("TERNLM_LLAMA_PYTHON", ".venv-llama/bin/python")
+DEFAULT_CONVERT_SCRIPT = ".venv-llama/llama.cpp/convert_hf_to_gguf.py"
 
 
 @dataclass
@@ -177,7 +179,7 @@ def prepare_files(cfg: BenchConfig, work: Path, log) -> dict:
 
 def _peer_convert(hf_dir: str, out: Path, outtype: str) -> None:
     """llama.cpp's own converter (shipped in llama-cpp-python's sdist) for the peer's float files."""
-    candidates = [os.environ.get("LLAMA_CONVERT_HF_TO_GGUF"), "/work/llama-ref/convert_hf_to_gguf.py"]
+    candidates = [os.environ.get("LLAMA_CONVERT_HF_TO_GGUF"), DEFAULT_CONVERT_SCRIPT]
     script = next((c for c in candidates if c and Path(c).is_file()), None)
     if script is None:
         raise TernlmError("convert_hf_to_gguf.py not found (set LLAMA_CONVERT_HF_TO_GGUF)")
