@@ -8,7 +8,12 @@ CI), which turns those skips into failures so CI never passes by skipping.
 import os
 from pathlib import Path
 
-import pytest
+# Triton kernels run in Triton's CPU interpreter here. It must be on before anything imports
+# triton.language (bitsandbytes and transformers may, during collection), since triton's own
+# library functions are decorated once, at import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
