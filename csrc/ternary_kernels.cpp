@@ -223,11 +223,19 @@ struct Pool {
 static Pool* g_pool = nullptr;
 static long g_pool_pid = 0;
 
+// Pause iterations a worker spins before sleeping (~0.3 ms). A decode step runs a kernel, then
+// a few tens of microseconds of torch ops (LayerNorm, attention) single-threaded, then the next
+// kernel: a worker that stays awake across those gaps joins at once instead of paying a futex
+// wake-up per layer, while the core it holds would otherwise sit idle anyway.
+#ifndef TL_POOL_SPIN
+#define TL_POOL_SPIN 20000
+#endif
+
 static void pool_worker(Pool* p) {
   uint64_t seen = 0;
   for (;;) {
     // spin briefly (back-to-back layer calls), then sleep until the next job
-    for (int spin = 0; spin < 2000 && p->gen_seen.load(std::memory_order_acquire) == seen; spin++) {
+    for (int spin = 0; spin < TL_POOL_SPIN && p->gen_seen.load(std::memory_order_acquire) == seen; spin++) {
 #if TL_X86
       _mm_pause();
 #endif
