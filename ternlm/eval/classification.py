@@ -48,6 +48,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def encode_batch(tokenizer, texts, max_length: int, device):
+    """Right-padded, truncated input tensors for a batch of messages, on ``device``."""
+    return tokenizer(list(texts), padding=True, padding_side="right", truncation=True, max_length=max_length,
+                     return_tensors="pt").to(device)
+
+
 def _check_pad(model: torch.nn.Module, tokenizer, batch_size: int) -> int:
     pad = tokenizer.pad_token_id
     if pad is None:
@@ -91,14 +97,7 @@ def predict(
     starts = range(0, len(texts), batch_size)
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(starts, desc="predict", disable=not progress):
-            batch = tokenizer(
-                texts[start : start + batch_size],
-                padding=True,
-                padding_side="right",
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
+            batch = encode_batch(tokenizer, texts[start : start + batch_size], max_length, device)
             logits = model(**batch).logits.float()  # (B, num_labels)
             if logits.shape[-1] != 2:
                 raise TernlmError(f"expected a binary classifier (2 logits), got {logits.shape[-1]}")

@@ -46,17 +46,10 @@ def latency_per_message(
     if tokenizer.pad_token_id is None:
         raise TernlmError("tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     device = model_device(model)
-    batches = [
-        tokenizer(
-            texts[i : i + batch_size],
-            padding=True,
-            padding_side="right",
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        for i in range(0, len(texts), batch_size)
-    ]
+    from ternlm.eval.classification import encode_batch
+
+    batches = [encode_batch(tokenizer, texts[i : i + batch_size], max_length, device)
+               for i in range(0, len(texts), batch_size)]
 
     def sync():
         # CUDA launches are asynchronous; without a sync the clock stops before the work does.
