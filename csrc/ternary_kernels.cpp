@@ -28,6 +28,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 // -DTL_PORTABLE_ONLY builds what a non-x86 machine gets (the scalar level only).
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(TL_PORTABLE_ONLY)
@@ -621,6 +622,7 @@ static PyObject* py_levels(PyObject*, PyObject*) {
 }
 
 #include "int8_gemv.inc"
+#include "attn_decode.inc"
 
 static PyMethodDef methods[] = {
     {"quantize_act", py_quantize, METH_VARARGS,
@@ -635,6 +637,7 @@ static PyMethodDef methods[] = {
      "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, out, nthreads): float32 (N, K)"},
     {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
     INT8_GEMV_METHODS
+    ATTN_DECODE_METHODS
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ternlm CPU kernels for packed ternary weights",

@@ -338,3 +338,29 @@ def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backen
         mod.float_linear(_ext.level_id(), _WF[w.dtype], x.data_ptr(), M, in_features, w.data_ptr(), N, w.shape[1],
                          out.data_ptr(), _ext.get_num_threads())
     return out
+
+
+# ---- one-token attention over the KV cache (decode) ----
+
+def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, scale: float,
+                out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Write the new token's k, v into row ``pos`` of the caches (nh, L, hs) and return its attention
+    output (C,) = softmax(q K^T * scale) V over rows 0..pos. ``out`` (C,) float32 is reused when given."""
+    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise TernlmError(f"expected caches (n_head, max_len, head_dim), got {tuple(k_cache.shape)} and "
+                          f"{tuple(v_cache.shape)}")
+    nh, L, hs = k_cache.shape
+    if qkv.shape != (3 * nh * hs,):
+        raise TernlmError(f"expected qkv ({3 * nh * hs},), got {tuple(qkv.shape)}")
+    if not 0 <= pos < L:
+        raise TernlmError(f"position {pos} outside the cache (max_len {L})")
+    mod = _native(backend, qkv.new_zeros(()))
+    f32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (qkv, k_cache, v_cache))
+    if mod is None or not f32 or not hasattr(mod, "attn_decode"):
+        y = reference.attn_decode(qkv, k_cache, v_cache, pos, scale)
+        return y if out is None else out.copy_(y)
+    if out is None:
+        out = torch.empty(nh * hs)
+    mod.attn_decode(_ext.level_id(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nh, hs, L, pos,
+                    float(scale), out.data_ptr())
+    return out

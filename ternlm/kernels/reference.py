@@ -103,3 +103,18 @@ def int8_linear_a16(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_fe
 def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int) -> torch.Tensor:
     """x against float rows stored in any float dtype (padding columns ignored), in float32."""
     return F.linear(x.float(), w[:, :in_features].float())
+
+
+def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+                scale: float) -> torch.Tensor:
+    """One new token's attention over a cache, writing its k, v at row ``pos`` first.
+
+    qkv (3C,) = [q | k | v]; k_cache, v_cache (nh, L, hs) are updated in place; returns (C,).
+    """
+    nh, _, hs = k_cache.shape
+    q, k, v = qkv.view(3, nh, 1, hs)  # (nh, 1, hs) each
+    k_cache[:, pos : pos + 1] = k
+    v_cache[:, pos : pos + 1] = v
+    y = torch.nn.functional.scaled_dot_product_attention(q, k_cache[:, : pos + 1], v_cache[:, : pos + 1],
+                                                         scale=scale)  # (nh, 1, hs)
+    return y.reshape(nh * hs)

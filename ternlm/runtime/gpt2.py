@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
+from ternlm.kernels.ops import attn_decode
 
 HEADS = ("fp32", "fp16", "bf16", "int8")
 
@@ -225,6 +226,7 @@ class GPT2Runtime:
         self._h = torch.empty(1, self.C)
         self._qkv = torch.empty(1, 3 * self.C)
         self._attn_out = torch.empty(1, self.C)
+        self._y = torch.empty(self.C)
         self._fc = torch.empty(1, inner)
         self._logits = torch.empty(1, self.vocab_size)
         self._decoding = False
@@ -277,15 +279,13 @@ class GPT2Runtime:
         pos = self.pos
         if pos >= self.max_seq_len:
             raise TernlmError(f"KV cache full ({self.max_seq_len} positions)")
-        nh, hs, C = self.n_head, self.hs, self.C
+        C = self.C
         h = torch.add(self.wte[token], self.wpe[pos], out=self._h[0]).view(1, C)
         kc, vc = self.k_cache, self.v_cache
         for i, b in enumerate(self.blocks):
-            q, k, v = b.qkv(self._layer_norm(h, b.ln1), self._qkv).view(3, nh, 1, hs)  # (nh, 1, hs) each
-            kc[i, 0, :, pos : pos + 1] = k
-            vc[i, 0, :, pos : pos + 1] = v
-            y = F.scaled_dot_product_attention(q.unsqueeze(0), kc[i, :, :, : pos + 1], vc[i, :, :, : pos + 1],
-                                               scale=b.scaling)  # (1, nh, 1, hs)
+            qkv = b.qkv(self._layer_norm(h, b.ln1), self._qkv)  # (1, 3C)
+            # cache write + one-query attention in one call (torch: two slice copies + SDPA)
+            y = attn_decode(qkv.view(3 * C), kc[i, 0], vc[i, 0], pos, b.scaling, out=self._y)  # (C,)
             h.add_(b.proj(y.view(1, C), self._attn_out))
             h.add_(b.mproj(self.act(b.fc(self._layer_norm(h, b.ln2), self._fc)), self._attn_out))
         self.pos = pos + 1

@@ -219,3 +219,26 @@ def test_nothing_compiled_is_imported_at_package_import():
     code = ("import sys, ternlm, ternlm.kernels, ternlm.nn.ternary_linear, ternlm.quant.pack; "
             "assert 'ternlm._C' not in sys.modules, 'extension imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("nh,hs,L,pos", [(1, 16, 4, 0), (12, 64, 160, 0), (12, 64, 160, 97), (3, 24, 9, 8),
+                                         (4, 40, 33, 32)])
+def test_attn_decode_matches_reference(level, nh, hs, L, pos):
+    g = torch.Generator().manual_seed(nh * 1000 + pos)
+    qkv = torch.randn(3 * nh * hs, generator=g)
+    kc = torch.randn(nh, L, hs, generator=g)
+    vc = torch.randn(nh, L, hs, generator=g)
+    kr, vr = kc.clone(), vc.clone()
+    want = reference.attn_decode(qkv, kr, vr, pos, hs ** -0.5)
+    k2, v2 = kc.clone(), vc.clone()
+    got = ops.attn_decode(qkv, k2, v2, pos, hs ** -0.5, backend="native")
+    assert torch.equal(k2, kr) and torch.equal(v2, vr)  # the cache rows are written exactly
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attn_decode_checks_shapes():
+    kc = torch.zeros(2, 4, 8)
+    with pytest.raises(TernlmError):
+        ops.attn_decode(torch.zeros(47), kc, kc.clone(), 0, 1.0)
+    with pytest.raises(TernlmError):
+        ops.attn_decode(torch.zeros(48), kc, kc.clone(), 4, 1.0)
