@@ -47,6 +47,7 @@ class BenchConfig:
     new_tokens: int = 128
     threads: int = 2
     repeats: int = 3
+    rounds: int = 1                   # round-robin passes over every system; best of all is kept
     systems: tuple = ("ternlm", "hf", "llama_cpp")
     ternlm_variants: tuple = TERNLM_VARIANTS
     hf_variants: tuple = HF_VARIANTS
@@ -73,8 +74,9 @@ class BenchConfig:
             raise TernlmError(f"hf variants are {HF_VARIANTS}")
         if not set(self.llama_variants) <= set(LLAMA_VARIANTS):
             raise TernlmError(f"llama.cpp variants are {LLAMA_VARIANTS}")
-        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.threads < 1 or self.repeats < 1:
-            raise TernlmError("prompt_tokens >= 1, new_tokens >= 2, threads >= 1, repeats >= 1 are required")
+        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.threads < 1 or self.repeats < 1 or self.rounds < 1:
+            raise TernlmError("prompt_tokens >= 1, new_tokens >= 2, threads >= 1, repeats >= 1, rounds >= 1 "
+                              "are required")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -434,41 +436,27 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                      "gelu": cfg.gelu}
         rows: list[dict] = []
         skipped: list[dict] = []
-
-        def add(system, variant, res, file_bytes, bpt, **extra):
-            row = {"system": system, "variant": variant, **res, "file_bytes": file_bytes,
-                   "bytes_per_token": bpt, **extra}
-            row["achieved_gbs"] = bpt * res["decode_tok_s"] / 1e9
-            row["pct_of_copy_bw"] = 100 * row["achieved_gbs"] / bw
-            rows.append(row)
-            log(f"  {system:9s} {variant:14s} decode {res['decode_tok_s']:7.1f} tok/s  "
-                f"prefill {res['prefill_tok_s']:7.1f} tok/s")
+        # (system, variant, worker kind, spec, interpreter, row extras as a function of the result)
+        jobs: list[tuple] = []
 
         if "ternlm" in cfg.systems:
             for i, v in enumerate(cfg.ternlm_variants):
                 act, fmt, head = _parse_variant(v)
                 spec = {**base_spec, "variant": v, "ckpt_dir": files.get(f"ternlm_{fmt}_dir"),
                         "profile": cfg.profile and i == 0}
-                try:
-                    res = _run_worker("ternlm", spec)
-                except Exception as e:
-                    skipped.append({"system": "ternlm", "variant": v, "reason": str(e)})
-                    log(f"  ternlm {v}: failed ({e})")
-                    continue
-                wb = res.pop("weight_bytes")
-                add("ternlm", v, res, files.get(f"ternlm_{fmt}_bytes"), wb["linears"] + wb["head"] + wb["other"],
-                    head=head)
+
+                def extras(res, fmt=fmt, head=head):
+                    wb = res.pop("weight_bytes")
+                    return (files.get(f"ternlm_{fmt}_bytes"), wb["linears"] + wb["head"] + wb["other"],
+                            {"head": head})
+                jobs.append(("ternlm", v, "ternlm", spec, None, extras))
         if "hf" in cfg.systems:
             for v in cfg.hf_variants:
-                try:
-                    res = _run_worker("hf", {**base_spec, "variant": v})
-                except Exception as e:
-                    skipped.append({"system": "hf", "variant": v, "reason": str(e)})
-                    log(f"  hf {v}: failed ({e})")
-                    continue
                 store = "fp32" if v == "fp32" else "bf16"
                 size = files["hf_bytes"] if v == "fp32" else files["hf_bytes"] // 2
-                add("hf", v, res, size, bytes_per_token(hc, store, store), head=v)
+                jobs.append(("hf", v, "hf", {**base_spec, "variant": v}, None,
+                             lambda res, size=size, store=store, v=v: (size, bytes_per_token(hc, store, store),
+                                                                       {"head": v})))
         if "llama_cpp" in cfg.systems:
             py, why = _llama_python(cfg)
             for v in cfg.llama_variants:
@@ -477,16 +465,48 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     skipped.append({"system": "llama_cpp", "variant": v, "reason": reason})
                     log(f"  llama.cpp {v}: skipped ({reason})")
                     continue
-                try:
-                    res = _run_worker("llama_cpp", {**base_spec, "variant": v, "gguf": files[f"gguf_{v}"],
-                                                    "ids": _prompt(base_spec).tolist()}, python=py)
-                except Exception as e:
-                    skipped.append({"system": "llama_cpp", "variant": v, "reason": str(e)})
-                    log(f"  llama.cpp {v}: failed ({e})")
-                    continue
                 lin, head = (v.split("-") if "-" in v else (v, v))
-                add("llama_cpp", v, res, files[f"gguf_{v}_bytes"], bytes_per_token(hc, lin, head),
-                    head={"f16": "fp16", "q8_0": "int8"}[head], gguf_tool=files.get(f"gguf_{v}_tool"))
+                spec = {**base_spec, "variant": v, "gguf": files[f"gguf_{v}"], "ids": _prompt(base_spec).tolist()}
+                jobs.append(("llama_cpp", v, "llama_cpp", spec, py,
+                             lambda res, v=v, lin=lin, head=head: (
+                                 files[f"gguf_{v}_bytes"], bytes_per_token(hc, lin, head),
+                                 {"head": {"f16": "fp16", "q8_0": "int8"}[head], "gguf_tool": files.get(f"gguf_{v}_tool")})))
+
+        # NOTE: rounds run every system once per round, round-robin, and keep each one's best: on a
+        # shared machine the load drifts over minutes, and interleaving spreads that drift evenly.
+        best: dict[tuple, dict] = {}
+        failed: set = set()
+        for rnd in range(cfg.rounds):
+            if cfg.rounds > 1:
+                log(f" round {rnd + 1}/{cfg.rounds}")
+            for system, v, kind, spec, py, _ in jobs:
+                if (system, v) in failed:
+                    continue
+                try:
+                    res = _run_worker(kind, {**spec, "profile": spec.get("profile") and rnd == 0}, python=py)
+                except Exception as e:
+                    failed.add((system, v))
+                    skipped.append({"system": system, "variant": v, "reason": str(e)})
+                    log(f"  {system} {v}: failed ({e})")
+                    continue
+                log(f"  {system:9s} {v:14s} decode {res['decode_tok_s']:7.1f} tok/s  "
+                    f"prefill {res['prefill_tok_s']:7.1f} tok/s")
+                old = best.get((system, v))
+                if old is None:
+                    best[(system, v)] = res
+                else:
+                    for k in ("decode_tok_s", "prefill_tok_s"):
+                        old[k] = max(old[k], res[k])
+                    old["peak_rss_mb"] = max(old["peak_rss_mb"], res["peak_rss_mb"])
+        for system, v, _, _, _, extras in jobs:
+            res = best.get((system, v))
+            if res is None:
+                continue
+            file_bytes, bpt, extra = extras(res)
+            row = {"system": system, "variant": v, **res, "file_bytes": file_bytes, "bytes_per_token": bpt, **extra}
+            row["achieved_gbs"] = bpt * res["decode_tok_s"] / 1e9
+            row["pct_of_copy_bw"] = 100 * row["achieved_gbs"] / bw
+            rows.append(row)
         _ratios(rows)
         return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw,
                 "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
@@ -593,7 +613,8 @@ _HELP = {
     "prompt_tokens": "prompt length (default: 16)",
     "new_tokens": "greedy tokens decoded per run (default: 128)",
     "threads": "threads for every system (default: 2)",
-    "repeats": "runs per system; the best is reported (default: 3)",
+    "repeats": "runs per system and round; the best is reported (default: 3)",
+    "rounds": "round-robin passes over all systems, so load drift on a shared machine hits all alike (default: 1)",
     "systems": "comma-separated: ternlm,hf,llama_cpp",
     "ternlm_variants": f"comma-separated ACT-FORMAT-HEAD (default: {','.join(TERNLM_VARIANTS)})",
     "hf_variants": "comma-separated: fp32,bf16",

@@ -20,10 +20,11 @@ def _tiny(**kw):
 
 
 def test_run_bench_tiny(tmp_path):
-    res = run_bench(_tiny(), log=lambda *a: None)
+    res = run_bench(_tiny(rounds=2), log=lambda *a: None)
     assert {"config", "command", "copy_bandwidth_gbs", "machine", "rows", "skipped"} <= res.keys()
     got = {(r["system"], r["variant"]) for r in res["rows"]} | {(s["system"], s["variant"]) for s in res["skipped"]}
     assert got == {("ternlm", "a8-2bit-int8"), ("hf", "fp32"), ("llama_cpp", "tq2_0-q8_0")}
+    assert len(res["rows"]) == len({(r["system"], r["variant"]) for r in res["rows"]})  # one row each, all rounds
     systems = {r["system"] for r in res["rows"]}
     assert {"ternlm", "hf"} <= systems  # the peer may be skipped (not installed), never these
     for r in res["rows"]:
@@ -40,6 +41,8 @@ def test_config_validation_and_command():
         BenchConfig(ternlm_variants=("a8-3bit-int8",))
     with pytest.raises(TernlmError):
         BenchConfig(systems=("vllm",))
+    with pytest.raises(TernlmError):
+        BenchConfig(rounds=0)
     assert bench_command(BenchConfig()) == "ternlm bench"
     assert "--threads 4" in bench_command(BenchConfig(threads=4))
 
