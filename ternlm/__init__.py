@@ -43,12 +43,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+from ternlm._lazy import lazy_exports  # noqa: E402
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ternlm' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("ternlm", _LAZY)
+__all__ = __all__ + ["__version__"]
 
-
-__all__ = sorted(_LAZY) + ["__version__"]

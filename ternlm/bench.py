@@ -33,7 +33,7 @@ LLAMA_VARIANTS = ("tq2_0-f16", "tq2_0-q8_0", "f16")
 _BPW = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "2bit": 0.25, "base3": 0.2, "tq2_0": 66 / 256,
         "q8_0": 34 / 32, "f16": 2.0}
 # which llama.cpp file has the same LM-head precision as a ternlm head
-_SAME_HEAD = {"fp16": "tq2_0-f16", "int8": "tq2_0-q8_0", "fp32": "tq2_0-f16"}
+_SAME_HEAD = {"fp16": "tq2_0-f16", "int8": "tq2_0-q8_0"}  # fp32 / bf16 heads have no llama.cpp twin here
 # the peer's interpreter and converter, as scripts/setup_llama_peer.sh builds them (or set the variables)
 DEFAULT_LLAMA_PYTHON = os.environ.get("TERNLM_LLAMA_PYTHON", ".venv-llama/bin/python")
 DEFAULT_CONVERT_SCRIPT = ".venv-llama/llama.cpp/convert_hf_to_gguf.py"
@@ -144,16 +144,11 @@ def prepare_files(cfg: BenchConfig, work: Path, log) -> dict:
     need_gguf = "llama_cpp" in cfg.systems and any(v.startswith("tq2_0") for v in cfg.llama_variants)
     if need_gguf and "2bit" not in fmts:
         fmts.append("2bit")
-    try:
-        from ternlm.checkpoint import save_pretrained
-    except ImportError:
-        save_pretrained = None
+    from ternlm.checkpoint import save_pretrained
     from ternlm.config import TernaryConfig
     from ternlm.convert import convert
 
     for fmt in fmts:
-        if save_pretrained is None:
-            break
         m = convert(make_model(cfg), TernaryConfig(act_bits=8), fmt=fmt)
         d = save_pretrained(m, tok, work / f"ternlm-{fmt}", float_dtype="fp16")
         files[f"ternlm_{fmt}_dir"] = str(d)

@@ -119,22 +119,21 @@ def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = No
         raise TernlmError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
                           f"exceeds the model's context ({ctx})")
     rt = GPT2Runtime(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
-    shown: list[int] = []
-    printed = [0]
+    pending: list[int] = []  # tokens not yet printed: a token may end mid-character (byte-level BPE)
 
-    def on_token(tok: int) -> None:  # print the newly completed text (a token may end mid-character)
-        shown.append(tok)
-        text = tokenizer.decode(shown, skip_special_tokens=True)
-        if stream is not None and not text.endswith("\ufffd"):
-            stream.write(text[printed[0]:])
+    def on_token(tok: int) -> None:
+        pending.append(tok)
+        piece = tokenizer.decode(pending, skip_special_tokens=True)
+        if stream is not None and not piece.endswith("\ufffd"):
+            stream.write(piece)
             stream.flush()
-            printed[0] = len(text)
+            pending.clear()
 
     r = rt.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=on_token)
     text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
     if stream is not None:
-        stream.write(text[printed[0]:] + "\n")
+        stream.write(tokenizer.decode(pending, skip_special_tokens=True) + "\n")
         stream.flush()
     total = r["prefill_seconds"] + r["decode_seconds"]
     return {"text": text, "n_prompt_tokens": r["n_prompt_tokens"], "n_new_tokens": r["n_new_tokens"],

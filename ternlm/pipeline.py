@@ -132,9 +132,18 @@ def _describe_variant(model) -> dict:
     return info
 
 
+def _latency(model, tok, test, cfg: PipelineConfig) -> dict:
+    """ms per message at batch 1 (16 messages) and batch 32 (``cfg.latency_messages``)."""
+    from ternlm.eval.cost import latency_per_message
+
+    texts = test.texts[:cfg.latency_messages]
+    return {"latency_batch1": latency_per_message(model, tok, texts[:16], batch_size=1, max_length=cfg.max_length),
+            "latency_batch32": latency_per_message(model, tok, texts, batch_size=32, max_length=cfg.max_length)}
+
+
 def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
     from ternlm.eval.classification import evaluate_classifier
-    from ternlm.eval.cost import current_rss_mb, latency_per_message, model_bytes
+    from ternlm.eval.cost import current_rss_mb, model_bytes
     from ternlm.eval.robustness import robustness_eval
     from ternlm.nn.verify import verify
 
@@ -142,13 +151,8 @@ def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
     ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
     res = evaluate_classifier(model, tok, test.texts, test.labels, progress=cfg.progress, **ev)
     res.update(_describe_variant(model))
-    lat_texts = test.texts[:cfg.latency_messages]
-    res["cost"] = {
-        "latency_batch1": latency_per_message(model, tok, lat_texts[:16], batch_size=1, max_length=cfg.max_length),
-        "latency_batch32": latency_per_message(model, tok, lat_texts, batch_size=32, max_length=cfg.max_length),
-        "model_bytes_in_memory": model_bytes(model),
-        "rss_mb": current_rss_mb(),
-    }
+    res["cost"] = {**_latency(model, tok, test, cfg), "model_bytes_in_memory": model_bytes(model),
+                   "rss_mb": current_rss_mb()}
     if name.startswith("ternary"):
         res["verify"] = verify(model, targets).totals()
     if cfg.robustness:
@@ -264,17 +268,15 @@ def _packed_section(qat, tok, test, cfg: PipelineConfig) -> dict:
     same metrics, real memory and latency. Converts ``qat`` in place."""
     from ternlm.convert import convert
     from ternlm.eval.classification import evaluate_classifier
-    from ternlm.eval.cost import latency_per_message, model_bytes
+    from ternlm.eval.cost import model_bytes
 
     before = model_bytes(qat)
     convert(qat, fmt="2bit")
     ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
     res = evaluate_classifier(qat, tok, test.texts, test.labels, progress=False, **ev)
-    lat_texts = test.texts[:cfg.latency_messages]
     out = {k: res[k] for k in ("accuracy", "precision", "recall", "f1")}
     out.update(fmt="2bit", act_bits=cfg.ternary.act_bits, model_bytes_before=before, model_bytes_in_memory=model_bytes(qat),
-               latency_batch1=latency_per_message(qat, tok, lat_texts[:16], batch_size=1, max_length=cfg.max_length),
-               latency_batch32=latency_per_message(qat, tok, lat_texts, batch_size=32, max_length=cfg.max_length))
+               **_latency(qat, tok, test, cfg))
     _log(cfg, f"ternary_qat packed (2-bit TernaryLinear): f1={out['f1']:.4f}, "
               f"{before / 1e6:.1f} MB -> {out['model_bytes_in_memory'] / 1e6:.1f} MB in memory")
     return out

@@ -3,12 +3,7 @@
 _LAZY = {"export_gguf": "ternlm.export.gguf", "from_gguf": "ternlm.export.gguf"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+from ternlm._lazy import lazy_exports  # noqa: E402
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ternlm.export' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("ternlm.export", _LAZY)
 
-
-__all__ = sorted(_LAZY)

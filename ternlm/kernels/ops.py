@@ -356,7 +356,7 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise TernlmError(f"position {pos} outside the cache (max_len {L})")
     mod = _native(backend, qkv.new_zeros(()))
     f32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (qkv, k_cache, v_cache))
-    if mod is None or not f32 or not hasattr(mod, "attn_decode"):
+    if mod is None or not f32:
         y = reference.attn_decode(qkv, k_cache, v_cache, pos, scale)
         return y if out is None else out.copy_(y)
     if out is None:

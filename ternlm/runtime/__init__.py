@@ -12,12 +12,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+from ternlm._lazy import lazy_exports  # noqa: E402
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'ternlm.runtime' has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports("ternlm.runtime", _LAZY)
 
-
-__all__ = sorted(_LAZY)
