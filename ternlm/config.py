@@ -11,7 +11,24 @@ from typing import ClassVar, Union
 
 from ternlm.errors import TernlmError
 
+# The valid sets, each defined once here and imported everywhere else.
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+# Activation precision of ternary layers: None = float (W1.58A16), 8 / 4 = per-token int (W1.58A8 / A4).
+ACT_BITS = (None, 8, 4)
+# Largest integer of each per-token activation width (absmax scale = max|x| / QMAX[bits]).
+QMAX = {8: 127.0, 4: 7.0}
+# Packed storage of ternary codes (see ternlm.quant.pack).
+FORMATS = ("2bit", "base3")
+# Storage of an LM head / float tensors in a decode engine or checkpoint.
+HEADS = ("fp32", "fp16", "bf16", "int8")
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
+SCALE_MODES = ("absmean", "fit")
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """The one validation of sampling settings (generation CLI, HF wrapper, decode engine)."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise TernlmError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -50,9 +67,9 @@ class TernaryConfig:
         _check(self.granularity in GRANULARITIES,
                f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
         _check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
-        _check(self.scale_mode in ("absmean", "fit"),
-               f"unknown scale_mode {self.scale_mode!r}; choose absmean or fit")
-        _check(self.act_bits in (None, 4, 8), f"act_bits must be None, 8 or 4, got {self.act_bits!r}")
+        _check(self.scale_mode in SCALE_MODES,
+               f"unknown scale_mode {self.scale_mode!r}; choose one of {', '.join(SCALE_MODES)}")
+        _check(self.act_bits in ACT_BITS, f"act_bits must be None, 8 or 4, got {self.act_bits!r}")
         _check(self.eps > 0, "eps must be positive")
         _check(self.lambda_warmup_steps >= 0, "lambda_warmup_steps must be >= 0")
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from ternlm.config import FORMATS
 from ternlm.errors import TernlmError
-
-FORMATS = ("2bit", "base3")
 
 # Weights per block and bytes per block, per format.
 QK_2BIT = 256
 BLOCK_BYTES_2BIT = 64
 QK_BASE3 = 160
-BLOCK_BYTES_BASE3 = 32
 
 _POW3 = (81, 27, 9, 3, 1)  # trit i of a byte has weight 3**(4 - i): trit 0 is the most significant
 
