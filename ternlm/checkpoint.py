@@ -38,7 +38,7 @@ _META_KEY = "ternlm_quantization"
 def quantization_record(model: nn.Module) -> dict:
     """The JSON-able description of a converted model's ternary layers."""
     from ternlm import __version__
-    from ternlm.convert import ternary_linears
+    from ternlm.nn.surgery import ternary_linears
 
     layers = ternary_linears(model)
     if not layers:
@@ -93,12 +93,9 @@ def check_record(rec, where: str) -> dict:
 
 
 def apply_record(model: nn.Module, rec: dict) -> None:
-    from ternlm.convert import _bind_save_pretrained
-
     model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
     model.ternlm_targets = list(rec["targets"])
     model.ternlm_format = rec["fmt"]
-    _bind_save_pretrained(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
     assign_state(model, state, str(wpath))
     if kernel != "auto":
-        from ternlm.convert import ternary_linears
+        from ternlm.nn.surgery import ternary_linears
 
         for _, m in ternary_linears(model):
             m.kernel = kernel

@@ -19,9 +19,9 @@ import torch.nn as nn
 from ternlm.config import QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.nn.bitlinear import BitLinear
-from ternlm.nn.surgery import _set_module, select_targets
+from ternlm.config import ACT_BITS, FORMATS
+from ternlm.nn.surgery import _set_module, select_targets, ternary_linears
 from ternlm.nn.ternary_linear import TernaryLinear
-from ternlm.quant.pack import FORMATS
 
 # ``act_bits`` default: take the activation precision from the ternary config.
 FROM_CONFIG = "config"
@@ -29,10 +29,6 @@ FROM_CONFIG = "config"
 # Config fields that decide the codes and scales; a QAT model must be converted with the ones it
 # was trained with, or the packed layer would not compute what training optimised.
 _CODE_FIELDS = ("granularity", "group_size", "scale_mode", "eps")
-
-
-def ternary_linears(model: nn.Module) -> list[tuple[str, TernaryLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
 
 
 def _qat_config(bits: list[tuple[str, BitLinear]], config: TernaryConfig | None) -> TernaryConfig:
@@ -86,7 +82,7 @@ def convert(model: nn.Module, config: TernaryConfig | QuantConfig | None = None,
         include, exclude = qc.include, qc.exclude
 
     bits_per_act = tcfg.act_bits if act_bits == FROM_CONFIG else act_bits
-    if bits_per_act not in (None, 8, 4):
+    if bits_per_act not in ACT_BITS:
         raise TernlmError(f"act_bits must be None, 8 or 4, got {bits_per_act!r}")
     tcfg = replace(tcfg, act_bits=bits_per_act)
 
@@ -101,31 +97,4 @@ def convert(model: nn.Module, config: TernaryConfig | QuantConfig | None = None,
     model.ternlm_quant_config = QuantConfig(weights=tcfg, include=include, exclude=exclude)
     model.ternlm_targets = list(targets)
     model.ternlm_format = fmt
-    _bind_save_pretrained(model)
-    release_freed_memory()
     return model.eval()
-
-
-def release_freed_memory() -> None:
-    """Hand the dropped float weights back to the OS (glibc keeps freed heap pages otherwise, so
-    RSS would not show the saving)."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def _bind_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(dir, tokenizer=None)`` write a packed ternlm checkpoint
-    (HF's own method would not know the packed layers)."""
-    def save_pretrained(out_dir, tokenizer=None, float_dtype: str = "fp32"):
-        from ternlm.checkpoint import save_pretrained as save
-
-        return save(model, tokenizer, out_dir, float_dtype=float_dtype)
-
-    object.__setattr__(model, "save_pretrained", save_pretrained)

@@ -51,3 +51,20 @@ def atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_json(obj, path: str | Path) -> None:
+    """Write ``obj`` as indented JSON, atomically; tensors, numpy scalars and paths are converted."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if hasattr(o, "tolist") and hasattr(o, "dim"):  # torch.Tensor
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,9 +1,10 @@
 """Text generation with streamed output and a tokens/s measurement.
 
-Loads a ternlm checkpoint (packed ternary layers) when the directory holds
-``ternlm_quantization.json``, any other causal LM otherwise. Two engines:
+Loads any model ``ternlm.load`` reads (a packed checkpoint, a ternlm GGUF, a plain causal LM).
+Two engines:
 
-    hf    Hugging Face ``generate`` (KV cache on), any architecture
+    hf    Hugging Face ``generate`` (KV cache on), any architecture; ``hf_generate`` is the one
+          wrapper around it (the generate command, evaluation samples and the benchmark use it)
     fast  ``ternlm.runtime.GPT2Runtime``: static KV cache, packed kernels called directly, optional
           int8 LM head; GPT-2 architecture only, same sampling order as HF (temperature, top-k, top-p)
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Callable
 
+from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
+
+ENGINES = ("auto", "hf", "fast")
 
 
 @dataclass
@@ -31,79 +35,123 @@ class GenerateConfig:
     head: str = "fp32"         # fast engine: LM-head storage fp32 | fp16 | bf16 | int8
 
     def __post_init__(self):
-        if self.engine not in ("auto", "hf", "fast"):
-            raise TernlmError(f"unknown engine {self.engine!r}; choose auto, hf or fast")
-        if self.head not in ("fp32", "fp16", "bf16", "int8"):
-            raise TernlmError(f"unknown head {self.head!r}; choose fp32, fp16, bf16 or int8")
+        if self.engine not in ENGINES:
+            raise TernlmError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.head not in HEADS:
+            raise TernlmError(f"unknown head {self.head!r}; choose one of {', '.join(HEADS)}")
         if self.max_new_tokens < 1:
             raise TernlmError("max_new_tokens must be >= 1")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise TernlmError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+        check_sampling(self.temperature, self.top_k, self.top_p)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def load_for_generation(name_or_path, gguf_file=None):
-    """(model, tokenizer): a ternlm packed checkpoint if the directory is one, else a plain LM."""
-    from ternlm.models.loading import load_causal_lm, load_tokenizer
-
-    p = Path(str(name_or_path))
-    if p.is_dir() and (p / "ternlm_quantization.json").is_file():
-        from ternlm.checkpoint import from_pretrained
-
-        return from_pretrained(p), load_tokenizer(p)
-    return load_causal_lm(name_or_path, gguf_file=gguf_file), load_tokenizer(name_or_path, gguf_file=gguf_file)
+def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
+    """Refuse a prompt + continuation longer than the model's position table, before any work."""
+    if n_prompt < 1:
+        raise TernlmError("empty prompt: give at least one token of text")
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    if ctx and n_prompt + max_new_tokens > ctx:
+        raise TernlmError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                          f"context ({ctx})")
 
 
-def generate(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
-    """Generate a continuation; stream decoded text to ``stream`` (a file) as it is produced.
+class _Clock:
+    """A ``generate`` streamer: the time each chunk arrives; new tokens go to ``on_token``."""
 
-    Returns {text, n_prompt_tokens, n_new_tokens, prefill_seconds, decode_seconds, decode_tok_s}.
-    The first new token's time counts as prefill (prompt processing); decode tok/s covers the rest.
+    def __init__(self, on_token: Callable[[int], None] | None):
+        self.t: list[float] = []
+        self.on_token = on_token
+
+    def put(self, value):
+        self.t.append(time.perf_counter())
+        if self.on_token is not None and len(self.t) > 1:  # the first put is the prompt echo
+            for tok in value.reshape(-1).tolist():
+                self.on_token(int(tok))
+
+    def end(self):
+        pass
+
+
+def hf_generate(model, input_ids, cfg: GenerateConfig | None = None, *, pad_token_id: int | None = None,
+                on_token: Callable[[int], None] | None = None, ignore_eos: bool = False, **inputs) -> dict:
+    """The one wrapper around Hugging Face ``model.generate`` (batch 1, KV cache on).
+
+    Greedy when ``cfg.temperature`` is 0, else sampling with temperature / top-k / top-p after
+    ``torch.manual_seed(cfg.seed)``. ``on_token`` sees each new token as it is produced;
+    ``ignore_eos`` always produces ``max_new_tokens`` (benchmarks). Extra ``inputs`` (an attention
+    mask) go to ``generate``. Returns {tokens (new ids), n_prompt_tokens, n_new_tokens,
+    prefill_seconds (until the first new token), decode_seconds, decode_tok_s}.
     """
     import torch
-    from transformers import TextStreamer
 
     cfg = cfg or GenerateConfig()
-    if not prompt:
-        raise TernlmError("empty prompt")
-    enc = tokenizer(prompt, return_tensors="pt")
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    if ctx and enc.input_ids.shape[1] + cfg.max_new_tokens > ctx:
-        raise TernlmError(f"prompt ({enc.input_ids.shape[1]} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
-                          f"exceeds the model's context ({ctx})")
-
-    times = []
-
-    class _Clock(TextStreamer):
-        def put(self, value):
-            times.append(time.perf_counter())
-            super().put(value)
-
-    streamer = _Clock(tokenizer, skip_prompt=True) if stream is not None else None
-    if streamer is not None:
-        streamer.on_finalized_text = lambda text, stream_end=False: (stream.write(text + ("\n" if stream_end else "")),
-                                                                      stream.flush())
+    n_prompt = int(input_ids.shape[-1])
+    check_context(model, n_prompt, cfg.max_new_tokens)
     sample = cfg.temperature > 0
-    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, use_cache=True,
-              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, use_cache=True, pad_token_id=pad_token_id)
     if sample:
         kw.update(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    if ignore_eos:
+        kw["min_new_tokens"] = cfg.max_new_tokens
+    clock = _Clock(on_token)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**enc, streamer=streamer, **kw)
+        out = model.generate(input_ids.reshape(1, -1), streamer=clock, **inputs, **kw)
     t1 = time.perf_counter()
-    new = out[0, enc.input_ids.shape[1]:]
-    n_new = int(new.numel())
-    # times[0] is the prompt echo, times[1] the first new token (when streaming)
-    t_first = times[1] if len(times) > 1 else t0 + (t1 - t0) / max(n_new, 1)
+    new = out[0, n_prompt:].tolist()
+    t_first = clock.t[1] if len(clock.t) > 1 else t1
     decode_s = t1 - t_first
-    return {"text": tokenizer.decode(new, skip_special_tokens=True), "n_prompt_tokens": int(enc.input_ids.shape[1]),
-            "n_new_tokens": n_new, "prefill_seconds": t_first - t0, "decode_seconds": decode_s,
-            "decode_tok_s": (n_new - 1) / decode_s if n_new > 1 and decode_s > 0 else None,
-            "total_tok_s": n_new / (t1 - t0)}
+    return {"tokens": new, "n_prompt_tokens": n_prompt, "n_new_tokens": len(new),
+            "prefill_seconds": t_first - t0, "decode_seconds": decode_s,
+            "decode_tok_s": (len(new) - 1) / decode_s if len(new) > 1 and decode_s > 0 else None}
+
+
+class _TextStream:
+    """Decode tokens to ``stream`` as they come, holding back a token that ends mid-character."""
+
+    def __init__(self, tokenizer, stream):
+        self.tokenizer, self.stream, self.pending = tokenizer, stream, []
+
+    def __call__(self, tok: int) -> None:
+        self.pending.append(tok)
+        piece = self.tokenizer.decode(self.pending, skip_special_tokens=True)
+        if self.stream is not None and not piece.endswith("\ufffd"):
+            self.stream.write(piece)
+            self.stream.flush()
+            self.pending.clear()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.write(self.tokenizer.decode(self.pending, skip_special_tokens=True) + "\n")
+            self.stream.flush()
+
+
+def _result(tokenizer, r: dict, engine: str) -> dict:
+    total = r["prefill_seconds"] + r["decode_seconds"]
+    return {"text": tokenizer.decode(r["tokens"], skip_special_tokens=True), "n_prompt_tokens": r["n_prompt_tokens"],
+            "n_new_tokens": r["n_new_tokens"], "prefill_seconds": r["prefill_seconds"],
+            "decode_seconds": r["decode_seconds"], "decode_tok_s": r["decode_tok_s"],
+            "total_tok_s": r["n_new_tokens"] / total if total > 0 else None, "engine": engine}
+
+
+def generate(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
+    """Generate a continuation with HF ``generate``; stream decoded text to ``stream`` (a file).
+
+    Returns {text, n_prompt_tokens, n_new_tokens, prefill_seconds, decode_seconds, decode_tok_s,
+    total_tok_s, engine}. The first new token's time counts as prefill; decode tok/s covers the rest.
+    """
+    if not prompt:
+        raise TernlmError("empty prompt")
+    enc = tokenizer(prompt, return_tensors="pt")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    text = _TextStream(tokenizer, stream)
+    r = hf_generate(model, enc.input_ids, cfg, pad_token_id=pad, on_token=text,
+                    attention_mask=enc.attention_mask)
+    text.close()
+    return _result(tokenizer, r, "hf")
 
 
 def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
@@ -114,32 +162,13 @@ def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = No
     if not prompt:
         raise TernlmError("empty prompt")
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    ctx = model.config.n_positions
-    if ids.numel() + cfg.max_new_tokens > ctx:
-        raise TernlmError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({cfg.max_new_tokens}) "
-                          f"exceeds the model's context ({ctx})")
+    check_context(model, ids.numel(), cfg.max_new_tokens)
     rt = GPT2Runtime(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
-    pending: list[int] = []  # tokens not yet printed: a token may end mid-character (byte-level BPE)
-
-    def on_token(tok: int) -> None:
-        pending.append(tok)
-        piece = tokenizer.decode(pending, skip_special_tokens=True)
-        if stream is not None and not piece.endswith("\ufffd"):
-            stream.write(piece)
-            stream.flush()
-            pending.clear()
-
+    text = _TextStream(tokenizer, stream)
     r = rt.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=on_token)
-    text = tokenizer.decode(r["tokens"], skip_special_tokens=True)
-    if stream is not None:
-        stream.write(tokenizer.decode(pending, skip_special_tokens=True) + "\n")
-        stream.flush()
-    total = r["prefill_seconds"] + r["decode_seconds"]
-    return {"text": text, "n_prompt_tokens": r["n_prompt_tokens"], "n_new_tokens": r["n_new_tokens"],
-            "prefill_seconds": r["prefill_seconds"], "decode_seconds": r["decode_seconds"],
-            "decode_tok_s": r["decode_tok_s"], "total_tok_s": r["n_new_tokens"] / total if total > 0 else None,
-            "engine": "fast"}
+                    seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=text)
+    text.close()
+    return _result(tokenizer, r, "fast")
 
 
 def _pick_engine(model, cfg: GenerateConfig) -> str:
@@ -147,14 +176,22 @@ def _pick_engine(model, cfg: GenerateConfig) -> str:
     if cfg.engine == "fast" and not gpt2:
         raise TernlmError(f"the fast engine runs GPT-2 models; this is {model.config.model_type!r} (use --engine hf)")
     if cfg.engine == "auto":
-        from ternlm.convert import ternary_linears
+        from ternlm.nn.surgery import ternary_linears
 
         return "fast" if gpt2 and ternary_linears(model) else "hf"
     return cfg.engine
 
 
 def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=sys.stdout) -> dict:
-    model, tok = load_for_generation(model_path, gguf_file)
+    from ternlm.models.loading import load
+
+    if not prompt:
+        raise TernlmError("empty prompt")
+    if cfg.engine == "hf" and cfg.head != "fp32":
+        raise TernlmError("--head applies to the fast engine only")
+    model, tok = load(model_path, gguf_file=gguf_file)
+    if tok is None:
+        raise TernlmError(f"no tokenizer files in {model_path}")
     engine = _pick_engine(model, cfg)
     if engine == "hf" and cfg.head != "fp32":
         raise TernlmError("--head applies to the fast engine only")

@@ -12,7 +12,6 @@ Every number in the report is measured in the run; the full config is saved with
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import statistics
 import time
@@ -23,7 +22,6 @@ import torch
 
 from ternlm.config import QuantConfig, TernaryConfig, config_to_dict, method_config
 from ternlm.errors import TernlmError
-from ternlm.fileio import atomic_write_text
 from ternlm.train.classify import ClassifierTrainConfig
 
 BASELINES = ("int8_absmax", "int8_zeropoint", "llm_int8")
@@ -143,7 +141,7 @@ def _latency(model, tok, test, cfg: PipelineConfig) -> dict:
 
 def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
     from ternlm.eval.classification import evaluate_classifier
-    from ternlm.eval.cost import current_rss_mb, model_bytes
+    from ternlm.eval.cost import current_rss_mb, model_bytes, release_freed_memory
     from ternlm.eval.robustness import robustness_eval
     from ternlm.nn.verify import verify
 
@@ -151,6 +149,7 @@ def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
     ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
     res = evaluate_classifier(model, tok, test.texts, test.labels, progress=cfg.progress, **ev)
     res.update(_describe_variant(model))
+    release_freed_memory()
     res["cost"] = {**_latency(model, tok, test, cfg), "model_bytes_in_memory": model_bytes(model),
                    "rss_mb": current_rss_mb()}
     if name.startswith("ternary"):
@@ -172,7 +171,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ternlm.data.sms import load_sms_spam, split_dataset, subsample
     from ternlm.data.text import load_text
     from ternlm.eval.cost import peak_rss_mb, weight_footprint
-    from ternlm.models.loading import load_classifier, load_tokenizer
+    from ternlm.models.loading import load
     from ternlm.nn.surgery import quantize_model, select_targets
     from ternlm.report import write_report
     from ternlm.train.classify import train_classifier
@@ -183,8 +182,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     seed_everything(cfg.seed)
 
     # ---- model first (fails fast on a bad path), then data
-    tok = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
-    fp = load_classifier(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    if tok is None:
+        raise TernlmError(f"no tokenizer files in {cfg.model}")
     ds = load_sms_spam(cfg.data)
     train, val, test = split_dataset(ds, seed=cfg.seed)
     if cfg.limit_train and cfg.limit_train < len(train):
@@ -294,11 +294,11 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
     from ternlm.data.text import load_text
     from ternlm.eval.generation import generate_samples
     from ternlm.eval.perplexity import perplexity
-    from ternlm.models.loading import load_causal_lm
+    from ternlm.models.loading import load
     from ternlm.nn.surgery import quantize_model
     from ternlm.train.lm import LMTrainConfig, train_lm
 
-    base = load_causal_lm(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    base = load(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init, tokenizer=False).model
     pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
                  progress=cfg.progress)
     ppl, gen = {}, {}
@@ -324,17 +324,3 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
     else:
         ppl["ternary_qat"] = {"skipped": "no LM QAT text given (--lm-qat-text / --lm-qat-steps)"}
     return ppl, gen, lm_hist
-
-
-def save_json(obj, path: Path) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -11,7 +11,7 @@ METRICS = ("accuracy", "precision", "recall", "f1")
 
 def write_report(report: dict, out: Path, weights: dict, layer: str) -> None:
     from ternlm.fileio import atomic_write_text
-    from ternlm.pipeline import save_json
+    from ternlm.fileio import save_json
 
     out.mkdir(parents=True, exist_ok=True)
     report["plots"] = plot_all(report, out, weights, layer)

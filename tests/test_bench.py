@@ -55,7 +55,7 @@ def test_bench_main_accepts_args_like_objects(monkeypatch, tmp_path):
         return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": 1.0, "rows": [],
                 "skipped": []}
 
-    monkeypatch.setattr("ternlm.bench.run_bench", fake)
+    monkeypatch.setattr("ternlm.bench.run.run_bench", fake)
 
     class Args:
         threads = 3

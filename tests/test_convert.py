@@ -131,6 +131,7 @@ _RSS_SCRIPT = r"""
 import gc, json, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from ternlm.convert import convert
+from ternlm.eval.cost import release_freed_memory
 
 def rss_mb():
     for line in open("/proc/self/status"):
@@ -143,7 +144,7 @@ gc.collect()
 before = rss_mb()
 block = sum(p.numel() * 4 for n, p in model.named_parameters() if ".h." in n and n.endswith("weight") and p.dim() == 2)
 convert(model)
-gc.collect()
+release_freed_memory()
 print(json.dumps({"before": before, "after": rss_mb(), "block_mb": block / 2**20}))
 """
 

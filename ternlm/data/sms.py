@@ -190,13 +190,14 @@ def _load_local(path: Path, fmt, text_column, label_column, delimiter) -> SpamDa
 
 
 def _load_hub(source: str, text_column: str | None, label_column: str | None) -> SpamDataset:
+    from ternlm.hub import dataset_kwargs, hub_error
+
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split="train")
+        ds = datasets.load_dataset(source, split="train", **dataset_kwargs())
     except Exception as e:  # network, auth, missing repo: all fixed the same way
-        raise TernlmError(f"could not load {source!r} from the Hugging Face Hub ({type(e).__name__}): "
-                          f"pass a local file such as SMSSpamCollection instead") from None
+        raise hub_error(source, "dataset", e, example="a SMSSpamCollection file") from None
     cols = ds.column_names
     tcol = text_column or next((c for c in ("sms", *_TEXT_COLUMNS) if c in cols), None)
     lcol = label_column or next((c for c in _LABEL_COLUMNS if c in cols), None)

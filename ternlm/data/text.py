@@ -80,13 +80,14 @@ def _pick_text_file(directory: Path, split: str) -> Path:
 
 
 def _load_hub_text(source: str, config: str | None, split: str) -> str:
+    from ternlm.hub import dataset_kwargs, hub_error
+
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, config, split=split)
+        ds = datasets.load_dataset(source, config, split=split, **dataset_kwargs())
     except Exception as e:  # network, auth and unknown-config errors all mean "use a local file"
-        raise TernlmError(f"could not load {source!r} from the Hugging Face Hub ({type(e).__name__}): "
-                          f"pass a local text file or directory instead") from None
+        raise hub_error(source, "text dataset", e) from None
     column = "text" if "text" in ds.column_names else None
     if column is None:
         strings = [n for n, f in ds.features.items() if getattr(f, "dtype", None) == "string"]

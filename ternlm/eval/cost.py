@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import statistics
 import sys
-import time
 from typing import Sequence
 
 import psutil
@@ -56,17 +55,16 @@ def latency_per_message(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    times = []
+    from ternlm.timing import time_calls
+
+    def one_pass():
+        for batch in batches:
+            model(**batch)
+
     with eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             model(**batches[0])
-        sync()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for batch in batches:
-                model(**batch)
-            sync()
-            times.append(time.perf_counter() - t0)
+        times = time_calls(one_pass, warmup=0, min_calls=repeats, sync=sync)
     total_ms = statistics.median(times) * 1e3
     return {
         "ms_per_message": total_ms / len(texts),
@@ -175,15 +173,37 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (it never goes down)."""
+    """Peak resident set size of this process so far, in MiB: the one peak-RSS measure.
+
+    Linux: ``VmHWM`` from /proc/self/status (the kernel's high-water mark of this process image;
+    unlike ``ru_maxrss`` it does not inherit the peak of a parent that forked it). Elsewhere:
+    ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource  # Unix only; imported here so the module still imports elsewhere
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # ru_maxrss is in KiB on Linux but in bytes on macOS.
-    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-    # The kernel's high-water mark lags its per-CPU RSS counters slightly, so it can read a
-    # little below the current RSS; the peak is at least the current value.
-    return max(peak_mb, current_rss_mb())
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS before measuring RSS (glibc keeps them otherwise, so
+    RSS would not show that a model shrank). For callers that measure memory; process-wide."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def current_rss_mb() -> float:

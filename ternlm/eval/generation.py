@@ -8,7 +8,6 @@ import torch
 
 from ternlm.errors import TernlmError
 from ternlm.eval.classification import eval_mode, model_device
-from ternlm.eval.perplexity import model_context_length
 
 
 def generate_samples(
@@ -32,36 +31,28 @@ def generate_samples(
     completion depends only on (prompt, seed) and not on the other prompts. The global RNG state is
     restored afterwards. The completion holds only the new tokens, special tokens dropped.
     """
+    from ternlm.generate import GenerateConfig, hf_generate
+
     if max_new_tokens < 1:
         raise TernlmError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if do_sample and temperature <= 0:
         raise TernlmError(f"temperature must be > 0 when sampling, got {temperature}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_kw = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "pad_token_id": pad}
+    gcfg = model.generation_config if getattr(model, "generation_config", None) is not None else None
     if do_sample:
-        gen_kw["temperature"] = temperature
-        if top_k is not None:
-            gen_kw["top_k"] = top_k
-        if top_p is not None:
-            gen_kw["top_p"] = top_p
+        # None: the model's generation config, else transformers' defaults (top_k=50, top_p=1.0)
+        top_k = top_k if top_k is not None else (getattr(gcfg, "top_k", None) if gcfg is not None else None) or 50
+        top_p = top_p if top_p is not None else (getattr(gcfg, "top_p", None) if gcfg is not None else None) or 1.0
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                         top_k=top_k or 0 if do_sample else 0, top_p=top_p if do_sample else 1.0, seed=seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     device = model_device(model)
-    context = model_context_length(model)
     devices = [device] if device.type == "cuda" else []
     out = []
-    with eval_mode(model), torch.inference_mode(), torch.random.fork_rng(devices=devices):
+    with eval_mode(model), torch.random.fork_rng(devices=devices):
         for prompt in prompts:
             enc = tokenizer(prompt, return_tensors="pt").to(device)
-            n_prompt = enc.input_ids.shape[1]
-            if n_prompt == 0:
-                raise TernlmError("empty prompt: give at least one token of text")
-            if context is not None and n_prompt + max_new_tokens > context:
-                raise TernlmError(
-                    f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                    f"the model context ({context})"
-                )
-            torch.manual_seed(seed)
-            ids = model.generate(**enc, **gen_kw)  # (1, n_prompt + n_new)
-            completion = tokenizer.decode(ids[0, n_prompt:], skip_special_tokens=True)
+            r = hf_generate(model, enc.input_ids, cfg, pad_token_id=pad, attention_mask=enc.attention_mask)
+            completion = tokenizer.decode(r["tokens"], skip_special_tokens=True)
             out.append({"prompt": prompt, "completion": completion})
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -73,8 +74,17 @@ def _resolve(name_or_path, gguf_file: str | None) -> _Source:
 
 
 def _hub_error(src: _Source, e: Exception) -> TernlmError:
-    return TernlmError(f"could not load {src.ref!r} from the Hugging Face Hub (offline?): "
-                       f"use a local directory [{_one_line(e, 120)}]")
+    from ternlm.hub import hub_error
+
+    return hub_error(src.ref, "model", e)
+
+
+def _hub_kwargs(src: _Source) -> dict:
+    if src.local:
+        return {}
+    from ternlm.hub import hub_kwargs
+
+    return hub_kwargs()
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -90,7 +100,7 @@ def _load_config(src: _Source, **overrides):
 
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        return AutoConfig.from_pretrained(src.ref, **kwargs, **overrides)
+        return AutoConfig.from_pretrained(src.ref, **kwargs, **_hub_kwargs(src), **overrides)
     except Exception as e:  # unreadable JSON, unknown model_type, network: all user-fixable
         if not src.local:
             raise _hub_error(src, e) from None
@@ -151,7 +161,8 @@ def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dt
         _check_head(config, task)
         kwargs = {"config": config}
     try:
-        model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw)
+        model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw,
+                                               **_hub_kwargs(src))
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):  # the auto class has no head for this model
             raise TernlmError(f"the model in {src.describe()} has no {task} head in transformers") from None
@@ -198,7 +209,7 @@ def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None):
         raise TernlmError(f"no tokenizer files in {src.ref} (expected tokenizer.json or vocab.json)")
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        tok = AutoTokenizer.from_pretrained(src.ref, **kwargs)
+        tok = AutoTokenizer.from_pretrained(src.ref, **kwargs, **_hub_kwargs(src))
     except Exception as e:
         if not src.local:
             raise _hub_error(src, e) from None
@@ -211,28 +222,22 @@ def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None):
 
 def load_causal_lm(name_or_path: str | Path, *, gguf_file: str | None = None, random_init: bool = False,
                    dtype: torch.dtype = torch.float32):
-    """A causal LM in eval mode from a directory, a GGUF file (dequantized) or a hub id.
+    """``load(name_or_path, task="causal-lm").model``: a causal LM in eval mode, without its tokenizer.
 
     random_init builds the architecture from the config with fresh weights, drawn from torch's
     global RNG, so seed it first for a reproducible model.
     """
-    from transformers import AutoModelForCausalLM
-
-    return _load(AutoModelForCausalLM, name_or_path, task="causal-lm", gguf_file=gguf_file,
-                 random_init=random_init, dtype=dtype, config_overrides={}, new_head_ok=False)
+    return load(name_or_path, gguf_file=gguf_file, random_init=random_init, dtype=dtype, tokenizer=False).model
 
 
 def load_classifier(name_or_path: str | Path, *, num_labels: int = 2, gguf_file: str | None = None,
                     random_init: bool = False, dtype: torch.dtype = torch.float32):
-    """A sequence classifier in eval mode; from an LM checkpoint the backbone loads and the head is new.
-
-    ``config.pad_token_id`` is filled from the eos token when missing (GPT-2), so padded batches work.
+    """``load(name_or_path, task="classification").model``: a sequence classifier in eval mode; from an
+    LM checkpoint the backbone loads and the head is new. ``config.pad_token_id`` is filled from the
+    eos token when missing (GPT-2), so padded batches work.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    return _load(AutoModelForSequenceClassification, name_or_path, task="classification", gguf_file=gguf_file,
-                 random_init=random_init, dtype=dtype, config_overrides={"num_labels": num_labels},
-                 new_head_ok=True)
+    return load(name_or_path, task="classification", num_labels=num_labels, gguf_file=gguf_file,
+                random_init=random_init, dtype=dtype, tokenizer=False).model
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
@@ -250,3 +255,107 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
             tokenizer.save_pretrained(tmp)
 
     return atomic_dir(out_dir, write)
+
+
+# ---------------------------------------------------------------------------------------------
+# The one loader
+
+KINDS = ("ternlm", "ternlm-gguf", "gguf", "hf", "hub")
+TASKS = ("causal-lm", "classification")
+
+
+class Loaded(NamedTuple):
+    """What ``load`` returns; unpacks as ``model, tokenizer = ternlm.load(...)``."""
+
+    model: object
+    tokenizer: object  # None when the source has no tokenizer files
+
+
+def _is_ternlm_gguf(path: Path) -> bool:
+    """A GGUF written by ``ternlm export`` (it carries ternlm's quantization record)."""
+    from ternlm.export.gguf import KEY_RECORD
+
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # bad magic, truncated header
+        raise TernlmError(f"{path} is not a readable GGUF file: {_one_line(e)}") from None
+    return KEY_RECORD in reader.fields
+
+
+def source_kind(name_or_path, gguf_file: str | None = None) -> str:
+    """Which kind of model ``name_or_path`` names (one of ``KINDS``), or a TernlmError.
+
+    ternlm: a packed checkpoint directory; ternlm-gguf: a GGUF file written by ``ternlm export``;
+    gguf: any other GGUF (loaded dequantized); hf: a Hugging Face model directory; hub: a hub id.
+    """
+    from ternlm.checkpoint import QUANT_FILE
+
+    path = Path(str(name_or_path)).expanduser()
+    if path.is_dir() and (path / QUANT_FILE).is_file():
+        return "ternlm"
+    src = _resolve(name_or_path, gguf_file)
+    if src.gguf_file:
+        return "ternlm-gguf" if _is_ternlm_gguf(Path(src.ref) / src.gguf_file) else "gguf"
+    return "hf" if src.local else "hub"
+
+
+def _optional_tokenizer(name_or_path, gguf_file=None):
+    try:
+        return load_tokenizer(name_or_path, gguf_file=gguf_file)
+    except TernlmError:
+        return None  # a bare config directory still loads; callers that need text say so
+
+
+def load(name_or_path: str | Path, *, task: str = "causal-lm", gguf_file: str | None = None,
+         random_init: bool = False, dtype: torch.dtype = torch.float32, num_labels: int = 2,
+         kernel: str = "auto", tokenizer: bool = True) -> Loaded:
+    """Load a model and its tokenizer from anything ternlm reads: the one loader.
+
+    name_or_path: a ternlm packed checkpoint directory (``ternlm quantize``), a GGUF file written
+        by ``ternlm export`` (packed ternary again), any other GGUF file or directory holding one
+        (dequantized), a Hugging Face model directory, or a hub id.
+    task: ``causal-lm`` or ``classification`` (a fresh sequence-classification head on the LM;
+        plain models only).
+    random_init: build the architecture from the config with fresh weights (plain models).
+    kernel: packed layers' kernel, ``auto`` or ``reference`` (packed models).
+    tokenizer: also load the tokenizer (``Loaded.tokenizer`` is None when there is none).
+    """
+    if task not in TASKS:
+        raise TernlmError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    kind = source_kind(name_or_path, gguf_file)
+    if kind in ("ternlm", "ternlm-gguf"):
+        if task != "causal-lm":
+            raise TernlmError(f"{name_or_path} is a packed ternary causal LM; task={task!r} needs a float model "
+                              f"(pass the model it was quantized from)")
+        if random_init:
+            raise TernlmError(f"{name_or_path} is a packed ternary checkpoint; random_init needs a config source")
+        if kind == "ternlm":
+            from ternlm.checkpoint import from_pretrained
+
+            model = from_pretrained(name_or_path, kernel=kernel)
+            return Loaded(model, _optional_tokenizer(name_or_path) if tokenizer else None)
+        from ternlm.export.gguf import from_gguf
+
+        src = _resolve(name_or_path, gguf_file)
+        path = Path(src.ref) / src.gguf_file
+        model = from_gguf(path)
+        if kernel != "auto":
+            from ternlm.nn.surgery import ternary_linears
+
+            for _, m in ternary_linears(model):
+                m.kernel = kernel
+        return Loaded(model, _optional_tokenizer(src.ref, src.gguf_file) if tokenizer else None)
+
+    if task == "causal-lm":
+        from transformers import AutoModelForCausalLM as auto_cls
+
+        extra = dict(config_overrides={}, new_head_ok=False)
+    else:
+        from transformers import AutoModelForSequenceClassification as auto_cls
+
+        extra = dict(config_overrides={"num_labels": num_labels}, new_head_ok=True)
+    model = _load(auto_cls, name_or_path, task=task, gguf_file=gguf_file, random_init=random_init, dtype=dtype,
+                  **extra)
+    return Loaded(model, _optional_tokenizer(name_or_path, gguf_file) if tokenizer else None)

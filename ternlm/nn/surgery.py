@@ -101,3 +101,10 @@ def project_to_ternary_(model: nn.Module) -> None:
     """Project every BitLinear's latent weights onto their ternary values."""
     for m in bit_linears(model):
         m.project_()
+
+
+def ternary_linears(model: nn.Module) -> list:
+    """(name, TernaryLinear) for every packed ternary layer of a converted model."""
+    from ternlm.nn.ternary_linear import TernaryLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]

@@ -42,7 +42,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     from ternlm.data.text import load_text
     from ternlm.models.loading import load_tokenizer, save_model
-    from ternlm.pipeline import save_json
+    from ternlm.fileio import save_json
     from ternlm.train.common import seed_everything
     from ternlm.train.lm import train_lm
 

@@ -249,5 +249,5 @@ def test_hub_failure_suggests_local_file(monkeypatch):
         raise ConnectionError("Couldn't reach 'ucirvine/sms_spam' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(TernlmError, match=r"could not load 'ucirvine/sms_spam' .*local file"):
+    with pytest.raises(TernlmError, match=r"could not load dataset 'ucirvine/sms_spam' .*pass a local path \(e.g. a SMSSpamCollection file\)"):
         load_sms_spam("ucirvine/sms_spam")

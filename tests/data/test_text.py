@@ -64,7 +64,7 @@ def test_hub_joins_text_column(monkeypatch):
 
     calls = []
 
-    def fake(source, config=None, split=None):
+    def fake(source, config=None, split=None, **kw):
         calls.append((source, config, split))
         return datasets.Dataset.from_dict({"text": [" = Title = \n", "", " body \n"]})
 
@@ -81,5 +81,5 @@ def test_hub_failure(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(TernlmError, match="could not load 'wikitext' from the Hugging Face Hub"):
+    with pytest.raises(TernlmError, match=r"could not load text dataset 'wikitext' from the Hugging Face Hub.*: pass a local path instead"):
         load_text("wikitext")

@@ -115,6 +115,15 @@ def test_latency_bad_args(lm, gpt2_tokenizer):
         latency_per_message(lm, gpt2_tokenizer, ["hi"], batch_size=0)
 
 
-def test_rss():
-    current = current_rss_mb()
-    assert 0 < current <= peak_rss_mb()
+def test_peak_rss_sees_a_freed_allocation():
+    """The peak keeps the high-water mark of memory that is no longer resident."""
+    from ternlm.eval.cost import release_freed_memory
+
+    release_freed_memory()
+    now = current_rss_mb()
+    mb = peak_rss_mb() - now + 64  # enough to raise the high-water mark by ~64 MiB
+    x = torch.ones(int(mb * 2**20) // 4)  # ones: every page touched
+    del x
+    release_freed_memory()
+    assert 0 < current_rss_mb() < peak_rss_mb()
+    assert peak_rss_mb() > now + 0.9 * mb

