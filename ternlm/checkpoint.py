@@ -68,7 +68,7 @@ def quantization_record(model: nn.Module) -> dict:
 
 def check_record(rec, where: str) -> dict:
     """Validate a quantization record read from a file; returns it."""
-    from ternlm.quant.pack import FORMATS
+    from ternlm.config import ACT_BITS, FORMATS, GRANULARITIES
 
     if not isinstance(rec, dict):
         raise TernlmError(f"{where}: the quantization record is not a JSON object")
@@ -80,9 +80,9 @@ def check_record(rec, where: str) -> dict:
         raise TernlmError(f"{where}: unsupported quantization method {rec.get('method')!r}")
     if rec.get("fmt") not in FORMATS:
         raise TernlmError(f"{where}: unknown packed format {rec.get('fmt')!r}")
-    if rec.get("act_bits") not in (None, 8, 4):
+    if rec.get("act_bits") not in ACT_BITS:
         raise TernlmError(f"{where}: bad act_bits {rec.get('act_bits')!r}")
-    if rec.get("granularity") not in ("per_tensor", "per_channel", "per_group") \
+    if rec.get("granularity") not in GRANULARITIES \
             or not isinstance(rec.get("group_size"), int) or rec["group_size"] < 1:
         raise TernlmError(f"{where}: bad granularity/group_size {rec.get('granularity')!r}/{rec.get('group_size')!r}")
     targets = rec.get("targets")
@@ -229,7 +229,7 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_dtype: str = "fp32") -> Path:
@@ -241,12 +241,12 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
     """
     from safetensors.torch import save_file
 
-    if float_dtype not in FLOAT_DTYPES:
-        raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+    if float_dtype not in TORCH_DTYPES:
+        raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     rec = quantization_record(model)
     state = _state_to_save(model)
     targets = tuple(t + "." for t in rec["targets"])
-    want = FLOAT_DTYPES[float_dtype]
+    want = TORCH_DTYPES[float_dtype]
     for k, v in state.items():
         if v.is_floating_point() and not k.startswith(targets) and v.dtype != want:
             state[k] = v.to(want)
@@ -336,27 +336,6 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
             raise TernlmError(f"cannot read {d / 'generation_config.json'}: {type(e).__name__}") from None
     apply_record(model, rec)
     return model
-
-
-def quantize_pretrained(name_or_path: str | Path, out_dir: str | Path,
-                        config: TernaryConfig | QuantConfig | None = None, fmt: str = "2bit", *,
-                        act_bits: int | None | str = "config", random_init: bool = False,
-                        gguf_file: str | None = None, float_dtype: str = "fp32") -> Path:
-    """Load a causal LM (directory, GGUF or hub id), convert it to packed ternary and save it.
-
-    ``act_bits`` as in ``convert`` (default: the config's). The tokenizer is saved beside the
-    weights when the source has one.
-    """
-    from ternlm.convert import convert
-    from ternlm.models.loading import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(name_or_path, gguf_file=gguf_file, random_init=random_init)
-    try:
-        tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file)
-    except TernlmError:
-        tokenizer = None  # a bare config directory: the checkpoint is still usable with any tokenizer
-    convert(model, config, fmt=fmt, act_bits=act_bits)
-    return save_pretrained(model, tokenizer, out_dir, float_dtype=float_dtype)
 
 
 def checkpoint_summary(directory: str | Path) -> str:

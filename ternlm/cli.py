@@ -7,23 +7,51 @@ TERNLM_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 
-def _add_ternary_args(p: argparse.ArgumentParser) -> None:
+def _defaults(cls) -> dict:
+    """A config dataclass's defaults by field name: the CLI's defaults are the library's."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _act_bits(v: str):
+    """--act-bits: 8 or 4 (per-token integer activations) or 16 (float, stored as None)."""
+    if v not in ("16", "8", "4"):
+        raise argparse.ArgumentTypeError(f"invalid choice {v!r} (choose from 16, 8, 4)")
+    return None if v == "16" else int(v)
+
+
+def _act_help(default) -> str:
+    return (f"activations: 8 = per-token int8 (W1.58A8), 4 = int4 (W1.58A4), 16 = float (W1.58A16) "
+            f"(default: {16 if default is None else default})")
+
+
+def _add_ternary_args(p: argparse.ArgumentParser, qat: bool = True) -> None:
+    from ternlm.config import GRANULARITIES, SCALE_MODES, TernaryConfig
+
+    d = _defaults(TernaryConfig)
     g = p.add_argument_group("ternary quantization")
-    g.add_argument("--granularity", default="per_tensor", choices=["per_tensor", "per_channel", "per_group"],
-                   help="one scale per tensor (BitNet), per output channel, or per group (default: per_tensor)")
-    g.add_argument("--group-size", type=int, default=128, help="weights per scale with per_group (default: 128)")
-    g.add_argument("--scale-mode", default="absmean", choices=["absmean", "fit"],
-                   help="absmean = BitNet gamma; fit = least-squares scale for the chosen codes")
-    g.add_argument("--act-bits", type=int, default=None, choices=[8, 4],
-                   help="quantize activations per token (W1.58A8 / W1.58A4); default float (A16)")
-    g.add_argument("--lambda-warmup", type=int, default=0,
-                   help="QAT: blend fp -> ternary weights over this many steps (default: 0)")
-    g.add_argument("--project-after-step", action="store_true",
-                   help="QAT: project latent weights to ternary after every optimizer step")
+    g.add_argument("--granularity", default=d["granularity"], choices=GRANULARITIES,
+                   help=f"one scale per tensor (BitNet), per output channel, or per group (default: {d['granularity']})")
+    g.add_argument("--group-size", type=int, default=d["group_size"],
+                   help=f"weights per scale with per_group (default: {d['group_size']})")
+    g.add_argument("--scale-mode", default=d["scale_mode"], choices=SCALE_MODES,
+                   help=f"absmean = BitNet gamma; fit = least-squares scale for the chosen codes (default: {d['scale_mode']})")
+    g.add_argument("--act-bits", type=_act_bits, default=d["act_bits"], metavar="{16,8,4}", help=_act_help(d["act_bits"]))
+    if qat:
+        g.add_argument("--lambda-warmup", type=int, default=d["lambda_warmup_steps"],
+                       help=f"QAT: blend fp -> ternary weights over this many steps (default: {d['lambda_warmup_steps']})")
+        g.add_argument("--project-after-step", action="store_true",
+                       help="QAT: project latent weights to ternary after every optimizer step")
 
 
 def _ternary_config(a):
@@ -55,12 +83,14 @@ def cmd_verify(a) -> int:
     import json
 
     from ternlm.config import QuantConfig
-    from ternlm.models.loading import load_causal_lm
+    from ternlm.fileio import atomic_write_text, check_output_file
+    from ternlm.models.loading import load
     from ternlm.nn.surgery import quantize_model
     from ternlm.nn.verify import verify
-    from ternlm.fileio import atomic_write_text
 
-    model = load_causal_lm(a.model, gguf_file=a.gguf_file, random_init=a.random_init)
+    if a.json:
+        check_output_file(a.json)
+    model = load(a.model, gguf_file=a.gguf_file, random_init=a.random_init, tokenizer=False).model
     if a.quantize:
         quantize_model(model, QuantConfig(weights=_ternary_config(a), include=tuple(a.include or ()),
                                           exclude=tuple(a.exclude or ())))
@@ -74,7 +104,6 @@ def cmd_verify(a) -> int:
 
 
 def cmd_pretrain(a) -> int:
-    from ternlm.train.lm import LMTrainConfig
     from ternlm.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(config=a.config, texts=tuple(a.text), out=a.out, n_layer=a.n_layer, n_embd=a.n_embd,
@@ -105,27 +134,38 @@ def cmd_generate(a) -> int:
 
 
 def cmd_quantize(a) -> int:
-    from ternlm.checkpoint import quantize_pretrained
-    from ternlm.config import QuantConfig, TernaryConfig
-
-    act = None if a.act_bits == 16 else a.act_bits
-    tcfg = TernaryConfig(granularity=a.granularity, group_size=a.group_size, scale_mode=a.scale_mode, act_bits=act)
-    qc = QuantConfig(weights=tcfg, include=tuple(a.include or ()), exclude=tuple(a.exclude or ()))
-    out = quantize_pretrained(a.model, a.out, qc, a.format, gguf_file=a.gguf_file, random_init=a.random_init,
-                              float_dtype=a.float_dtype)
     from ternlm.checkpoint import checkpoint_summary
+    from ternlm.quantization import QuantizeConfig, quantize
 
+    cfg = QuantizeConfig(method=a.method, fmt=a.format, act_bits=a.act_bits, granularity=a.granularity,
+                         group_size=a.group_size, scale_mode=a.scale_mode, float_dtype=a.float_dtype,
+                         include=tuple(a.include or ()), exclude=tuple(a.exclude or ()))
+    out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init)
     print(checkpoint_summary(out))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from ternlm.eval.perplexity import EvalConfig, evaluate
+
+    res = evaluate(a.model, a.text, EvalConfig(window=a.window, stride=a.stride, max_windows=a.max_windows,
+                                               text_config=a.text_config, split=a.split, batch_size=a.batch_size),
+                   gguf_file=a.gguf_file, json_out=a.json, progress=not a.quiet)
+    print(f"perplexity {res['perplexity']:.3f} (nll {res['nll']:.4f} nats/token) over {res['n_tokens']:,} tokens "
+          f"in {res['n_windows']} windows of {res['max_length']} (stride {res['stride']}); {res['seconds']:.1f} s"
+          + (f"; wrote {a.json}" if a.json else ""))
     return 0
 
 
 def cmd_export(a) -> int:
     from ternlm.export.gguf import export_gguf
+    from ternlm.fileio import check_output_file
 
     if a.format != "gguf":
         from ternlm.errors import TernlmError
 
         raise TernlmError(f"unknown export format {a.format!r}; only gguf is supported")
+    check_output_file(a.out)
     out = export_gguf(a.model, a.out, a.type, head_dtype=a.head_dtype)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type.upper()} ternary layers, "
           f"{a.head_dtype} embeddings/head)")
@@ -140,44 +180,59 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ternlm.config import FLOAT_DTYPES, FORMATS, HEADS
+    from ternlm.eval.perplexity import EvalConfig
+    from ternlm.generate import ENGINES, GenerateConfig
+    from ternlm.pipeline import PipelineConfig
+    from ternlm.quantization import METHODS, QuantizeConfig
+    from ternlm.train.pretrain import PretrainConfig
+
     p = _Parser(prog="ternlm", description="1.58-bit ternary language models.")
     p.add_argument("--version", action="version", version=f"ternlm {__import__('ternlm').__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=_Parser)
 
     # pipeline
+    d = _defaults(PipelineConfig)
     q = sub.add_parser("pipeline", help="fp32 vs ternary PTQ vs ternary QAT vs int8 baselines on SMS spam",
                        description="Fine-tune, quantize, QAT-recover and compare; writes report.json, report.md and plots.")
-    q.add_argument("--model", default="gpt2", help="hub id or local directory (default: gpt2)")
+    q.add_argument("--model", default=d["model"], help=f"hub id or local directory (default: {d['model']})")
     q.add_argument("--gguf-file", default=None, help="GGUF file inside --model dir to load (dequantized)")
     q.add_argument("--random-init", action="store_true", help="build the model from its config with random weights")
-    q.add_argument("--data", default="ucirvine/sms_spam",
-                   help="SMS spam: hub id or local TSV (label<TAB>text) / CSV (default: ucirvine/sms_spam)")
-    q.add_argument("--text", default="wikitext", help="perplexity text: hub id or local file/dir (default: wikitext)")
-    q.add_argument("--text-config", default="wikitext-2-raw-v1")
-    q.add_argument("--text-split", default="test")
-    q.add_argument("--out", default="runs/pipeline", help="output directory (default: runs/pipeline)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--max-length", type=int, default=64, help="tokens per message (default: 64)")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--epochs", type=float, default=1.0, help="fp32 fine-tuning epochs (default: 1)")
-    q.add_argument("--lr", type=float, default=5e-5, help="fp32 fine-tuning learning rate (default: 5e-5)")
-    q.add_argument("--qat-epochs", type=float, default=2.0, help="QAT epochs (default: 2)")
-    q.add_argument("--qat-lr", type=float, default=3e-4, help="QAT learning rate (default: 3e-4)")
-    q.add_argument("--qat-seeds", type=int, default=1, help="QAT runs with seeds seed, seed+1, ... (default: 1)")
-    q.add_argument("--limit-train", type=int, default=None, help="stratified subsample of the training split")
-    q.add_argument("--limit-test", type=int, default=None, help="stratified subsample of the test split")
-    q.add_argument("--eval-batch-size", type=int, default=32)
-    q.add_argument("--ppl-max-length", type=int, default=256, help="perplexity window (default: 256)")
-    q.add_argument("--ppl-stride", type=int, default=256, help="perplexity stride (default: 256)")
-    q.add_argument("--ppl-windows", type=int, default=40, help="max perplexity windows (default: 40)")
-    q.add_argument("--lm-qat-text", default=None, help="training text for LM QAT (omit to skip LM QAT)")
-    q.add_argument("--lm-qat-steps", type=int, default=0, help="LM QAT steps (default: 0)")
-    q.add_argument("--latency-messages", type=int, default=64)
+    q.add_argument("--data", default=d["data"],
+                   help=f"SMS spam: hub id or local TSV (label<TAB>text) / CSV (default: {d['data']})")
+    q.add_argument("--text", default=d["text"], help=f"perplexity text: hub id or local file/dir (default: {d['text']})")
+    q.add_argument("--text-config", default=d["text_config"])
+    q.add_argument("--text-split", default=d["text_split"])
+    q.add_argument("--out", default=d["out"], help=f"output directory (default: {d['out']})")
+    q.add_argument("--seed", type=int, default=d["seed"])
+    q.add_argument("--max-length", type=int, default=d["max_length"],
+                   help=f"tokens per message (default: {d['max_length']})")
+    q.add_argument("--batch-size", type=int, default=d["batch_size"])
+    q.add_argument("--epochs", type=float, default=d["epochs"], help=f"fp32 fine-tuning epochs (default: {d['epochs']})")
+    q.add_argument("--lr", type=float, default=d["lr"], help=f"fp32 fine-tuning learning rate (default: {d['lr']})")
+    q.add_argument("--qat-epochs", type=float, default=d["qat_epochs"], help=f"QAT epochs (default: {d['qat_epochs']})")
+    q.add_argument("--qat-lr", type=float, default=d["qat_lr"], help=f"QAT learning rate (default: {d['qat_lr']})")
+    q.add_argument("--qat-seeds", type=int, default=d["qat_seeds"],
+                   help=f"QAT runs with seeds seed, seed+1, ... (default: {d['qat_seeds']})")
+    q.add_argument("--limit-train", type=int, default=d["limit_train"], help="stratified subsample of the training split")
+    q.add_argument("--limit-test", type=int, default=d["limit_test"], help="stratified subsample of the test split")
+    q.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
+    q.add_argument("--ppl-max-length", type=int, default=d["ppl_max_length"],
+                   help=f"perplexity window (default: {d['ppl_max_length']})")
+    q.add_argument("--ppl-stride", type=int, default=d["ppl_stride"], help=f"perplexity stride (default: {d['ppl_stride']})")
+    q.add_argument("--ppl-windows", type=int, default=d["ppl_windows"],
+                   help=f"max perplexity windows (default: {d['ppl_windows']})")
+    q.add_argument("--lm-qat-text", default=d["lm_qat_text"], help="training text for LM QAT (omit to skip LM QAT)")
+    q.add_argument("--lm-qat-steps", type=int, default=d["lm_qat_steps"],
+                   help=f"LM QAT steps (default: {d['lm_qat_steps']})")
+    q.add_argument("--latency-messages", type=int, default=d["latency_messages"])
     q.add_argument("--no-robustness", action="store_true", help="skip the perturbed-input evaluation")
-    q.add_argument("--robustness-limit", type=int, default=400, help="test messages used for robustness")
-    q.add_argument("--gen-tokens", type=int, default=30, help="tokens per generation sample")
-    q.add_argument("--baselines", default="int8_absmax,int8_zeropoint,llm_int8",
-                   help="comma-separated int8 baselines to run (default: all three)")
+    q.add_argument("--robustness-limit", type=int, default=d["robustness_limit"],
+                   help=f"test messages used for robustness (default: {d['robustness_limit']})")
+    q.add_argument("--gen-tokens", type=int, default=d["gen_tokens"],
+                   help=f"tokens per generation sample (default: {d['gen_tokens']})")
+    q.add_argument("--baselines", default=",".join(d["baselines"]),
+                   help=f"comma-separated int8 baselines to run (default: {','.join(d['baselines'])})")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     _add_ternary_args(q)
     q.set_defaults(fn=cmd_pipeline)
@@ -186,85 +241,113 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="report how ternary a model's linear layers are",
                        description="Per layer: share of weights in {-1,0,+1}*scale, zeros, scales, bits per weight. "
                                    "Exit status 1 if a layer that should be ternary is not.")
-    v.add_argument("model", help="hub id or local directory")
+    v.add_argument("model", help="ternlm checkpoint, GGUF file, model directory or hub id")
     v.add_argument("--gguf-file", default=None)
     v.add_argument("--random-init", action="store_true")
     v.add_argument("--quantize", action="store_true", help="apply ternary PTQ before verifying")
     v.add_argument("--include", nargs="*", help="fnmatch patterns of module names to quantize")
     v.add_argument("--exclude", nargs="*", help="fnmatch patterns of module names to keep")
     v.add_argument("--json", default=None, help="also write the report as JSON")
-    _add_ternary_args(v)
-    v.set_defaults(fn=cmd_verify)
+    _add_ternary_args(v, qat=False)
+    v.set_defaults(fn=cmd_verify, lambda_warmup=0, project_after_step=False)
 
     # pretrain
+    d = _defaults(PretrainConfig)
+    dt = d["train"]
     t = sub.add_parser("pretrain", help="pre-train a small GPT-2-architecture LM on local text",
                        description="Train a GPT-2-architecture LM from scratch and save it as a HF directory.")
-    t.add_argument("--config", default="gpt2", help="config + tokenizer source (hub id or dir; default: gpt2)")
+    t.add_argument("--config", default=d["config"],
+                   help=f"config + tokenizer source (hub id or dir; default: {d['config']})")
     t.add_argument("--text", action="append", required=True, help="training text file/dir/hub id (repeatable)")
-    t.add_argument("--out", default="runs/gpt2-mini")
-    t.add_argument("--n-layer", type=int, default=4)
-    t.add_argument("--n-embd", type=int, default=256)
-    t.add_argument("--n-head", type=int, default=4)
-    t.add_argument("--n-positions", type=int, default=256)
-    t.add_argument("--steps", type=int, default=400)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--block-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=d["out"])
+    t.add_argument("--n-layer", type=int, default=d["n_layer"])
+    t.add_argument("--n-embd", type=int, default=d["n_embd"])
+    t.add_argument("--n-head", type=int, default=d["n_head"])
+    t.add_argument("--n-positions", type=int, default=d["n_positions"])
+    t.add_argument("--steps", type=int, default=dt.steps)
+    t.add_argument("--batch-size", type=int, default=dt.batch_size)
+    t.add_argument("--block-size", type=int, default=dt.block_size)
+    t.add_argument("--lr", type=float, default=dt.lr)
+    t.add_argument("--warmup", type=int, default=dt.warmup_steps)
+    t.add_argument("--seed", type=int, default=dt.seed)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(fn=cmd_pretrain)
 
     # generate
+    d = _defaults(GenerateConfig)
     g = sub.add_parser("generate", help="stream a continuation and report tokens/s",
                        description="Generate text (KV cache on) from a ternlm checkpoint or any causal LM.")
-    g.add_argument("--model", required=True, help="ternlm checkpoint dir, HF model dir or hub id")
+    g.add_argument("--model", required=True, help="ternlm checkpoint, GGUF file, model directory or hub id")
     g.add_argument("--prompt", required=True)
     g.add_argument("--gguf-file", default=None)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--engine", default="auto", choices=["auto", "hf", "fast"],
-                   help="fast = ternlm's lean GPT-2 decode loop (static KV cache, packed kernels); hf = "
+    g.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    g.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
+    g.add_argument("--top-p", type=float, default=d["top_p"], help="1 = off")
+    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--engine", default=d["engine"], choices=ENGINES,
+                   help="fast = ternlm's lean decode loop (static KV cache, packed kernels); hf = "
                         "transformers generate; auto = fast for GPT-2 ternlm checkpoints, else hf")
-    g.add_argument("--head", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
-                   help="fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel (default: fp32)")
+    g.add_argument("--head", default=d["head"], choices=HEADS,
+                   help=f"fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel (default: {d['head']})")
     g.set_defaults(fn=cmd_generate)
 
     # quantize
+    d = _defaults(QuantizeConfig)
     z = sub.add_parser("quantize", help="post-training quantize a HF causal LM to packed ternary and save it",
                        description="Load a causal LM (hub id, local dir, GGUF), replace its block linear layers by "
                                    "packed ternary TernaryLinear layers and save a ternlm checkpoint directory.")
-    z.add_argument("model", help="hub id or local directory")
+    z.add_argument("model", help="hub id, local directory or GGUF file")
     z.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
-    z.add_argument("--format", default="2bit", choices=["2bit", "base3"],
-                   help="packed storage: 2 bits/weight or base-3 1.6 bits/weight (default: 2bit)")
-    z.add_argument("--granularity", default="per_tensor", choices=["per_tensor", "per_channel", "per_group"],
-                   help="one scale per tensor (BitNet, default), per output channel, or per group")
-    z.add_argument("--group-size", type=int, default=128, help="weights per scale with per_group (default: 128)")
-    z.add_argument("--scale-mode", default="absmean", choices=["absmean", "fit"])
-    z.add_argument("--act-bits", type=int, default=8, choices=[8, 4, 16],
-                   help="activations: 8 = per-token int8, integer kernel (W1.58A8, default); 4 = int4; "
-                        "16 = float (W1.58A16)")
-    z.add_argument("--float-dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
-                   help="storage of embeddings, LM head and norms in the file (default: fp16)")
+    z.add_argument("--method", default=d["method"], choices=METHODS,
+                   help=f"absmean = BitNet b1.58 round-to-nearest, no data (default: {d['method']})")
+    z.add_argument("--format", default=d["fmt"], choices=FORMATS,
+                   help=f"packed storage: 2 bits/weight or base-3 1.6 bits/weight (default: {d['fmt']})")
+    z.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES,
+                   help=f"storage of embeddings, LM head and norms in the file (default: {d['float_dtype']})")
     z.add_argument("--include", nargs="*", help="fnmatch patterns of module names to quantize")
     z.add_argument("--exclude", nargs="*", help="fnmatch patterns of module names to keep")
     z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
     z.add_argument("--random-init", action="store_true", help="random weights from the model's config")
-    z.set_defaults(fn=cmd_quantize)
+    _add_ternary_args(z, qat=False)
+    z.set_defaults(fn=cmd_quantize, act_bits=d["act_bits"])
+    for action in z._actions:  # quantize's activation default differs from TernaryConfig's: say which
+        if action.dest == "act_bits":
+            action.help = _act_help(d["act_bits"])
+
+    # eval
+    d = _defaults(EvalConfig)
+    e = sub.add_parser("eval", help="perplexity of a model on a text",
+                       description="Perplexity with a fixed protocol (see ternlm/eval/perplexity.py): the text is "
+                                   "tokenized once; windows of --window tokens every --stride tokens; every token "
+                                   "after the first is scored once, with the window's earlier tokens as context.")
+    e.add_argument("model", help="ternlm checkpoint, GGUF file, model directory or hub id")
+    e.add_argument("--text", required=True, help="text file, directory (wiki.{split}.raw) or hub dataset id")
+    e.add_argument("--text-config", default=d["text_config"], help="hub dataset config (default: wikitext-2-raw-v1 "
+                                                                  "for wikitext)")
+    e.add_argument("--split", default=d["split"], help=f"hub split / local wiki.SPLIT.raw (default: {d['split']})")
+    e.add_argument("--window", type=int, default=d["window"], help=f"tokens per window (default: {d['window']})")
+    e.add_argument("--stride", type=int, default=d["stride"],
+                   help=f"tokens between window starts; = window: non-overlapping (default: {d['stride']})")
+    e.add_argument("--max-windows", type=int, default=d["max_windows"],
+                   help="score only the first N windows (default: all)")
+    e.add_argument("--batch-size", type=int, default=d["batch_size"])
+    e.add_argument("--gguf-file", default=None)
+    e.add_argument("--json", default=None, help="also write the result and protocol as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=cmd_eval)
 
     # export
+    from ternlm.export.gguf import HEAD_DTYPES, QTYPES
+
     x = sub.add_parser("export", help="export a ternlm checkpoint to GGUF for llama.cpp",
                        description="Write a ternlm checkpoint as a GGUF file (GPT-2 and Llama architectures) whose "
                                    "ternary layers use llama.cpp's TQ2_0 or TQ1_0 types.")
     x.add_argument("model", help="ternlm checkpoint directory")
     x.add_argument("--format", default="gguf", help="output format (gguf)")
-    x.add_argument("--type", default="tq2_0", choices=["tq2_0", "tq1_0"],
+    x.add_argument("--type", default=QTYPES[0], choices=QTYPES,
                    help="ternary block type: tq2_0 (2.06 bits/weight) or tq1_0 (1.69) (default: tq2_0)")
-    x.add_argument("--head-dtype", default="f16", choices=["f16", "f32", "q8_0"],
+    x.add_argument("--head-dtype", default=HEAD_DTYPES[0], choices=HEAD_DTYPES,
                    help="storage of embeddings / LM head / other 2-D float tensors (default: f16)")
     x.add_argument("-o", "--out", required=True, help="GGUF file to write")
     x.set_defaults(fn=cmd_export)

@@ -25,6 +25,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Refuse, before any work, an output path that cannot become a directory: an existing file, or
+    a location whose nearest existing parent is not a writable directory."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise TernlmError(f"output {out} exists and is not a directory")
+    parent = out if out.exists() else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TernlmError(f"cannot write to {out}: {parent} is not a writable directory")
+    return out
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Refuse, before any work, an output file path that cannot be written (a directory, or an
+    unwritable parent)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise TernlmError(f"output {p} is a directory, not a file")
+    check_output_dir(p.parent)
+    return p
+
+
 def atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp_dir)`` on a fresh directory beside ``out_dir``, then swap it in by rename;
     an existing ``out_dir`` is moved aside (same filesystem, a rename) and removed only after the

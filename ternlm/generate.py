@@ -182,8 +182,10 @@ def _pick_engine(model, cfg: GenerateConfig) -> str:
     return cfg.engine
 
 
-def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=sys.stdout) -> dict:
+def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=None) -> dict:
     from ternlm.models.loading import load
+
+    out = out if out is not None else sys.stdout
 
     if not prompt:
         raise TernlmError("empty prompt")

@@ -166,6 +166,23 @@ def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
     return res
 
 
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Every path and option checked before any model is loaded or trained (one-line errors)."""
+    from ternlm.data.text import check_source
+    from ternlm.fileio import check_output_dir
+    from ternlm.models.loading import source_kind
+
+    check_source(cfg.data, "data file")
+    check_source(cfg.text, "text file")
+    check_source(cfg.lm_qat_text, "LM QAT text file")
+    if bool(cfg.lm_qat_text) != bool(cfg.lm_qat_steps):
+        raise TernlmError("--lm-qat-text and --lm-qat-steps go together (give both, or neither)")
+    check_output_dir(cfg.out)
+    kind = source_kind(cfg.model, cfg.gguf_file)
+    if kind in ("ternlm", "ternlm-gguf"):
+        raise TernlmError(f"{cfg.model} is a packed ternary model; the pipeline starts from a float model")
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every step, write report.json / report.md / plots into ``cfg.out``; return the report."""
     from ternlm.data.sms import load_sms_spam, split_dataset, subsample
@@ -178,13 +195,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ternlm.train.common import seed_everything
 
     t_start = time.perf_counter()
+    check_inputs(cfg)
     out = Path(cfg.out)  # created only when the report is written
     seed_everything(cfg.seed)
 
-    # ---- model first (fails fast on a bad path), then data
-    fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
-    if tok is None:
-        raise TernlmError(f"no tokenizer files in {cfg.model}")
+    # ---- data first (seconds; a malformed file fails before any model loads), then the model
     ds = load_sms_spam(cfg.data)
     train, val, test = split_dataset(ds, seed=cfg.seed)
     if cfg.limit_train and cfg.limit_train < len(train):
@@ -192,6 +207,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if cfg.limit_test and cfg.limit_test < len(test):
         test = subsample(test, cfg.limit_test, seed=cfg.seed)
     text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
+    fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+    if tok is None:
+        raise TernlmError(f"no tokenizer files in {cfg.model}")
     _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped); "
               f"train {len(train)} / val {len(val)} / test {len(test)}")
     targets = select_targets(fp, QuantConfig(weights=cfg.ternary))

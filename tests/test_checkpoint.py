@@ -6,7 +6,7 @@ from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ternlm import checkpoint
-from ternlm.checkpoint import QUANT_FILE, WEIGHTS_FILE, from_pretrained, quantize_pretrained, save_pretrained
+from ternlm.checkpoint import QUANT_FILE, WEIGHTS_FILE, from_pretrained, save_pretrained
 from ternlm.config import TernaryConfig
 from ternlm.convert import convert, ternary_linears
 from ternlm.errors import TernlmError
@@ -109,14 +109,21 @@ def test_save_replaces_an_existing_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_quantize_pretrained_from_a_plain_hf_directory(tmp_path, gpt2_tokenizer):
+def test_quantize_from_a_plain_hf_directory(tmp_path, gpt2_tokenizer):
+    from ternlm.quantization import QuantizeConfig, quantize
+
     src = tmp_path / "fp"
     gpt2().save_pretrained(src)
     gpt2_tokenizer.save_pretrained(src)
-    out = quantize_pretrained(src, tmp_path / "q", TernaryConfig(), "2bit")
+    out = quantize(src, tmp_path / "q", QuantizeConfig(fmt="base3", act_bits=None))
     loaded = from_pretrained(out)
     assert len(ternary_linears(loaded)) == 8
+    assert {(m.fmt, m.act_bits) for _, m in ternary_linears(loaded)} == {("base3", None)}
     assert (out / "tokenizer.json").is_file()
+    with pytest.raises(TernlmError, match="is already a packed ternary model"):
+        quantize(out, tmp_path / "q2")
+    with pytest.raises(TernlmError, match="unknown fmt '3bit'; choose one of 2bit, base3"):
+        QuantizeConfig(fmt="3bit")
 
 
 def test_save_refuses_an_unconverted_model(tmp_path):

@@ -13,16 +13,19 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
-def assert_one_line_error(p, needle):
+def assert_one_line_error(p, message):
+    """Exactly one line on stderr, ``ternlm: error: <message>...``, a non-zero exit, nothing else."""
     assert p.returncode != 0
-    err = [l for l in p.stderr.strip().splitlines() if l.startswith("ternlm")]
-    assert err and needle in err[-1], p.stderr
-    assert "Traceback" not in p.stderr and "Traceback" not in p.stdout
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"ternlm: error: {message}"), p.stderr
+    assert "Traceback" not in p.stdout
 
 
 def test_missing_model_dir(tmp_path, sms_path):
-    p = run("pipeline", "--model", str(tmp_path / "nope"), "--data", str(sms_path), "--quiet")
-    assert_one_line_error(p, "error")
+    p = run("pipeline", "--model", str(tmp_path / "nope"), "--data", str(sms_path), "--quiet",
+            "--text", str(sms_path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(p, f"no such file or directory: {tmp_path / 'nope'}")
 
 
 def test_dataset_of_wrong_format(tmp_path, gpt2_tokenizer_dir):
@@ -30,7 +33,7 @@ def test_dataset_of_wrong_format(tmp_path, gpt2_tokenizer_dir):
     bad.write_text("this has no tab\nneither does this\n")
     p = run("pipeline", "--model", str(gpt2_tokenizer_dir), "--random-init", "--data", str(bad), "--quiet",
             "--out", str(tmp_path / "out"))
-    assert_one_line_error(p, "no valid rows")
+    assert_one_line_error(p, f"no valid rows in {bad} (2 malformed")
 
 
 def test_empty_dataset(tmp_path, gpt2_tokenizer_dir):
@@ -38,12 +41,12 @@ def test_empty_dataset(tmp_path, gpt2_tokenizer_dir):
     empty.write_text("")
     p = run("pipeline", "--model", str(gpt2_tokenizer_dir), "--random-init", "--data", str(empty), "--quiet",
             "--out", str(tmp_path / "out"))
-    assert_one_line_error(p, "error")
+    assert_one_line_error(p, f"no valid rows in {empty} (0 malformed")
 
 
 def test_unknown_method():
     p = run("pipeline", "--baselines", "int8_absmax,int3_magic", "--quiet")
-    assert_one_line_error(p, "int3_magic")
+    assert_one_line_error(p, "unknown baseline method 'int3_magic'; choose from int8_absmax, int8_zeropoint, llm_int8")
 
 
 def test_unknown_granularity_is_one_line():
@@ -65,11 +68,58 @@ def test_verify_exit_status(tmp_path, gpt2_tokenizer):
     assert (tmp_path / "v.json").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["pipeline", "--help"], ["verify", "--help"], ["pretrain", "--help"],
-                                  ["quantize", "--help"], ["export", "--help"], ["bench", "--help"],
-                                  ["generate", "--help"]])
-def test_help(args):
-    assert run(*args).returncode == 0
+@pytest.mark.parametrize("command", ["pipeline", "verify", "pretrain", "quantize", "export", "bench", "generate",
+                                     "eval"])
+def test_help(command, capsys):
+    from ternlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: ternlm {command}")
+
+
+def test_cli_defaults_are_the_configs():
+    """Every default the CLI shows comes from the library's config dataclasses."""
+    from ternlm.cli import build_parser
+    from ternlm.config import TernaryConfig
+    from ternlm.eval.perplexity import EvalConfig
+    from ternlm.generate import GenerateConfig
+    from ternlm.pipeline import PipelineConfig
+    from ternlm.quantization import QuantizeConfig
+
+    p = build_parser()
+    a = p.parse_args(["pipeline"])
+    assert (a.epochs, a.qat_lr, a.ppl_windows, a.granularity, a.act_bits) == (
+        PipelineConfig.epochs, PipelineConfig.qat_lr, PipelineConfig.ppl_windows, TernaryConfig.granularity,
+        TernaryConfig.act_bits)
+    a = p.parse_args(["quantize", "m", "-o", "o"])
+    assert (a.format, a.act_bits, a.float_dtype, a.method) == (QuantizeConfig.fmt, QuantizeConfig.act_bits,
+                                                               QuantizeConfig.float_dtype, QuantizeConfig.method)
+    a = p.parse_args(["generate", "--model", "m", "--prompt", "p"])
+    assert (a.max_new_tokens, a.head, a.engine) == (GenerateConfig.max_new_tokens, GenerateConfig.head,
+                                                    GenerateConfig.engine)
+    a = p.parse_args(["eval", "m", "--text", "t"])
+    assert (a.window, a.stride, a.max_windows) == (EvalConfig.window, EvalConfig.stride, EvalConfig.max_windows)
+
+
+def test_pipeline_bad_data_is_one_line_before_any_model_loads(tmp_path):
+    """The new-user case: a real model dir and a missing data file -> one line, exit 2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32)).save_pretrained(tmp_path / "m")
+    p = run("pipeline", "--model", str(tmp_path / "m"), "--data", "/nonexistent.tsv")
+    assert p.returncode == 2
+    assert_one_line_error(p, "no such data file: /nonexistent.tsv")
+
+
+def test_hub_id_offline_fails_fast_with_advice(tmp_path):
+    (tmp_path / "t.txt").write_text("some text to score")
+    p = subprocess.run([sys.executable, "-m", "ternlm.cli", "eval", "gpt2", "--text", str(tmp_path / "t.txt")],
+                       capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                          "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(p, "could not load")
+    assert "pass a local path instead" in p.stderr
 
 
 # ---- quantize -> generate -> export: the inference workflow a user runs
@@ -99,11 +149,12 @@ def cli(capfd, *args):
     return rc, out, err
 
 
-def assert_cli_error(res, needle):
+def assert_cli_error(res, message):
+    """One line on stderr, ``ternlm: error: `` then ``message`` (a prefix of the rest), non-zero exit."""
     rc, out, err = res
     assert rc != 0
     lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("ternlm: error") and needle in lines[-1], err
+    assert len(lines) == 1 and lines[0].startswith(f"ternlm: error: {message}"), err
     assert "Traceback" not in err + out
 
 
@@ -135,16 +186,26 @@ def test_quantize_generate_export(hf_dir, tmp_path, capfd):
 
 
 def test_inference_commands_on_bad_input(hf_dir, tmp_path, capfd):
-    assert_cli_error(cli(capfd, "quantize", tmp_path / "nope", "-o", tmp_path / "o"), "nope")
+    assert_cli_error(cli(capfd, "quantize", tmp_path / "nope", "-o", tmp_path / "o"),
+                     f"no such file or directory: {tmp_path / 'nope'}")
+    (tmp_path / "afile").write_text("x")
+    assert_cli_error(cli(capfd, "quantize", hf_dir, "-o", tmp_path / "afile"),
+                     f"output {tmp_path / 'afile'} exists and is not a directory")
     ck = tmp_path / "ck"
     assert cli(capfd, "quantize", hf_dir, "-o", ck)[0] == 0
     w = ck / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # truncated
-    assert_cli_error(cli(capfd, "generate", "--model", ck, "--prompt", "Hi"), "corrupt or truncated")
-    assert_cli_error(cli(capfd, "export", ck, "-o", tmp_path / "x.gguf"), "corrupt or truncated")
+    assert_cli_error(cli(capfd, "generate", "--model", ck, "--prompt", "Hi"), f"{w} is corrupt or truncated")
+    assert_cli_error(cli(capfd, "export", ck, "-o", tmp_path / "x.gguf"), f"{w} is corrupt or truncated")
     assert not (tmp_path / "x.gguf").exists()
-    assert_cli_error(cli(capfd, "export", hf_dir, "-o", tmp_path / "x.gguf"), "not a ternlm checkpoint")
+    assert_cli_error(cli(capfd, "export", hf_dir, "-o", tmp_path / "x.gguf"), f"{hf_dir} is not a ternlm checkpoint")
     assert_cli_error(cli(capfd, "generate", "--model", hf_dir, "--prompt", "Hi", "--head", "int8", "--engine", "hf"),
-                     "fast engine")
+                     "--head applies to the fast engine only")
+    assert_cli_error(cli(capfd, "eval", hf_dir, "--text", tmp_path / "none.txt"),
+                     f"no such text file: {tmp_path / 'none.txt'}")
+    assert_cli_error(cli(capfd, "eval", hf_dir, "--text", hf_dir / "config.json", "--json", tmp_path),
+                     f"output {tmp_path} is a directory, not a file")
+    assert_cli_error(cli(capfd, "eval", hf_dir, "--text", hf_dir / "config.json", "--window", "64", "--stride", "65"),
+                     "stride (65) > window (64) would skip tokens")
     # and as a real process: one line on stderr, exit status 2, no traceback
-    assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), "corrupt or truncated")
+    assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), f"{w} is corrupt or truncated")

@@ -25,8 +25,14 @@ def test_greedy_matches_hf_and_streams(lm, gpt2_tokenizer):
 
 
 def test_sampling_is_seeded(lm, gpt2_tokenizer):
-    cfg = GenerateConfig(max_new_tokens=6, temperature=1.0, top_k=50, top_p=0.9, seed=3)
-    assert generate(lm, gpt2_tokenizer, "Hello", cfg)["text"] == generate(lm, gpt2_tokenizer, "Hello", cfg)["text"]
+    def sample(seed):
+        cfg = GenerateConfig(max_new_tokens=12, temperature=2.0, top_k=0, top_p=1.0, seed=seed)
+        return generate(lm, gpt2_tokenizer, "Hello", cfg)["text"]
+
+    texts = {seed: sample(seed) for seed in range(4)}
+    assert sample(3) == texts[3]  # the seed decides the sample
+    assert len(set(texts.values())) > 1  # and it really samples: other seeds, other texts
+    assert generate(lm, gpt2_tokenizer, "Hello", GenerateConfig(max_new_tokens=12))["text"] not in texts.values()
 
 
 def test_context_overflow_and_bad_config(lm, gpt2_tokenizer):

@@ -30,6 +30,14 @@ def looks_like_hub_id(source: str) -> bool:
     return _HUB_ID.match(s) is not None
 
 
+def check_source(source, what: str = "file") -> None:
+    """Refuse, before any work, a source that is neither an existing local path nor a hub id."""
+    if source is None or Path(str(source)).expanduser().exists():
+        return
+    if not looks_like_hub_id(str(source)):
+        raise TernlmError(f"no such {what}: {source}")
+
+
 def read_text_file(path: Path, *, legacy_encodings: bool = False) -> str:
     """Decode a file as text with newlines normalized to "\n", refusing binaries with a TernlmError.
 

@@ -1,5 +1,6 @@
-"""Sliding-window perplexity of a causal LM, as in the Hugging Face guide
-(https://huggingface.co/docs/transformers/perplexity).
+"""Perplexity of a causal LM: the one implementation (``ternlm eval``, the pipeline, scripts).
+
+The protocol, as in the Hugging Face guide (https://huggingface.co/docs/transformers/perplexity):
 
 The text is tokenized once. Window k covers tokens ``[k*stride, k*stride + max_length)``; only
 the tokens not already scored by an earlier window are targets, so every token after the first
@@ -15,7 +16,12 @@ Here the per-token negative log-likelihoods are summed directly, so the count is
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +54,7 @@ def _windows(seq_len: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 
 def perplexity(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     tokenizer,
     text: str,
     *,
@@ -65,6 +71,9 @@ def perplexity(
     only the first that many windows (a quick estimate). ``batch_size`` windows run per forward;
     a shorter last window is right-padded and masked, which cannot change causal predictions.
 
+    ``model`` is a Hugging Face causal LM, or any callable ``ids (1, T) -> logits (1, T, V)`` (a
+    decode engine's prefill, say), which is scored one window at a time with the same protocol.
+
     Returns ``{perplexity, nll, n_tokens, n_windows, max_length, stride}`` with nll the mean
     negative log-likelihood per scored token in nats.
     """
@@ -76,7 +85,10 @@ def perplexity(
         raise TernlmError(f"batch_size must be >= 1, got {batch_size}")
     if max_windows is not None and max_windows < 1:
         raise TernlmError(f"max_windows must be >= 1, got {max_windows}")
-    context = model_context_length(model)
+    is_module = isinstance(model, torch.nn.Module)
+    if not is_module:
+        batch_size = 1  # a logits callable takes one unpadded window
+    context = model_context_length(model) if is_module else None
     if context is not None:
         max_length = min(max_length, context)
     stride = min(stride, max_length)
@@ -92,10 +104,10 @@ def perplexity(
     if max_windows is not None:
         windows = windows[:max_windows]
 
-    device = model_device(model)
+    device = model_device(model) if is_module else torch.device("cpu")
     nll_sum, n_scored = 0.0, 0
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    with eval_mode(model), torch.inference_mode():
+    with (eval_mode(model) if is_module else contextlib.nullcontext()), torch.inference_mode():
         for batch in tqdm(batches, desc="perplexity", disable=not progress):
             width = max(end - begin for begin, end, _ in batch)
             input_ids = torch.zeros(len(batch), width, dtype=torch.long)
@@ -106,9 +118,12 @@ def perplexity(
                 input_ids[row, :n] = ids[begin:end]
                 attention_mask[row, :n] = 1
                 labels[row, n - n_targets : n] = ids[end - n_targets : end]
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits  # (B, T, V)
+            if is_module:
+                logits = model(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+                ).logits  # (B, T, V)
+            else:
+                logits = model(input_ids)  # (1, T, V)
             # Position t predicts token t+1, so a target at position 0 has no prediction.
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1).to(device)
@@ -132,3 +147,63 @@ def perplexity(
         "max_length": max_length,
         "stride": stride,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# ``ternlm eval``: a model source and a text source in, the number and its protocol out
+
+
+@dataclass
+class EvalConfig:
+    """window: tokens per forward pass; stride: tokens between window starts (= window:
+    non-overlapping windows, the first token of each unscored); max_windows: score only the first
+    N windows (None: the whole text). text_config / split: for hub datasets and local
+    ``wiki.{split}.raw`` directories."""
+
+    window: int = 512
+    stride: int = 512
+    max_windows: int | None = None
+    batch_size: int = 1
+    text_config: str | None = None
+    split: str = "test"
+
+    def __post_init__(self):
+        if self.window < 2 or self.stride < 1 or self.batch_size < 1:
+            raise TernlmError("window >= 2, stride >= 1 and batch_size >= 1 are required")
+        if self.stride > self.window:
+            raise TernlmError(f"stride ({self.stride}) > window ({self.window}) would skip tokens")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise TernlmError("max_windows must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(model_source, text_source, cfg: EvalConfig | None = None, *, gguf_file: str | None = None,
+             json_out: str | Path | None = None, progress: bool = False) -> dict:
+    """Perplexity of the model at ``model_source`` (anything ``ternlm.load`` reads) on a text.
+
+    Inputs and the JSON destination are checked before the model loads. Returns the perplexity
+    result plus the protocol, the sources and the wall time; ``json_out`` gets the same as JSON.
+    """
+    from ternlm.data.text import check_source, load_text
+    from ternlm.fileio import check_output_file, save_json
+    from ternlm.models.loading import load, source_kind
+
+    cfg = cfg or EvalConfig()
+    check_source(text_source, "text file")
+    if json_out is not None:
+        check_output_file(json_out)
+    kind = source_kind(model_source, gguf_file)
+    text = load_text(text_source, config=cfg.text_config, split=cfg.split)
+    model, tok = load(model_source, gguf_file=gguf_file)
+    if tok is None:
+        raise TernlmError(f"no tokenizer files in {model_source}")
+    t0 = time.perf_counter()
+    res = perplexity(model, tok, text, max_length=cfg.window, stride=cfg.stride, max_windows=cfg.max_windows,
+                     batch_size=cfg.batch_size, progress=progress)
+    res.update(seconds=time.perf_counter() - t0, model=str(model_source), model_kind=kind, text=str(text_source),
+               protocol=cfg.to_dict())
+    if json_out is not None:
+        save_json(res, json_out)
+    return res

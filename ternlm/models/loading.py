@@ -8,83 +8,15 @@ would make every quantization number meaningless.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ternlm.data.text import looks_like_hub_id
 from ternlm.errors import TernlmError
-
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
-                    "spiece.model")
-
-
-@dataclass
-class _Source:
-    """Where a model comes from, after resolving paths and GGUF files."""
-
-    ref: str  # what from_pretrained receives: a local directory or a hub id
-    gguf_file: str | None
-    local: bool
-
-    def describe(self) -> str:
-        return f"{self.ref}/{self.gguf_file}" if self.gguf_file else self.ref
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else ""
-    msg = msg if len(msg) <= limit else msg[: limit - 3] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
-def _has_hf_weights(directory: Path) -> bool:
-    return any((directory / f).is_file() for f in _WEIGHT_FILES) or any(directory.glob("*.safetensors"))
-
-
-def _resolve(name_or_path, gguf_file: str | None) -> _Source:
-    """Turn a path or hub id (+ optional GGUF name) into something from_pretrained accepts."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise TernlmError(f"{path} is a file: pass the model directory (or a .gguf file)")
-        if gguf_file is not None and gguf_file != path.name:
-            raise TernlmError(f"both a GGUF path ({path}) and gguf_file={gguf_file!r} given")
-        return _Source(str(path.parent), path.name, True)
-    if path.is_dir():
-        if gguf_file is not None:
-            if not (path / gguf_file).is_file():
-                raise TernlmError(f"no GGUF file {gguf_file!r} in {path}")
-            return _Source(str(path), gguf_file, True)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        # Prefer transformers-format weights when both exist: they are lossless, a GGUF rarely is.
-        if len(ggufs) == 1 and not (_has_hf_weights(path) and (path / "config.json").is_file()):
-            return _Source(str(path), ggufs[0], True)
-        if not (path / "config.json").is_file():
-            extra = f" and {len(ggufs)} .gguf files: pass gguf_file=" if len(ggufs) > 1 else ""
-            raise TernlmError(f"no config.json in {path} (not a model directory{extra})")
-        return _Source(str(path), None, True)
-    if not looks_like_hub_id(str(name_or_path)):
-        raise TernlmError(f"no such file or directory: {name_or_path}")
-    return _Source(str(name_or_path), gguf_file, False)
-
-
-def _hub_error(src: _Source, e: Exception) -> TernlmError:
-    from ternlm.hub import hub_error
-
-    return hub_error(src.ref, "model", e)
-
-
-def _hub_kwargs(src: _Source) -> dict:
-    if src.local:
-        return {}
-    from ternlm.hub import hub_kwargs
-
-    return hub_kwargs()
+from ternlm.models.sources import (Source, has_hf_weights, hub_load_error, hub_load_kwargs, load_tokenizer, one_line,
+                                   resolve_source)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -95,16 +27,16 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _load_config(src: _Source, **overrides):
+def _load_config(src: Source, **overrides):
     from transformers import AutoConfig
 
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
-        return AutoConfig.from_pretrained(src.ref, **kwargs, **_hub_kwargs(src), **overrides)
+        return AutoConfig.from_pretrained(src.ref, **kwargs, **hub_load_kwargs(src), **overrides)
     except Exception as e:  # unreadable JSON, unknown model_type, network: all user-fixable
         if not src.local:
-            raise _hub_error(src, e) from None
-        raise TernlmError(f"cannot read the model config in {src.describe()}: {_one_line(e)}") from None
+            raise hub_load_error(src, e) from None
+        raise TernlmError(f"cannot read the model config in {src.describe()}: {one_line(e)}") from None
 
 
 def _check_head(config, task: str) -> None:
@@ -125,7 +57,7 @@ def _check_head(config, task: str) -> None:
             raise TernlmError(f"model type {model_type!r} is an encoder (masked LM), not a causal LM")
 
 
-def _pad_token_id(config, src: _Source) -> int | None:
+def _pad_token_id(config, src: Source) -> int | None:
     """The config's eos id (GPT-2's tokenizer pads with eos too), else the tokenizer's pad id."""
     eos = config.eos_token_id
     if isinstance(eos, (list, tuple)):
@@ -140,8 +72,8 @@ def _pad_token_id(config, src: _Source) -> int | None:
 
 def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dtype, config_overrides: dict,
           new_head_ok: bool):
-    src = _resolve(name_or_path, gguf_file)
-    if src.local and src.gguf_file is None and not random_init and not _has_hf_weights(Path(src.ref)):
+    src = resolve_source(name_or_path, gguf_file)
+    if src.local and src.gguf_file is None and not random_init and not has_hf_weights(Path(src.ref)):
         raise TernlmError(f"no weights in {src.ref} (pass random_init=True / --random-init to start from "
                           f"random weights)")
     dtype_kw = _dtype_kwarg(dtype)
@@ -161,8 +93,11 @@ def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dt
         _check_head(config, task)
         kwargs = {"config": config}
     try:
-        model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw,
-                                               **_hub_kwargs(src))
+        # A classifier built from an LM checkpoint gets a fresh head on purpose; transformers' load
+        # report about it is noise. Missing backbone weights are still caught below.
+        with _quiet_transformers(new_head_ok):
+            model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw,
+                                                   **hub_load_kwargs(src))
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):  # the auto class has no head for this model
             raise TernlmError(f"the model in {src.describe()} has no {task} head in transformers") from None
@@ -185,39 +120,34 @@ def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dt
     return _finish(model, task, src)
 
 
-def _load_error(src: _Source, e: Exception) -> TernlmError:
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """transformers logs errors only, while ``quiet``."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(prev)
+
+
+def _load_error(src: Source, e: Exception) -> TernlmError:
     if not src.local:
-        return _hub_error(src, e)
-    return TernlmError(f"cannot load weights from {src.describe()}: {_one_line(e)}")
+        return hub_load_error(src, e)
+    return TernlmError(f"cannot load weights from {src.describe()}: {one_line(e)}")
 
 
-def _finish(model, task: str, src: _Source):
+def _finish(model, task: str, src: Source):
     if task == "classification" and model.config.pad_token_id is None:
         # GPT-2 and Llama classifiers pool the last non-pad token and refuse batches without a pad id;
         # they read config.pad_token_id at forward time, so setting it after loading is enough.
         model.config.pad_token_id = _pad_token_id(model.config, src)
     return model.eval()
-
-
-def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None):
-    """AutoTokenizer from a directory, GGUF file or hub id; pad = eos when the model has no pad token."""
-    from transformers import AutoTokenizer
-
-    src = _resolve(name_or_path, gguf_file)
-    has_files = any((Path(src.ref) / f).is_file() for f in _TOKENIZER_FILES)
-    if src.local and src.gguf_file is None and not has_files:
-        raise TernlmError(f"no tokenizer files in {src.ref} (expected tokenizer.json or vocab.json)")
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    try:
-        tok = AutoTokenizer.from_pretrained(src.ref, **kwargs, **_hub_kwargs(src))
-    except Exception as e:
-        if not src.local:
-            raise _hub_error(src, e) from None
-        raise TernlmError(f"cannot load the tokenizer from {src.describe()}: {_one_line(e)}") from None
-    if tok.pad_token is None and tok.eos_token is not None:
-        # GPT-2 ships without a pad token; padding with eos is the standard choice and is masked out.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_causal_lm(name_or_path: str | Path, *, gguf_file: str | None = None, random_init: bool = False,
@@ -280,7 +210,7 @@ def _is_ternlm_gguf(path: Path) -> bool:
 
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # bad magic, truncated header
-        raise TernlmError(f"{path} is not a readable GGUF file: {_one_line(e)}") from None
+        raise TernlmError(f"{path} is not a readable GGUF file: {one_line(e)}") from None
     return KEY_RECORD in reader.fields
 
 
@@ -295,7 +225,7 @@ def source_kind(name_or_path, gguf_file: str | None = None) -> str:
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir() and (path / QUANT_FILE).is_file():
         return "ternlm"
-    src = _resolve(name_or_path, gguf_file)
+    src = resolve_source(name_or_path, gguf_file)
     if src.gguf_file:
         return "ternlm-gguf" if _is_ternlm_gguf(Path(src.ref) / src.gguf_file) else "gguf"
     return "hf" if src.local else "hub"
@@ -338,7 +268,7 @@ def load(name_or_path: str | Path, *, task: str = "causal-lm", gguf_file: str | 
             return Loaded(model, _optional_tokenizer(name_or_path) if tokenizer else None)
         from ternlm.export.gguf import from_gguf
 
-        src = _resolve(name_or_path, gguf_file)
+        src = resolve_source(name_or_path, gguf_file)
         path = Path(src.ref) / src.gguf_file
         model = from_gguf(path)
         if kernel != "auto":

@@ -16,7 +16,7 @@ from ternlm.config import Int8Config, LLMInt8Config
 from ternlm.errors import TernlmError
 from ternlm.nn.bitlinear import linear_weight_out_in
 from ternlm.quant.int8 import Int8Tensor, dequantize_int8, quantize_int8
-from ternlm.quant.llm_int8 import bitsandbytes_status, llm_int8_linear, quantize_rowwise
+from ternlm.quant.llm_int8 import bitsandbytes_status, llm_int8_linear
 
 
 class Int8Linear(nn.Module):
@@ -73,9 +73,9 @@ class LLMInt8Linear(nn.Module):
             self.bnb = lin
             self.bias = None
         else:
-            q, s = quantize_rowwise(weight_out_in)
-            self.register_buffer("qweight", q)
-            self.register_buffer("row_scale", s)
+            t = quantize_int8(weight_out_in, Int8Config("absmax", "per_channel"))
+            self.register_buffer("qweight", t.q)
+            self.register_buffer("row_scale", t.scale)
             self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ternlm.config import QMAX
 from ternlm.errors import TernlmError
-
-_QMAX = {8: 127.0, 4: 7.0}
+from ternlm.quant.int8 import absmax_quantize
 
 
 def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = 1e-5):
@@ -15,13 +15,9 @@ def quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = 1e-5):
     Returns ``(q, scale)`` with q int8 in [-Qmax, Qmax] and scale float32 of shape (..., 1),
     so that x ~= q * scale.
     """
-    if bits not in _QMAX:
+    if bits not in QMAX:
         raise TernlmError(f"activation bits must be 8 or 4, got {bits}")
-    qmax = _QMAX[bits]
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(eps) / qmax
-    q = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
+    return absmax_quantize(x, QMAX[bits], dim=-1, eps=eps)
 
 
 def fake_quantize_activations(x: torch.Tensor, bits: int = 8, eps: float = 1e-5) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """Classic 8-bit weight quantizers: symmetric absmax and asymmetric zero-point.
 
 Layout as in ``ternary.py``: weights (out, in); per_tensor scale shape (), per_channel (out,).
+``absmax_quantize`` is the one symmetric absmax quantizer: int8 weights (here), LLM.int8()'s
+weights and activations, and per-token int8/int4 activations (``ternlm.quant.activations``) all
+call it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,22 @@ from ternlm.config import Int8Config
 from ternlm.errors import TernlmError
 
 _EPS = 1e-12
+
+
+def absmax_quantize(x: torch.Tensor, qmax: float = 127.0, dim: int | None = -1, eps: float = 127.0 * _EPS):
+    """Symmetric absmax quantization along ``dim`` (None: the whole tensor).
+
+    Returns ``(q, scale)``: q int8 in [-qmax, qmax], scale float32 with ``dim`` kept (a 0-d scale for
+    ``dim=None``), so that x ~= q * scale.
+
+    NOTE on numerics: scale = max(amax, eps) / qmax and q = round(x / scale), in float32, in this
+    order; the compiled activation quantizer reproduces exactly these operations (bitwise tests).
+    """
+    xf = x.detach().float()
+    amax = xf.abs().amax() if dim is None else xf.abs().amax(dim=dim, keepdim=True)
+    scale = amax.clamp_min(eps) / qmax
+    q = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
 
 
 @dataclass
@@ -45,10 +64,8 @@ def quantize_int8(w: torch.Tensor, cfg: Int8Config | None = None) -> Int8Tensor:
         raise TernlmError(f"int8 quantization expects a 2-D weight (out, in), got shape {tuple(w.shape)}")
     wf = w.detach().float()
     if cfg.scheme == "absmax":
-        amax = _reduce(wf.abs(), cfg.granularity, lambda t, d: t.amax(dim=d))
-        scale = (amax / 127.0).clamp_min(_EPS)
-        q = torch.round(wf / _col(scale)).clamp_(-127, 127)
-        return Int8Tensor(q.to(torch.int8), scale, None, "absmax", cfg.granularity)
+        q, scale = absmax_quantize(wf, 127.0, dim=None if cfg.granularity == "per_tensor" else 1)
+        return Int8Tensor(q, scale.reshape(-1) if scale.dim() else scale, None, "absmax", cfg.granularity)
     # Zero-point: map [min, max] (widened to contain 0, so 0 is exact) onto [-128, 127].
     lo = _reduce(wf, cfg.granularity, lambda t, d: t.amin(dim=d)).clamp(max=0)
     hi = _reduce(wf, cfg.granularity, lambda t, d: t.amax(dim=d)).clamp(min=0)

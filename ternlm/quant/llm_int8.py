@@ -1,6 +1,7 @@
 """LLM.int8() (Dettmers et al., 2022) in plain PyTorch, and the bitsandbytes probe.
 
-Weights are stored once, as vector-wise int8 (one absmax scale per output row). At run time the
+Weights are stored once, as vector-wise int8 (one absmax scale per output row, from
+``ternlm.quant.int8``'s one absmax quantizer). At run time the
 input feature columns whose magnitude exceeds ``threshold`` in any token are "outliers": they are
 multiplied in fp16 against the dequantized weight columns, and the rest goes through an int8 x
 int8 -> int32 matmul with per-token and per-row scales. This is the decomposition bitsandbytes'
@@ -13,13 +14,7 @@ import functools
 
 import torch
 
-
-def quantize_rowwise(w: torch.Tensor):
-    """(out, in) float -> (int8 codes, float32 row scales) with w ~= q * scale[:, None]."""
-    wf = w.detach().float()
-    scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+from ternlm.quant.int8 import absmax_quantize
 
 
 def _int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
@@ -41,10 +36,9 @@ def llm_int8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     outliers = (x2.abs() > threshold).any(dim=0)  # (in,)
     n_out = int(outliers.sum())
     x_reg = x2.masked_fill(outliers, 0.0) if n_out else x2
-    x_scale = (x_reg.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # per token
-    xq = torch.round(x_reg / x_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    xq, x_scale = absmax_quantize(x_reg, 127.0, dim=1)  # per token: (M, in) int8, (M, 1)
     acc = _int8_matmul(xq, wq)
-    y = acc.float() * x_scale[:, None] * w_scale[None, :]
+    y = acc.float() * x_scale * w_scale[None, :]
     if n_out:
         # fp16 path for outlier features, against the int8 weight columns dequantized to fp16
         w_cols = (wq[:, outliers].float() * w_scale[:, None]).half()

@@ -3,7 +3,9 @@ import torch
 
 from ternlm.config import LLMInt8Config
 from ternlm.nn.int8_linear import LLMInt8Linear
-from ternlm.quant.llm_int8 import bitsandbytes_status, llm_int8_linear, quantize_rowwise
+from ternlm.config import Int8Config
+from ternlm.quant.int8 import quantize_int8
+from ternlm.quant.llm_int8 import bitsandbytes_status, llm_int8_linear
 
 
 def test_outlier_columns_go_through_fp16():
@@ -11,7 +13,8 @@ def test_outlier_columns_go_through_fp16():
     w = torch.randn(32, 64) * 0.1
     x = torch.randn(8, 64)
     x[:, 5] = 40.0  # one outlier feature
-    q, s = quantize_rowwise(w)
+    t = quantize_int8(w, Int8Config("absmax", "per_channel"))
+    q, s = t.q, t.scale
     y, n = llm_int8_linear(x, q, s, None, threshold=6.0)
     assert n == 1
     ref = x @ w.t()
