@@ -437,6 +437,171 @@ static int a16_run(const Isa* I, int fmt, const float* x, int64_t M, int64_t Kx,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-group scales: one float32 scale per group of g consecutive inputs of a row, G = ceil(K / g)
+// groups, the last one possibly partial; scale (N, G) row-major. Every kernel here works on
+// whole 64-wide vectors, so activations and decoded rows use a GROUPED layout: group gi starts
+// at gi * Kg, Kg = g rounded up to 64, zero-padded (activations) past the group's end. For g a
+// multiple of 64 that is the plain layout. Padding contributes nothing: its activations are 0.
+//
+// NOTE on numerics (W1.58A8), the order ternlm.kernels.reference._linear_a8_groups documents:
+//   y = 0; for gi in 0..G-1: y = y + (float)acc[gi] * scale[n, gi]     (float32, no FMA)
+//   out = y * act_scale (+ bias)
+// acc[gi] is the exact int32 sum of the group, so kernel and reference are bitwise equal.
+
+struct Groups {
+  int64_t g, G, Kg, R;  // group size, groups, grouped stride of one group, grouped row length
+};
+
+static Groups make_groups(int64_t g, int64_t K, int64_t Kx) {
+  Groups gp;
+  gp.g = g;
+  gp.G = cdiv(K, g);
+  gp.Kg = cdiv(g, 64) * 64;
+  gp.R = std::max(Kx, gp.G * gp.Kg);
+  return gp;
+}
+
+// Decode one packed row into the grouped layout (row length gp.R); tmp holds Kx bytes when the
+// layout is not the plain one.
+static void dec_grouped(DecodeFn dec, const uint8_t* w, int64_t Kp, int64_t Kx, const Groups& gp, uint8_t* dst,
+                        int off, uint8_t* tmp) {
+  if (gp.Kg == gp.g) {
+    dec(w, Kp, dst, gp.R, off);
+    return;
+  }
+  dec(w, Kp, tmp, Kx, off);
+  memset(dst, (uint8_t)(1 + off), (size_t)gp.R);
+  for (int64_t gi = 0; gi < gp.G; gi++)
+    memcpy(dst + gi * gp.Kg, tmp + gi * gp.g, (size_t)std::min(gp.g, Kx - gi * gp.g));
+}
+
+struct A8GroupJob {
+  const Isa* I;
+  int fmt;
+  const int8_t* xq;      // (M, R) grouped layout
+  const int32_t* xgsum;  // (M, G) per-group activation sums
+  const float* xscale;   // (M,)
+  int64_t M, N, Kp, Kx, wrow;
+  Groups gp;
+  const uint8_t* w;
+  const float* ws;  // (N, G)
+  const float* bias;
+  float* out;
+};
+
+static inline void a8g_acc(const A8GroupJob& j, int64_t gi, int64_t m0, int64_t n0, int mr, int nr,
+                           const int32_t* t, float* y) {
+  const int64_t G = j.gp.G;
+  for (int m = 0; m < mr; m++) {
+    const int32_t xs = j.xgsum[(m0 + m) * G + gi];
+    for (int r = 0; r < nr; r++) y[m * 4 + r] = y[m * 4 + r] + (float)(t[m * 4 + r] - xs) * j.ws[(n0 + r) * G + gi];
+  }
+}
+
+static inline void a8g_store(const A8GroupJob& j, int64_t m0, int64_t n0, int mr, int nr, const float* y) {
+  for (int m = 0; m < mr; m++) {
+    const float as = j.xscale[m0 + m];
+    float* __restrict o = j.out + (m0 + m) * j.N + n0;
+    for (int r = 0; r < nr; r++) o[r] = j.bias ? y[m * 4 + r] * as + j.bias[n0 + r] : y[m * 4 + r] * as;
+  }
+}
+
+static int a8_group_run(const A8GroupJob& j, int nth) {
+  const Groups& gp = j.gp;
+  const int64_t ntile = cdiv(j.N, 4), R = gp.R;
+  if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M && gp.g % 256 == 0) {
+    // groups of whole 256-weight blocks: the packed rows are read directly, one tile call per group
+    const int64_t bpg = gp.g / 256, nblk = j.Kp / 256;
+    const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
+    parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
+      for (int64_t nt = c * chunk; nt < std::min(ntile, (c + 1) * chunk); nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, j.N - n0);
+        for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
+          const int mr = (int)std::min<int64_t>(4, j.M - m0);
+          float y[16] = {0};
+          for (int64_t gi = 0; gi < gp.G; gi++) {
+            int32_t tmp[16];
+            j.I->p2[mr - 1][nr - 1](j.w + n0 * j.wrow + gi * bpg * 64, j.wrow, j.xq + m0 * R + gi * gp.g, R,
+                                    std::min(bpg, nblk - gi * bpg), tmp);
+            a8g_acc(j, gi, m0, n0, mr, nr, tmp, y);
+          }
+          a8g_store(j, m0, n0, mr, nr, y);
+        }
+      }
+    });
+    return 0;
+  }
+  const DecodeFn dec = j.fmt == FMT_2BIT ? j.I->dec2 : j.I->dec3;
+  int failed = 0;
+  parallel_for(cdiv(ntile, TILES_PER_CHUNK), nth, [&](int64_t c) {
+    const int64_t nt0 = c * TILES_PER_CHUNK, nt1 = std::min(ntile, nt0 + TILES_PER_CHUNK);
+    const int64_t r0 = nt0 * 4, r1 = std::min(j.N, nt1 * 4);
+    uint8_t* buf = (uint8_t*)malloc((size_t)((r1 - r0) * R + j.Kx));
+    if (!buf) {
+      failed = 1;
+      return;
+    }
+    uint8_t* tmpdec = buf + (r1 - r0) * R;
+    for (int64_t r = r0; r < r1; r++) dec_grouped(dec, j.w + r * j.wrow, j.Kp, j.Kx, gp, buf + (r - r0) * R, 0, tmpdec);
+    for (int64_t mb = 0; mb < j.M; mb += TOKENS_PER_BLOCK)
+      for (int64_t nt = nt0; nt < nt1; nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, j.N - n0);
+        for (int64_t m0 = mb; m0 < std::min(j.M, mb + TOKENS_PER_BLOCK); m0 += 4) {
+          const int mr = (int)std::min<int64_t>(4, j.M - m0);
+          float y[16] = {0};
+          for (int64_t gi = 0; gi < gp.G; gi++) {
+            int32_t tmp[16];
+            j.I->u8[mr - 1][nr - 1](buf + (n0 - r0) * R + gi * gp.Kg, R, j.xq + m0 * R + gi * gp.Kg, R,
+                                    gp.Kg / 64, tmp);
+            a8g_acc(j, gi, m0, n0, mr, nr, tmp, y);
+          }
+          a8g_store(j, m0, n0, mr, nr, y);
+        }
+      }
+    free(buf);
+  });
+  return failed;
+}
+
+// W1.58A16 with per-group scales: x (M, R) float32 in the grouped layout.
+static int a16_group_run(const Isa* I, int fmt, const float* x, int64_t M, int64_t Kx, const uint8_t* w, int64_t N,
+                         int64_t Kp, int64_t wrow, const Groups& gp, const float* ws, const float* bias, float* out,
+                         int nth) {
+  const int64_t ntile = cdiv(N, 4), R = gp.R, G = gp.G;
+  const DecodeFn dec = fmt == FMT_2BIT ? I->dec2 : I->dec3;
+  int failed = 0;
+  parallel_for(cdiv(ntile, TILES_PER_CHUNK), nth, [&](int64_t c) {
+    const int64_t nt0 = c * TILES_PER_CHUNK, nt1 = std::min(ntile, nt0 + TILES_PER_CHUNK);
+    const int64_t r0 = nt0 * 4, r1 = std::min(N, nt1 * 4);
+    uint8_t* buf = (uint8_t*)malloc((size_t)((r1 - r0) * R + Kx));
+    if (!buf) {
+      failed = 1;
+      return;
+    }
+    uint8_t* tmpdec = buf + (r1 - r0) * R;
+    for (int64_t r = r0; r < r1; r++) dec_grouped(dec, w + r * wrow, Kp, Kx, gp, buf + (r - r0) * R, -1, tmpdec);
+    for (int64_t mb = 0; mb < M; mb += TOKENS_PER_BLOCK)
+      for (int64_t nt = nt0; nt < nt1; nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, N - n0);
+        for (int64_t m = mb; m < std::min(M, mb + TOKENS_PER_BLOCK); m++) {
+          float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          for (int64_t gi = 0; gi < G; gi++) {
+            float tmp[4];
+            I->fs8[nr - 1](buf + (n0 - r0) * R + gi * gp.Kg, R, x + m * R + gi * gp.Kg, gp.Kg / 64, tmp);
+            for (int r = 0; r < nr; r++) y[r] = y[r] + tmp[r] * ws[(n0 + r) * G + gi];
+          }
+          for (int r = 0; r < nr; r++) out[m * N + n0 + r] = y[r] + (bias ? bias[n0 + r] : 0.0f);
+        }
+      }
+    free(buf);
+  });
+  return failed;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Python bindings
 
 static const Isa* pick_isa(int level) {
@@ -472,6 +637,79 @@ static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 20;
 static int threads_for(int nth, int64_t M, int64_t N, int64_t Kp) {
   const int64_t by_work = (M * N * Kp) / MIN_WORK_PER_EXTRA_THREAD;
   return (int)std::max<int64_t>(1, std::min<int64_t>(nth, by_work));
+}
+
+// Per-group scale arguments: group 0 means per tensor / per row (stride 0 / 1); group g > 0
+// means (N, ceil(K / g)) scales, whose row stride must then be ceil(K / g).
+static int check_groups(int64_t group, int64_t K, int64_t wss) {
+  if (group < 0 || (group > 0 && (K < 1 || wss != cdiv(K, group))) || (group == 0 && wss != 0 && wss != 1)) {
+    PyErr_Format(PyExc_ValueError, "bad scale layout: group=%lld K=%lld stride=%lld", (long long)group, (long long)K,
+                 (long long)wss);
+    return -1;
+  }
+  return 0;
+}
+
+static int linear_a8_grouped(const Isa* I, int fmt, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                             int64_t Kp, const float* ws, int64_t group, const float* bias, float qmax, float* out,
+                             int nth) {
+  const int64_t Kx = x_stride(Kp);
+  const Groups gp = make_groups(group, K, Kx);
+  const int64_t R = gp.R, G = gp.G;
+  const bool plain = gp.Kg == gp.g;
+  int8_t* xq = (int8_t*)malloc((size_t)(M * R) + 64);
+  int8_t* tq = plain ? NULL : (int8_t*)malloc((size_t)(M * Kx) + 64);
+  float* xs = (float*)malloc(sizeof(float) * (size_t)(M + 1));
+  int32_t* xsum = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M + 1));
+  int32_t* xgsum = (int32_t*)malloc(sizeof(int32_t) * (size_t)(M * G + 1));
+  int failed = !xq || (!plain && !tq) || !xs || !xsum || !xgsum;
+  if (!failed) {
+    Py_BEGIN_ALLOW_THREADS
+    parallel_for(M, M * K < 65536 ? 1 : nth, [&](int64_t m) {
+      int8_t* row = xq + m * R;
+      if (plain) {
+        I->quant(x + m * K, K, R, qmax, row, xs + m, xsum + m);
+      } else {
+        int8_t* t = tq + m * Kx;
+        I->quant(x + m * K, K, Kx, qmax, t, xs + m, xsum + m);
+        memset(row, 0, (size_t)R);
+        for (int64_t gi = 0; gi < G; gi++)
+          memcpy(row + gi * gp.Kg, t + gi * gp.g, (size_t)std::min(gp.g, Kx - gi * gp.g));
+      }
+      for (int64_t gi = 0; gi < G; gi++) {
+        int32_t acc = 0;
+        for (int64_t k = gi * gp.Kg; k < (gi + 1) * gp.Kg; k++) acc += row[k];
+        xgsum[m * G + gi] = acc;
+      }
+    });
+    A8GroupJob j = {I, fmt, xq, xgsum, xs, M, N, Kp, Kx, row_bytes(fmt, Kp), gp, w, ws, bias, out};
+    failed = a8_group_run(j, threads_for(nth, M, N, Kp));
+    Py_END_ALLOW_THREADS
+  }
+  free(xq);
+  free(tq);
+  free(xs);
+  free(xsum);
+  free(xgsum);
+  return failed;
+}
+
+static int linear_a16_grouped(const Isa* I, int fmt, const float* x, int64_t M, int64_t K, const uint8_t* w,
+                              int64_t N, int64_t Kp, const float* ws, int64_t group, const float* bias, float* out,
+                              int nth) {
+  const int64_t Kx = x_stride(Kp);
+  const Groups gp = make_groups(group, K, Kx);
+  float* xg = (float*)calloc((size_t)(M * gp.R), sizeof(float));
+  if (!xg) return 1;
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t gi = 0; gi < gp.G; gi++)
+      memcpy(xg + m * gp.R + gi * gp.Kg, x + m * K + gi * gp.g, sizeof(float) * (size_t)std::min(gp.g, K - gi * gp.g));
+  int failed;
+  Py_BEGIN_ALLOW_THREADS
+  failed = a16_group_run(I, fmt, xg, M, Kx, w, N, Kp, row_bytes(fmt, Kp), gp, ws, bias, out, nth);
+  Py_END_ALLOW_THREADS
+  free(xg);
+  return failed;
 }
 
 static PyObject* py_quantize(PyObject*, PyObject* args) {
@@ -516,14 +754,20 @@ static PyObject* py_gemm_acc(PyObject*, PyObject* args) {
 static PyObject* py_linear_a8(PyObject*, PyObject* args) {
   int fmt, level, nth;
   unsigned long long xp, wp, wsp, bp, outp;
-  long long M, K, N, Kp, wss;
+  long long M, K, N, Kp, wss, group;
   float qmax;
-  if (!PyArg_ParseTuple(args, "iiKLLKLLKLKfKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &bp, &qmax,
-                        &outp, &nth))
+  if (!PyArg_ParseTuple(args, "iiKLLKLLKLLKfKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &group, &bp,
+                        &qmax, &outp, &nth))
     return NULL;
   const Isa* I = pick_isa(level);
-  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  if (!I || check_fmt(fmt, K, Kp) || check_groups(group, K, wss)) return NULL;
   nth = resolve_threads(nth);
+  if (group > 0) {
+    if (linear_a8_grouped(I, fmt, (const float*)xp, M, K, (const uint8_t*)wp, N, Kp, (const float*)wsp, group,
+                          (const float*)bp, qmax, (float*)outp, nth))
+      return PyErr_NoMemory();
+    Py_RETURN_NONE;
+  }
   const int64_t Kx = x_stride(Kp);
   int8_t* xq = (int8_t*)malloc((size_t)(M * Kx) + 64);
   float* xs = (float*)malloc(sizeof(float) * (size_t)(M + 1));
@@ -548,12 +792,19 @@ static PyObject* py_linear_a8(PyObject*, PyObject* args) {
 static PyObject* py_linear_a16(PyObject*, PyObject* args) {
   int fmt, level, nth;
   unsigned long long xp, wp, wsp, bp, outp;
-  long long M, K, N, Kp, wss;
-  if (!PyArg_ParseTuple(args, "iiKLLKLLKLKKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &bp, &outp, &nth))
+  long long M, K, N, Kp, wss, group;
+  if (!PyArg_ParseTuple(args, "iiKLLKLLKLLKKi", &fmt, &level, &xp, &M, &K, &wp, &N, &Kp, &wsp, &wss, &group, &bp,
+                        &outp, &nth))
     return NULL;
   const Isa* I = pick_isa(level);
-  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  if (!I || check_fmt(fmt, K, Kp) || check_groups(group, K, wss)) return NULL;
   nth = threads_for(resolve_threads(nth), M, N, Kp);
+  if (group > 0) {
+    if (linear_a16_grouped(I, fmt, (const float*)xp, M, K, (const uint8_t*)wp, N, Kp, (const float*)wsp, group,
+                           (const float*)bp, (float*)outp, nth))
+      return PyErr_NoMemory();
+    Py_RETURN_NONE;
+  }
   const int64_t Kx = x_stride(Kp);
   const float* x = (const float*)xp;
   float* xpad = NULL;
@@ -578,10 +829,11 @@ static PyObject* py_linear_a16(PyObject*, PyObject* args) {
 static PyObject* py_dequantize(PyObject*, PyObject* args) {
   int fmt, level, nth;
   unsigned long long wp, wsp, outp;
-  long long N, Kp, K, wss;
-  if (!PyArg_ParseTuple(args, "iiKLLLKLKi", &fmt, &level, &wp, &N, &Kp, &K, &wsp, &wss, &outp, &nth)) return NULL;
+  long long N, Kp, K, wss, group;
+  if (!PyArg_ParseTuple(args, "iiKLLLKLLKi", &fmt, &level, &wp, &N, &Kp, &K, &wsp, &wss, &group, &outp, &nth))
+    return NULL;
   const Isa* I = pick_isa(level);
-  if (!I || check_fmt(fmt, K, Kp)) return NULL;
+  if (!I || check_fmt(fmt, K, Kp) || check_groups(group, K, wss)) return NULL;
   nth = threads_for(resolve_threads(nth), 1, N, Kp);
   const DecodeFn dec = fmt == FMT_2BIT ? I->dec2 : I->dec3;
   const uint8_t* w = (const uint8_t*)wp;
@@ -598,9 +850,17 @@ static PyObject* py_dequantize(PyObject*, PyObject* args) {
     }
     for (int64_t n = c * rows; n < std::min<int64_t>(N, (c + 1) * rows); n++) {
       dec(w + n * wrow, Kp, buf, Kx, -1);
-      const float s = ws[n * wss];
       const int8_t* __restrict c = (const int8_t*)buf;
       float* __restrict o = out + n * K;
+      if (group > 0) {  // per group: code * scale[n, k / g], the same single multiply
+        const float* __restrict sg = ws + n * wss;
+        for (int64_t k0 = 0, gi = 0; k0 < K; k0 += group, gi++) {
+          const float s = sg[gi];
+          for (int64_t k = k0; k < std::min<int64_t>(K, k0 + group); k++) o[k] = (float)c[k] * s;
+        }
+        continue;
+      }
+      const float s = ws[n * wss];
       for (int64_t k = 0; k < K; k++) o[k] = (float)c[k] * s;
     }
     free(buf);
@@ -630,11 +890,11 @@ static PyMethodDef methods[] = {
     {"gemm_acc", py_gemm_acc, METH_VARARGS,
      "gemm_acc(fmt, level, xq, xsum, M, Kx, w, N, Kp, acc, nthreads): int32 accumulators (M, N)"},
     {"linear_a8", py_linear_a8, METH_VARARGS,
-     "linear_a8(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, bias_or_0, qmax, out, nthreads)"},
+     "linear_a8(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, group, bias_or_0, qmax, out, nthreads)"},
     {"linear_a16", py_linear_a16, METH_VARARGS,
-     "linear_a16(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, bias_or_0, out, nthreads)"},
+     "linear_a16(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, group, bias_or_0, out, nthreads)"},
     {"dequantize", py_dequantize, METH_VARARGS,
-     "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, out, nthreads): float32 (N, K)"},
+     "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, group, out, nthreads): float32 (N, K)"},
     {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
     INT8_GEMV_METHODS
     ATTN_DECODE_METHODS

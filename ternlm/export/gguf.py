@@ -7,7 +7,13 @@ Ternary layers go into llama.cpp's ternary block types, with the codes bit-exact
                           (4 trits/byte) + fp16 d                     54 bytes, 1.69 bits/weight
 
 Each block's ``d`` is ternlm's scale for those weights, rounded to fp16 (so per-tensor,
-per-channel and per-group scales with group_size a multiple of 256 all fit). The trits come from
+per-channel and per-group scales with group_size a multiple of 256 all fit; a partial last group
+simply covers fewer blocks). Other group sizes are refused: a block has exactly one scale. Rows
+must be whole blocks (llama.cpp requires a row length that is a multiple of the block size), so
+ternary layers whose in_features is not a multiple of 256 are refused too, with one line each.
+NOTE: scales that are not fp16-representable make the round trip exact only after fp16
+rounding: import gives back the codes exactly and each scale rounded to fp16, and exporting
+that again gives the same bytes. The trits come from
 ``gguf.quants`` (the reference encoder of the format) applied to the codes themselves: a block of
 codes has absmax 1, so the encoder's rounding reproduces them exactly; ``d`` is then overwritten.
 Everything else (embeddings, norms, biases, the LM head) is written as float: 2-D tensors in
@@ -131,9 +137,10 @@ def _block_scales(m, n_blocks: int, name: str) -> torch.Tensor:
     if m.granularity == "per_channel":
         return s.reshape(out_f, 1).expand(out_f, n_blocks).contiguous()
     if m.group_size % QK:
-        raise TernlmError(f"{name}: per_group scales with group_size {m.group_size} do not fit GGUF's "
-                          f"{QK}-weight blocks (use a multiple of {QK}, per_channel or per_tensor)")
-    return s.repeat_interleave(m.group_size // QK, dim=1).contiguous()
+        raise TernlmError(f"{name}: per_group scales with group_size {m.group_size} do not fit GGUF's ternary "
+                          f"types, which need per_tensor/per_channel scales or groups of {QK} (or a multiple)")
+    # block b of a row lies in group b * 256 // group_size (the last group may cover fewer blocks)
+    return s.repeat_interleave(m.group_size // QK, dim=1)[:, :n_blocks].contiguous()
 
 
 def _fp16_scales(s: torch.Tensor, name: str) -> np.ndarray:
@@ -178,10 +185,17 @@ def _scale_from_blocks(d: torch.Tensor, rec: dict, name: str) -> torch.Tensor:
         if not bool((d == d[:, :1]).all()):
             raise TernlmError(f"{name}: block scales differ within a row, but the file records per_channel scales")
         return d[:, 0].contiguous()
-    per = rec["group_size"] // QK
-    g = d.reshape(d.shape[0], -1, per)
+    gsize = rec["group_size"]
+    if gsize % QK:
+        raise TernlmError(f"{name}: the file records per_group scales with group_size {gsize}, "
+                          f"which GGUF's {QK}-weight blocks cannot hold")
+    per = gsize // QK
+    n_blocks = d.shape[1]
+    groups = -(-n_blocks // per)
+    pad = groups * per - n_blocks  # a partial last group: repeat its last block's scale
+    g = torch.cat([d, d[:, -1:].expand(-1, pad)], 1).reshape(d.shape[0], groups, per)
     if not bool((g == g[..., :1]).all()):
-        raise TernlmError(f"{name}: block scales differ within a group of {rec['group_size']}")
+        raise TernlmError(f"{name}: block scales differ within a group of {gsize}")
     return g[..., 0].contiguous()
 
 
@@ -292,8 +306,8 @@ def _float_tensor(w, gname: str, t: torch.Tensor, head_dtype: str) -> None:
 
 def _ternary_tensor(w, gname: str, module: str, m, heads: int | None, qt) -> None:
     if m.in_features % QK:
-        raise TernlmError(f"{module}: in_features {m.in_features} is not a multiple of {QK}, "
-                          f"which GGUF's ternary types require")
+        raise TernlmError(f"{module}: in_features {m.in_features} is not a multiple of {QK}; GGUF's ternary "
+                          f"types (TQ1_0/TQ2_0) store whole {QK}-weight blocks per row")
     codes = m.ternary().codes  # (out, in) int8
     d = _block_scales(m, m.in_features // QK, module)  # (out, in // 256)
     if heads is not None:

@@ -3,10 +3,24 @@
 Loaded lazily: importing ``ternlm.kernels`` compiles and imports nothing; the C extension
 (``ternlm._C``) is imported on the first kernel call, with one warning if it must fall back.
 
-    from ternlm.kernels import linear_a8, linear_a16, available_levels, use_level, set_num_threads
+    from ternlm.kernels import bind_linear, linear_a8, linear_a16, available_levels, use_level, set_num_threads
+
+``bind_linear`` is the one entry point of the packed ternary kernels (the functional ops and
+``TernaryLinear`` go through it); ``select_backend`` is the one device-dispatch decision.
 """
 
 _LAZY = {
+    "bind_linear": "ternlm.kernels.ops",
+    "BoundLinear": "ternlm.kernels.ops",
+    "bind_int8_linear": "ternlm.kernels.ops",
+    "bind_float_rows": "ternlm.kernels.ops",
+    "select_backend": "ternlm.kernels.ops",
+    "check_group_size": "ternlm.kernels.ops",
+    "attn_decode": "ternlm.kernels.ops",
+    "pad_int8_rows": "ternlm.kernels.ops",
+    "int8_linear": "ternlm.kernels.ops",
+    "float_rows_linear": "ternlm.kernels.ops",
+    "A16_GEMM_MIN_TOKENS": "ternlm.kernels.ops",
     "linear_a8": "ternlm.kernels.ops",
     "linear_a16": "ternlm.kernels.ops",
     "dequantize": "ternlm.kernels.ops",

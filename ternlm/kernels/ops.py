@@ -1,21 +1,34 @@
 """Packed ternary linear ops: compiled kernels with their reference twins, as torch custom ops.
 
-Python API (2-D float activations (M, in_features) -> float32 (M, out_features)):
+The one way in is a BINDING: ``bind_linear`` validates the weight once, keeps (owns) the tensors
+whose pointers it passes, picks the backend once, and returns a callable ``f(x, out=None)`` that
+only checks x (and out) per call. Everything else here -- the functional ops, ``TernaryLinear``,
+the decode runtime -- calls through it, so there is one marshalling site per compiled kernel.
 
-    linear_a8(x, packed, scale, in_features, fmt="2bit", act_bits=8, bias=None, backend="auto")
-    linear_a16(x, packed, scale, in_features, fmt="2bit", bias=None, backend="auto")
-    dequantize(packed, scale, in_features, fmt="2bit", backend="auto")     dense float32 (out, in)
+    f = bind_linear(packed, scale, in_features, fmt="2bit", act_bits=8, bias=None,
+                    group_size=None, backend="auto")
+    f(x (M, in_features), out=None) -> float32 (M, out_features)
+
+    linear_a8(x, packed, scale, in_features, fmt="2bit", act_bits=8, bias=None, backend="auto", group_size=None)
+    linear_a16(x, packed, scale, in_features, fmt="2bit", bias=None, backend="auto", group_size=None)
+    dequantize(packed, scale, in_features, fmt="2bit", backend="auto", group_size=None)  dense float32 (out, in)
     a8_accumulators(q, packed, in_features, fmt="2bit")        exact int32 (M, N), compiled
     quantize_activations(x, act_bits=8)                        compiled twin of the canonical one
+    bind_int8_linear(w, scale, in_features, act_bits=8, bias=None, backend="auto")   int8 rows (LM head)
+    bind_float_rows(w, in_features, backend="auto")            fp32/fp16/bf16 rows
+    attn_decode(qkv, k_cache, v_cache, pos, scale, out=None)   one-token attention over a KV cache
 
-``backend``: ``auto`` runs the compiled kernel when it is available and the scale is per tensor or
-per channel, otherwise the reference; ``native`` insists on the compiled kernel (raises for
-per-group scales, which it does not implement); ``reference`` runs ``ternlm.kernels.reference``.
+Scales: 0-d (per tensor), (out,) (per channel) or (out, ceil(in / group_size)) (per group, the
+last group possibly partial; pass ``group_size``).
+
+``backend``: ``auto`` lets ``select_backend`` decide from the tensors' device (the one dispatch
+decision: CUDA -> Triton, CPU -> compiled kernels, anything else -> reference); ``native``,
+``triton`` and ``reference`` insist on one and raise when it cannot run.
 
 Registered custom ops (``auto`` backend), usable under ``torch.inference_mode`` and
 ``torch.compile``: ``ternlm::w2a8_linear``, ``ternlm::w2a16_linear`` (2-bit) and
 ``ternlm::wb3a8_linear``, ``ternlm::wb3a16_linear`` (base-3), each
-``(x, packed, scale, bias?, in_features, act_bits) / (x, packed, scale, bias?, in_features)``.
+``(x, packed, scale, bias?, in_features, act_bits, group_size?) / (x, packed, scale, bias?, in_features, group_size?)``.
 """
 
 from __future__ import annotations
@@ -24,40 +37,58 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from ternlm.config import ACT_BITS, FORMATS, QMAX
 from ternlm.errors import TernlmError
 from ternlm.kernels import _ext, reference
 from ternlm.quant.pack import packed_row_bytes, padded_in_features
 
 _FMT_ID = {"2bit": 0, "base3": 1}
-_QMAX = {8: 127.0, 4: 7.0}
-BACKENDS = ("auto", "native", "reference")
+assert set(_FMT_ID) == set(FORMATS)
+_QMAX = QMAX  # local alias; the values live in ternlm.config
+BACKENDS = ("auto", "native", "triton", "reference")
 # From this many tokens on, W1.58A16 dequantizes the weight once and calls torch's fp32 GEMM:
 # the decode is amortized and sgemm's register blocking beats add/subtract kernels.
 A16_GEMM_MIN_TOKENS = 16
+# Per-group scales on the fast paths: group sizes that are a multiple of this (32, 64, 128, 256...).
+# The compiled kernels run any such size; Triton needs a multiple of 64 (one tl.dot slice).
+GROUP_MULTIPLE = 32
+TRITON_GROUP_MULTIPLE = 64
+
+
+def check_group_size(group_size: int) -> int:
+    """A per-group size the fast kernels run: a positive multiple of 32; raises TernlmError otherwise."""
+    if not isinstance(group_size, int) or group_size < GROUP_MULTIPLE or group_size % GROUP_MULTIPLE:
+        raise TernlmError(f"per-group scales on the packed kernels need group_size a multiple of {GROUP_MULTIPLE} "
+                          f"(e.g. 64, 128, 256), got {group_size!r}")
+    return group_size
+
+
+def select_backend(device_type: str, has_extension: bool, has_triton: bool = False, fmt: str = "2bit",
+                   group_size: int | None = None) -> str:
+    """THE dispatch decision, the optimum-quanto way: 'triton', 'native' or 'reference'.
+
+    CUDA tensors run the Triton kernels (2-bit format; per-group sizes a multiple of 64), CPU
+    tensors the compiled kernels (per-group sizes a multiple of 32), everything else -- another
+    device, no extension, no Triton, a layout the fast kernel lacks -- the pure-PyTorch reference.
+    """
+    grouped_ok = group_size is None or (group_size >= GROUP_MULTIPLE and group_size % GROUP_MULTIPLE == 0)
+    if device_type == "cuda":
+        if has_triton and fmt == "2bit" and (group_size is None or group_size % TRITON_GROUP_MULTIPLE == 0):
+            return "triton"
+        return "reference"
+    if device_type == "cpu" and has_extension and grouped_ok:
+        return "native"
+    return "reference"
 
 
 @functools.lru_cache(maxsize=None)
 def _geometry(in_features: int, fmt: str) -> tuple[int, int]:
-    """(padded in_features, packed bytes per row); cached because decode calls this per layer."""
+    """(padded in_features, packed bytes per row)."""
     if fmt not in _FMT_ID:
-        raise TernlmError(f"unknown packed format {fmt!r}; choose 2bit or base3")
+        raise TernlmError(f"unknown packed format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return padded_in_features(in_features, fmt), packed_row_bytes(in_features, fmt)
-
-
-def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str) -> int:
-    """Validate shapes; returns the padded in_features the kernels take."""
-    kp, want = _geometry(in_features, fmt)
-    xs, ps = x.shape, packed.shape
-    if len(xs) != 2 or xs[1] != in_features:
-        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(xs)}")
-    if packed.dtype != torch.uint8 or len(ps) != 2 or ps[1] != want:
-        raise TernlmError(f"expected {fmt} packed uint8 (out, {want}), got {packed.dtype} {tuple(ps)}")
-    if scale.dim() == 1 and scale.shape[0] != ps[0]:
-        raise TernlmError(f"per-channel scale has {scale.shape[0]} entries for {ps[0]} rows")
-    if x.is_cuda or packed.is_cuda:
-        raise TernlmError("the packed ternary kernels run on CPU tensors")
-    return kp
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -67,20 +98,6 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _native(backend: str, scale: torch.Tensor):
-    """The extension module when the compiled kernel should run, else None."""
-    if backend not in BACKENDS:
-        raise TernlmError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "reference":
-        return None
-    if scale.dim() == 2:
-        if backend == "native":
-            raise TernlmError("the compiled kernels support per-tensor and per-channel scales, not per_group; "
-                              "use backend='reference' (TernaryLinear does this automatically)")
-        return None
-    return _require_ext() if backend == "native" else _ext.extension()
-
-
 def _require_ext():
     mod = _ext.extension()
     if mod is None:
@@ -88,79 +105,191 @@ def _require_ext():
     return mod
 
 
-def _scale_args(scale: torch.Tensor):
-    s = _f32(scale)
-    return s, (0 if s.dim() == 0 else 1)
+def _triton_available() -> bool:
+    from ternlm.kernels import triton_kernels
+
+    return triton_kernels.triton_available()
 
 
-def _bias_ptr(bias: torch.Tensor | None, n: int):
-    if bias is None:
-        return None, 0
-    if bias.shape != (n,):
-        raise TernlmError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    b = _f32(bias)
-    return b, b.data_ptr()
+def _resolve(backend: str, device: torch.device, fmt: str, group_size: int | None) -> str:
+    """The backend a binding runs: ``select_backend`` for auto, else the forced one, checked."""
+    if backend not in BACKENDS:
+        raise TernlmError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        cpu = device.type == "cpu"
+        return select_backend(device.type, cpu and _ext.extension() is not None,
+                              device.type == "cuda" and _triton_available(), fmt, group_size)
+    if backend == "native":
+        if device.type != "cpu":
+            raise TernlmError(f"the compiled kernels run CPU tensors, got {device}")
+        _require_ext()
+        if group_size is not None:
+            check_group_size(group_size)
+        return backend
+    # triton
+    if not _triton_available():
+        raise TernlmError("Triton is not installed; pip install triton (or use backend='reference')")
+    if fmt != "2bit":
+        raise TernlmError(f"the Triton kernels take the 2bit format, not {fmt}")
+    return backend
+
+
+def _check_out(out: torch.Tensor, M: int, N: int) -> torch.Tensor:
+    if out.shape != (M, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TernlmError(f"out must be a contiguous float32 ({M}, {N}) tensor, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+class BoundLinear:
+    """A packed ternary weight bound to its kernel: ``f(x (M, in), out=None) -> float32 (M, out)``.
+
+    Built by ``bind_linear``. Holds contiguous float32 copies (or the originals, when already so)
+    of scale and bias and the contiguous packed codes, so the pointers it hands the compiled
+    kernels stay valid as long as it lives. A call checks x's shape and device (and ``out``) in
+    Python; nothing that fails a check reaches C.
+    """
+
+    __slots__ = ("packed", "scale", "bias", "in_features", "out_features", "fmt", "act_bits", "group_size",
+                 "backend", "device", "_mod", "_args", "_run")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str = "2bit",
+                 act_bits: int | None = 8, bias: torch.Tensor | None = None, group_size: int | None = None,
+                 backend: str = "auto"):
+        kp, want = _geometry(in_features, fmt)
+        if act_bits not in ACT_BITS:
+            raise TernlmError(f"act_bits must be one of {ACT_BITS}, got {act_bits!r}")
+        if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
+                or packed.shape[1] != want:
+            raise TernlmError(f"expected {fmt} packed uint8 (out, {want}) for in_features={in_features}, got "
+                              f"{getattr(packed, 'dtype', type(packed))} {tuple(getattr(packed, 'shape', ()))}")
+        N = packed.shape[0]
+        if not scale.is_floating_point() or scale.dim() > 2 or (scale.dim() >= 1 and scale.shape[0] != N):
+            raise TernlmError(f"scale must be a float 0-d, ({N},) or ({N}, groups) tensor, got {scale.dtype} "
+                              f"{tuple(scale.shape)}")
+        g = reference.group_size_of(scale, in_features, group_size)
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise TernlmError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        devices = {t.device for t in (packed, scale, bias) if t is not None and t.dim() > 0} or {packed.device}
+        if len(devices) != 1:
+            raise TernlmError(f"packed, scale and bias must share a device, got {sorted(map(str, devices))}")
+        self.device = packed.device
+        self.packed = packed if packed.is_contiguous() else packed.contiguous()
+        self.scale = _f32(scale.to(self.device))
+        self.bias = None if bias is None else _f32(bias)
+        self.in_features, self.out_features = in_features, N
+        self.fmt, self.act_bits, self.group_size = fmt, act_bits, g
+        self.backend = _resolve(backend, self.device, fmt, g)
+        self._mod = _ext.extension() if self.backend == "native" else None
+        stride = 0 if self.scale.dim() == 0 else (1 if self.scale.dim() == 1 else self.scale.shape[1])
+        # the compiled kernels' weight arguments, fixed for the binding's lifetime
+        self._args = (_FMT_ID[fmt], in_features, self.packed.data_ptr(), N, kp, self.scale.data_ptr(), stride,
+                      g or 0, 0 if self.bias is None else self.bias.data_ptr())
+        self._run = {"native": self._native_a16 if act_bits is None else self._native_a8,
+                     "triton": self._triton, "reference": self._reference}[self.backend]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise TernlmError(f"expected activations (M, {self.in_features}), got {tuple(x.shape)}")
+        if x.device != self.device:
+            raise TernlmError(f"activations on {x.device}, weight bound on {self.device}")
+        if out is not None:
+            _check_out(out, x.shape[0], self.out_features)
+        return self._run(x, out)
+
+    def _native_a8(self, x, out):
+        x = _f32(x)
+        M = x.shape[0]
+        fmt_id, K, wp, N, kp, sp, stride, g, bp = self._args
+        if out is None:
+            out = torch.empty(M, N, dtype=torch.float32)
+        if M and N:
+            self._mod.linear_a8(fmt_id, _ext.level_id(), x.data_ptr(), M, K, wp, N, kp, sp, stride, g, bp,
+                                _QMAX[self.act_bits], out.data_ptr(), _ext.get_num_threads())
+        return out
+
+    def _native_a16(self, x, out):
+        x = _f32(x)
+        M = x.shape[0]
+        fmt_id, K, wp, N, kp, sp, stride, g, bp = self._args
+        if M >= A16_GEMM_MIN_TOKENS:  # prompt: dequantize once, fp32 GEMM
+            y = F.linear(x, self.dequantize(), self.bias)
+            return y if out is None else out.copy_(y)
+        if out is None:
+            out = torch.empty(M, N, dtype=torch.float32)
+        if M and N:
+            self._mod.linear_a16(fmt_id, _ext.level_id(), x.data_ptr(), M, K, wp, N, kp, sp, stride, g, bp,
+                                 out.data_ptr(), _ext.get_num_threads())
+        return out
+
+    def _triton(self, x, out):
+        from ternlm.kernels import triton_kernels as tk
+
+        if self.act_bits is None:
+            y = tk.linear_a16_triton(x, self.packed, self.scale, self.in_features, self.bias, group_size=self.group_size)
+        else:
+            y = tk.linear_a8_triton(x, self.packed, self.scale, self.in_features, self.bias,
+                                    group_size=self.group_size, act_bits=self.act_bits)
+        return y if out is None else out.copy_(y)
+
+    def _reference(self, x, out):
+        args = (x, self.packed, self.scale, self.in_features, self.fmt)
+        if self.act_bits is None:
+            y = reference.linear_a16(*args, self.bias, group_size=self.group_size)
+        else:
+            y = reference.linear_a8(*args, self.act_bits, self.bias, group_size=self.group_size)
+        return y if out is None else out.copy_(y)
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense float32 (out, in) weight codes * scale (bitwise equal to the reference's)."""
+        if self.backend != "native":
+            return reference.dequantize(self.packed, self.scale, self.in_features, self.fmt,
+                                        group_size=self.group_size)
+        fmt_id, K, wp, N, kp, sp, stride, g, _ = self._args
+        out = torch.empty(N, K, dtype=torch.float32)
+        if out.numel():
+            self._mod.dequantize(fmt_id, _ext.level_id(), wp, N, kp, K, sp, stride, g, out.data_ptr(),
+                                 _ext.get_num_threads())
+        return out
+
+    def __repr__(self) -> str:
+        a = f"A{self.act_bits}" if self.act_bits else "A16"
+        g = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"BoundLinear({self.in_features} -> {self.out_features}, W1.58{a}, {self.fmt}{g}, "
+                f"backend={self.backend}, device={self.device})")
+
+
+def bind_linear(packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str = "2bit",
+                act_bits: int | None = 8, bias: torch.Tensor | None = None, group_size: int | None = None,
+                backend: str = "auto") -> BoundLinear:
+    """Bind a packed ternary weight to its kernel once; returns ``f(x, out=None)`` (see BoundLinear).
+
+    ``act_bits`` 8 / 4: W1.58A8 / A4 (per-token int activations); None: W1.58A16 (float).
+    """
+    return BoundLinear(packed, scale, in_features, fmt, act_bits, bias, group_size, backend)
 
 
 def linear_a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
               fmt: str = "2bit", act_bits: int = 8, bias: torch.Tensor | None = None,
-              backend: str = "auto") -> torch.Tensor:
-    kp = _check(x, packed, scale, in_features, fmt)
-    if act_bits not in _QMAX:
-        raise TernlmError(f"act_bits must be 8 or 4 for the integer path, got {act_bits}")
-    mod = _native(backend, scale)
-    if mod is None:
-        return reference.linear_a8(x, packed, scale, in_features, fmt, act_bits, bias)
-    x = _f32(x)
-    if not packed.is_contiguous():
-        packed = packed.contiguous()
-    s, stride = _scale_args(scale)
-    M, N = x.shape[0], packed.shape[0]
-    b, bptr = _bias_ptr(bias, N)
-    out = torch.empty(M, N, dtype=torch.float32)
-    if M and N:
-        mod.linear_a8(_FMT_ID[fmt], _ext.level_id(), x.data_ptr(), M, in_features, packed.data_ptr(), N,
-                      kp, s.data_ptr(), stride, bptr, _QMAX[act_bits],
-                      out.data_ptr(), _ext.get_num_threads())
-    return out
+              backend: str = "auto", group_size: int | None = None) -> torch.Tensor:
+    """W1.58A8 (A4 with act_bits=4): ``bind_linear(...)(x)``, binding for this one call."""
+    if act_bits is None:
+        raise TernlmError("act_bits must be 8 or 4 for the integer path, got None (use linear_a16)")
+    return BoundLinear(packed, scale, in_features, fmt, act_bits, bias, group_size, backend)(x)
 
 
 def linear_a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-               fmt: str = "2bit", bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    kp = _check(x, packed, scale, in_features, fmt)
-    mod = _native(backend, scale)
-    if mod is None:
-        return reference.linear_a16(x, packed, scale, in_features, fmt, bias)
-    x = _f32(x)
-    if not packed.is_contiguous():
-        packed = packed.contiguous()
-    s, stride = _scale_args(scale)
-    M, N = x.shape[0], packed.shape[0]
-    b, bptr = _bias_ptr(bias, N)
-    if M >= A16_GEMM_MIN_TOKENS:
-        return torch.nn.functional.linear(x, dequantize(packed, scale, in_features, fmt), b)
-    out = torch.empty(M, N, dtype=torch.float32)
-    if M and N:
-        mod.linear_a16(_FMT_ID[fmt], _ext.level_id(), x.data_ptr(), M, in_features, packed.data_ptr(), N,
-                       kp, s.data_ptr(), stride, bptr, out.data_ptr(),
-                       _ext.get_num_threads())
-    return out
+               fmt: str = "2bit", bias: torch.Tensor | None = None, backend: str = "auto",
+               group_size: int | None = None) -> torch.Tensor:
+    """W1.58A16: ``bind_linear(..., act_bits=None)(x)``, binding for this one call."""
+    return BoundLinear(packed, scale, in_features, fmt, None, bias, group_size, backend)(x)
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str = "2bit",
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", group_size: int | None = None) -> torch.Tensor:
     """Dense float32 (out, in) weight, codes * scale (bitwise equal to the reference's)."""
-    mod = _native(backend, scale)
-    if mod is None:
-        return reference.dequantize(packed, scale, in_features, fmt)
-    packed = packed.contiguous()
-    s, stride = _scale_args(scale)
-    out = torch.empty(packed.shape[0], in_features, dtype=torch.float32)
-    if out.numel():
-        mod.dequantize(_FMT_ID[fmt], _ext.level_id(), packed.data_ptr(), packed.shape[0],
-                       padded_in_features(in_features, fmt), in_features, s.data_ptr(), stride, out.data_ptr(),
-                       _ext.get_num_threads())
-    return out
+    return BoundLinear(packed, scale, in_features, fmt, None, None, group_size, backend).dequantize()
 
 
 def _x_stride(in_features: int, fmt: str) -> int:
@@ -173,6 +302,10 @@ def quantize_activations(x: torch.Tensor, act_bits: int = 8):
     Bitwise equal to ``ternlm.quant.activations.quantize_activations`` (tested).
     """
     mod = _require_ext()
+    if act_bits not in _QMAX:
+        raise TernlmError(f"act_bits must be one of {sorted(_QMAX)} for integer activations, got {act_bits!r}")
+    if x.dim() != 2 or x.device.type != "cpu":
+        raise TernlmError(f"expected CPU activations (M, K), got {tuple(x.shape)} on {x.device}")
     x = _f32(x)
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.int8)
@@ -188,7 +321,9 @@ def a8_accumulators(q: torch.Tensor, packed: torch.Tensor, in_features: int, fmt
     mod = _require_ext()
     if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] != in_features:
         raise TernlmError(f"expected int8 activations (M, {in_features}), got {q.dtype} {tuple(q.shape)}")
-    _check(q, packed, packed.new_zeros((), dtype=torch.float32), in_features, fmt)
+    kp, want = _geometry(in_features, fmt)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != want or packed.device.type != "cpu":
+        raise TernlmError(f"expected {fmt} packed uint8 CPU (out, {want}), got {packed.dtype} {tuple(packed.shape)}")
     kx = _x_stride(in_features, fmt)
     qp = torch.zeros(q.shape[0], kx, dtype=torch.int8)
     qp[:, :in_features] = q
@@ -197,8 +332,7 @@ def a8_accumulators(q: torch.Tensor, packed: torch.Tensor, in_features: int, fmt
     acc = torch.empty(q.shape[0], packed.shape[0], dtype=torch.int32)
     if acc.numel():
         mod.gemm_acc(_FMT_ID[fmt], _ext.level_id(), qp.data_ptr(), sums.data_ptr(), q.shape[0], kx,
-                     packed.data_ptr(), packed.shape[0], padded_in_features(in_features, fmt), acc.data_ptr(),
-                     _ext.get_num_threads())
+                     packed.data_ptr(), packed.shape[0], kp, acc.data_ptr(), _ext.get_num_threads())
     return acc
 
 
@@ -211,16 +345,16 @@ def _fake(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def _register(fmt: str, tag: str):
     @torch.library.custom_op(f"ternlm::w{tag}a8_linear", mutates_args=())
     def a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-           in_features: int, act_bits: int) -> torch.Tensor:
-        return linear_a8(x, packed, scale, in_features, fmt, act_bits, bias)
+           in_features: int, act_bits: int, group_size: Optional[int] = None) -> torch.Tensor:
+        return linear_a8(x, packed, scale, in_features, fmt, act_bits, bias, group_size=group_size)
 
     @torch.library.custom_op(f"ternlm::w{tag}a16_linear", mutates_args=())
     def a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
-            in_features: int) -> torch.Tensor:
-        return linear_a16(x, packed, scale, in_features, fmt, bias)
+            in_features: int, group_size: Optional[int] = None) -> torch.Tensor:
+        return linear_a16(x, packed, scale, in_features, fmt, bias, group_size=group_size)
 
-    a8.register_fake(lambda x, packed, scale, bias, in_features, act_bits: _fake(x, packed))
-    a16.register_fake(lambda x, packed, scale, bias, in_features: _fake(x, packed))
+    a8.register_fake(lambda x, packed, scale, bias, in_features, act_bits, group_size=None: _fake(x, packed))
+    a16.register_fake(lambda x, packed, scale, bias, in_features, group_size=None: _fake(x, packed))
     return a8, a16
 
 
@@ -232,11 +366,12 @@ CUSTOM_OPS = {("2bit", 8): w2a8_linear, ("base3", 8): wb3a8_linear,
 
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-                   fmt: str = "2bit", act_bits: int | None = 8, bias: torch.Tensor | None = None) -> torch.Tensor:
+                   fmt: str = "2bit", act_bits: int | None = 8, bias: torch.Tensor | None = None,
+                   group_size: int | None = None) -> torch.Tensor:
     """Dispatch through the registered custom op for this format and activation precision."""
     if act_bits is None:
-        return CUSTOM_OPS[(fmt, None)](x, packed, scale, bias, in_features)
-    return CUSTOM_OPS[(fmt, 8)](x, packed, scale, bias, in_features, act_bits)
+        return CUSTOM_OPS[(fmt, None)](x, packed, scale, bias, in_features, group_size)
+    return CUSTOM_OPS[(fmt, 8)](x, packed, scale, bias, in_features, act_bits, group_size)
 
 
 # ---- int8 weights (the LM head): rows padded to a multiple of 64, one float32 scale per row ----
@@ -255,13 +390,61 @@ def pad_int8_rows(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int) -> None:
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
-    if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != int8_row_stride(in_features):
-        raise TernlmError(f"expected int8 rows (N, {int8_row_stride(in_features)}), got {w.dtype} {tuple(w.shape)}")
-    if scale.shape != (w.shape[0],):
-        raise TernlmError(f"expected one scale per row ({w.shape[0]},), got {tuple(scale.shape)}")
+class BoundInt8Linear:
+    """int8 rows w (N, Kx) with one float32 scale per row, bound once: ``f(x (M, in), out=None)``.
+
+    W8A8 (act_bits=8: per-token int8 activations, exact int32 dot products) or W8A16 (None).
+    Owns the tensors whose pointers it passes (see BoundLinear).
+    """
+
+    __slots__ = ("w", "scale", "bias", "in_features", "out_features", "act_bits", "backend", "_mod", "_fn", "_args")
+
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int | None = 8,
+                 bias: torch.Tensor | None = None, backend: str = "auto"):
+        if act_bits not in (8, None):
+            raise TernlmError(f"int8 weights take act_bits 8 or None, got {act_bits!r}")
+        kx = int8_row_stride(in_features)
+        if w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != kx:
+            raise TernlmError(f"expected int8 rows (N, {kx}) (pad with pad_int8_rows), got {w.dtype} {tuple(w.shape)}")
+        N = w.shape[0]
+        if scale.shape != (N,) or not scale.is_floating_point():
+            raise TernlmError(f"expected one float scale per row ({N},), got {scale.dtype} {tuple(scale.shape)}")
+        if bias is not None and tuple(bias.shape) != (N,):
+            raise TernlmError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+        self.w, self.scale = w.contiguous(), _f32(scale)
+        self.bias = None if bias is None else _f32(bias)
+        self.in_features, self.out_features, self.act_bits = in_features, N, act_bits
+        self.backend = "reference" if _resolve(backend, w.device, "2bit", None) != "native" else "native"
+        self._mod = _ext.extension() if self.backend == "native" else None
+        self._fn = None if self._mod is None else (self._mod.int8_linear_a8 if act_bits == 8 else
+                                                   self._mod.int8_linear_a16)
+        self._args = (self.w.data_ptr(), N, kx, self.scale.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.device != self.w.device:
+            raise TernlmError(f"expected activations (M, {self.in_features}) on {self.w.device}, got "
+                              f"{tuple(x.shape)} on {x.device}")
+        M, N = x.shape[0], self.out_features
+        if out is not None:
+            _check_out(out, M, N)
+        if self._fn is None:
+            fn = reference.int8_linear_a8 if self.act_bits == 8 else reference.int8_linear_a16
+            y = fn(x, self.w, self.scale, self.in_features, self.bias)
+            return y if out is None else out.copy_(y)
+        x = _f32(x)
+        if out is None:
+            out = torch.empty(M, N, dtype=torch.float32)
+        if M and N:
+            wp, _, kx, sp, bp = self._args
+            self._fn(_ext.level_id(), x.data_ptr(), M, self.in_features, wp, N, kx, sp, bp, out.data_ptr(),
+                     _ext.get_num_threads())
+        return out
+
+
+def bind_int8_linear(w: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int | None = 8,
+                     bias: torch.Tensor | None = None, backend: str = "auto") -> BoundInt8Linear:
+    """Bind int8 rows (padded with ``pad_int8_rows``) and their per-row scales once."""
+    return BoundInt8Linear(w, scale, in_features, act_bits, bias, backend)
 
 
 def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int | None = 8,
@@ -269,29 +452,9 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, in_featur
                 ) -> torch.Tensor:
     """x (M, in) against int8 rows w (N, Kx) with per-row scales: W8A8 (act_bits=8) or W8A16 (None).
 
-    ``out`` (M, N) float32 is written in place when given (the decode loop reuses one buffer).
+    ``out`` (M, N) float32 is written in place when given.
     """
-    _check_int8(x, w, scale, in_features)
-    if act_bits not in (8, None):
-        raise TernlmError(f"int8 weights take act_bits 8 or None, got {act_bits!r}")
-    mod = _native(backend, scale)
-    if mod is None:
-        fn = reference.int8_linear_a8 if act_bits == 8 else reference.int8_linear_a16
-        y = fn(x, w, scale, in_features, bias)
-        return y if out is None else out.copy_(y)
-    x = _f32(x)
-    s = _f32(scale)
-    M, N = x.shape[0], w.shape[0]
-    b, bptr = _bias_ptr(bias, N)
-    if out is None:
-        out = torch.empty(M, N, dtype=torch.float32)
-    elif out.shape != (M, N) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise TernlmError(f"out must be a contiguous float32 ({M}, {N}) tensor")
-    if M and N:
-        fn = mod.int8_linear_a8 if act_bits == 8 else mod.int8_linear_a16
-        fn(_ext.level_id(), x.data_ptr(), M, in_features, w.data_ptr(), N, w.shape[1], s.data_ptr(), bptr,
-           out.data_ptr(), _ext.get_num_threads())
-    return out
+    return BoundInt8Linear(w, scale, in_features, act_bits, bias, backend)(x, out)
 
 
 def int8_accumulators(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -313,31 +476,52 @@ def int8_accumulators(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _WF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backend: str = "auto",
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, in) float32 against fp32/fp16/bf16 rows w (N, Kx) (padded like pad_int8_rows), no bias.
+class BoundFloatRows:
+    """fp32/fp16/bf16 rows w (N, Kx) (padded like pad_int8_rows), no bias, bound once:
+    ``f(x (M, in) float, out=None) -> float32 (M, N)``.
 
     On the kernels' own thread pool, so a decode step never mixes it with torch's OpenMP team.
     """
-    if w.dtype not in _WF or w.dim() != 2 or w.shape[1] != int8_row_stride(in_features):
-        raise TernlmError(f"expected fp32/fp16/bf16 rows (N, {int8_row_stride(in_features)}), got "
-                          f"{w.dtype} {tuple(w.shape)}")
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
-    mod = _native(backend, w.new_zeros((), dtype=torch.float32))
-    if mod is None:
-        y = reference.float_rows_linear(x, w, in_features)
-        return y if out is None else out.copy_(y)
-    x = _f32(x)
-    M, N = x.shape[0], w.shape[0]
-    if out is None:
-        out = torch.empty(M, N, dtype=torch.float32)
-    elif out.shape != (M, N) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise TernlmError(f"out must be a contiguous float32 ({M}, {N}) tensor")
-    if M and N:
-        mod.float_linear(_ext.level_id(), _WF[w.dtype], x.data_ptr(), M, in_features, w.data_ptr(), N, w.shape[1],
-                         out.data_ptr(), _ext.get_num_threads())
-    return out
+
+    __slots__ = ("w", "in_features", "out_features", "backend", "_mod")
+
+    def __init__(self, w: torch.Tensor, in_features: int, backend: str = "auto"):
+        if w.dtype not in _WF or w.dim() != 2 or w.shape[1] != int8_row_stride(in_features):
+            raise TernlmError(f"expected fp32/fp16/bf16 rows (N, {int8_row_stride(in_features)}), got "
+                              f"{w.dtype} {tuple(w.shape)}")
+        self.w = w.contiguous()
+        self.in_features, self.out_features = in_features, w.shape[0]
+        self.backend = "reference" if _resolve(backend, w.device, "2bit", None) != "native" else "native"
+        self._mod = _ext.extension() if self.backend == "native" else None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.device != self.w.device:
+            raise TernlmError(f"expected activations (M, {self.in_features}) on {self.w.device}, got "
+                              f"{tuple(x.shape)} on {x.device}")
+        M, N = x.shape[0], self.out_features
+        if out is not None:
+            _check_out(out, M, N)
+        if self._mod is None:
+            y = reference.float_rows_linear(x, self.w, self.in_features)
+            return y if out is None else out.copy_(y)
+        x = _f32(x)
+        if out is None:
+            out = torch.empty(M, N, dtype=torch.float32)
+        if M and N:
+            self._mod.float_linear(_ext.level_id(), _WF[self.w.dtype], x.data_ptr(), M, self.in_features,
+                                   self.w.data_ptr(), N, self.w.shape[1], out.data_ptr(), _ext.get_num_threads())
+        return out
+
+
+def bind_float_rows(w: torch.Tensor, in_features: int, backend: str = "auto") -> BoundFloatRows:
+    """Bind float rows (padded with ``pad_int8_rows``) once."""
+    return BoundFloatRows(w, in_features, backend)
+
+
+def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backend: str = "auto",
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) float32 against fp32/fp16/bf16 rows w (N, Kx) (padded like pad_int8_rows), no bias."""
+    return BoundFloatRows(w, in_features, backend)(x, out)
 
 
 # ---- one-token attention over the KV cache (decode) ----
@@ -354,7 +538,7 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise TernlmError(f"expected qkv ({3 * nh * hs},), got {tuple(qkv.shape)}")
     if not 0 <= pos < L:
         raise TernlmError(f"position {pos} outside the cache (max_len {L})")
-    mod = _native(backend, qkv.new_zeros(()))
+    mod = _ext.extension() if _resolve(backend, qkv.device, "2bit", None) == "native" else None
     f32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (qkv, k_cache, v_cache))
     if mod is None or not f32:
         y = reference.attn_decode(qkv, k_cache, v_cache, pos, scale)

@@ -6,13 +6,20 @@ is unavailable. All take 2-D float activations ``x`` (M, in_features) and a pack
 (M, out_features).
 
 Scales follow ``ternlm.quant.ternary``: a 0-d scale is per tensor, (out,) per channel and
-(out, in // g) per group.
+(out, ceil(in / g)) per group (the last group of a row may be partial). Per-group calls take
+``group_size``; without it the group size is in_features / groups, which must then divide.
 
 NOTE on numerics (W1.58A8): activations go through the canonical per-token absmax quantizer
 (``ternlm.quant.activations.quantize_activations``), the integer dot products are exact, and the
 result is ``(acc * act_scale) * weight_scale (+ bias)`` in float32 -- the compiled kernel performs
 the very same float operations in the same order, so for per-tensor/per-channel scales the two
 produce bitwise-equal outputs.
+
+NOTE on numerics (W1.58A8, per-group scales), the order the compiled and Triton kernels follow:
+acc[g] is the exact int32 sum over group g of a row; then, in float32, left to right, no FMA:
+
+    y = 0;  for g in 0..G-1:  y = y + float(acc[g]) * scale[n, g]
+    out = y * act_scale (+ bias)
 """
 
 from __future__ import annotations
@@ -20,13 +27,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ternlm.errors import TernlmError
 from ternlm.quant.activations import quantize_activations
 from ternlm.quant.pack import unpack
-from ternlm.quant.ternary import expand_scale
+from ternlm.quant.ternary import expand_scale, n_groups
 
 
 def granularity_of(scale: torch.Tensor) -> str:
     return {0: "per_tensor", 1: "per_channel", 2: "per_group"}[scale.dim()]
+
+
+def group_size_of(scale: torch.Tensor, in_features: int, group_size: int | None = None) -> int | None:
+    """The group size of an (out, G) scale (None for per-tensor/per-channel scales), checked
+    against in_features: G must be ceil(in_features / group_size)."""
+    if scale.dim() < 2:
+        return None
+    groups = scale.shape[1]
+    if group_size is None:
+        if groups < 1 or in_features % groups:
+            raise TernlmError(f"per-group scale with {groups} groups over in_features={in_features}: "
+                              "pass group_size (the last group may be partial)")
+        group_size = in_features // groups
+    if group_size < 1 or n_groups(in_features, group_size) != groups:
+        raise TernlmError(f"per-group scale has {groups} groups; in_features={in_features} in groups of "
+                          f"{group_size} needs {n_groups(in_features, max(group_size, 1))}")
+    return group_size
 
 
 def a8_accumulators(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -41,43 +66,49 @@ def a8_accumulators(q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def linear_a8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-              fmt: str = "2bit", act_bits: int = 8, bias: torch.Tensor | None = None) -> torch.Tensor:
+              fmt: str = "2bit", act_bits: int = 8, bias: torch.Tensor | None = None,
+              group_size: int | None = None) -> torch.Tensor:
     """W1.58A8 (or A4): per-token absmax int activations x ternary codes, int32 accumulation."""
-    y = _linear_a8(x, packed, scale, in_features, fmt, act_bits)
-    return y if bias is None else y + bias.float()
-
-
-def _linear_a8(x, packed, scale, in_features, fmt, act_bits):
     out_f = packed.shape[0]
     codes = unpack(packed, (out_f, in_features), fmt)
     q, s = quantize_activations(x, act_bits)  # (M, K) int8, (M, 1) float32
-    if scale.dim() < 2:
-        return a8_accumulators(q, codes).float() * s * scale.float()
-    # per group: one exact accumulator per (token, row, group), scaled and summed in float
-    groups = scale.shape[1]
-    g = in_features // groups
-    qg = q.reshape(q.shape[0], groups, g).transpose(0, 1)  # (G, M, g)
-    cg = codes.reshape(out_f, groups, g).transpose(0, 1)  # (G, N, g)
+    g = group_size_of(scale, in_features, group_size)
+    if g is None:
+        y = a8_accumulators(q, codes).float() * s * scale.float()
+    else:
+        y = _linear_a8_groups(q, s, codes, scale.float(), g)
+    return y if bias is None else y + bias.float()
+
+
+def _linear_a8_groups(q, s, codes, scale, g):
+    """Per group: one exact accumulator per (token, row, group), folded in the NOTE's order."""
+    M, K = q.shape
+    N, G = scale.shape
+    pad = G * g - K  # the partial last group, zero-padded: zeros add nothing to an exact sum
+    qg = F.pad(q, (0, pad)).reshape(M, G, g).transpose(0, 1)  # (G, M, g)
+    cg = F.pad(codes, (0, pad)).reshape(N, G, g).transpose(0, 1)  # (G, N, g)
     dtype = torch.float32 if 127 * g < 2**24 else torch.float64
-    acc = torch.bmm(qg.to(dtype), cg.to(dtype).transpose(1, 2)).float()  # (G, M, N)
-    return (acc * scale.float().t().unsqueeze(1)).sum(0) * s
+    acc = torch.bmm(qg.to(dtype), cg.to(dtype).transpose(1, 2)).float()  # (G, M, N), exact integers
+    y = acc.new_zeros(M, N)
+    for i in range(G):
+        y = y + acc[i] * scale[:, i]
+    return y * s
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, fmt: str = "2bit",
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, group_size: int | None = None) -> torch.Tensor:
     """Dense (out, in) weight codes * scale."""
     out_f = packed.shape[0]
     codes = unpack(packed, (out_f, in_features), fmt)
-    gran = granularity_of(scale)
-    group = in_features // scale.shape[1] if gran == "per_group" else 1
-    s = expand_scale(scale.float(), codes.shape, gran, group)
+    g = group_size_of(scale, in_features, group_size)
+    s = expand_scale(scale.float(), codes.shape, granularity_of(scale), g or 1)
     return (codes.float() * s).to(dtype)
 
 
 def linear_a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-               fmt: str = "2bit", bias: torch.Tensor | None = None) -> torch.Tensor:
+               fmt: str = "2bit", bias: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
     """W1.58A16: float activations times the dequantized ternary weight."""
-    return F.linear(x.float(), dequantize(packed, scale, in_features, fmt),
+    return F.linear(x.float(), dequantize(packed, scale, in_features, fmt, group_size=group_size),
                     None if bias is None else bias.float())
 
 

@@ -11,16 +11,17 @@ The weight stays packed in GPU memory: each program loads the uint8 bytes of one
 ``tl.dot`` -- the dense weight is never built. Programs tile M (tokens) x N (out features) and
 walk K (in features) one packed block at a time.
 
-Scales: per tensor (0-d), per channel (out,) and per group (out, in // g) when g is a multiple of
-64 (one 64-weight slice of a block then never straddles two groups); other group sizes raise
-``TernlmError``.
+Scales: per tensor (0-d), per channel (out,) and per group (out, ceil(in / g)) when g is a
+multiple of 64 (one 64-weight slice of a block then never straddles two groups; the last group
+may be partial); other group sizes raise ``TernlmError``.
 
 NOTE on numerics. W2A8 quantizes activations with the canonical torch quantizer
 (``ternlm.quant.activations.quantize_activations``; not a Triton kernel, so there is one quantizer,
 not two), accumulates int8 x ternary products exactly in int32, then computes
 ``(acc * act_scale) * w_scale (+ bias)`` in float32 in the reference's order, compiled with FMA
 contraction off -- so per-tensor and per-channel outputs equal the reference bit for bit. Per-group
-scales sum float32 partial results across groups, so they match to rounding. W2A16 accumulates
+scales fold each group's exact accumulator in as ``y = y + acc_g * s_g``, group by group, then
+``y * act_scale (+ bias)``: the reference's documented order, so they are bitwise equal too. W2A16 accumulates
 ``x * code`` in fp32 and scales once per channel (per group for group scales): equal to the
 reference up to summation order. Float16/bfloat16 activations feed the tensor cores directly (the
 products with codes in {-1, 0, 1} are exact); float32 activations use an IEEE fp32 dot, not TF32.
@@ -126,7 +127,8 @@ def _kernels(interpret: bool):
                     # a group ends after this slice: fold its exact accumulator in, scaled
                     # (slices in the padding past K hold 0 and flush 0 * the last group's scale)
                     grp = tl.minimum(k0 // GS, G - 1)
-                    flush = (k0 + 64) % GS == 0
+                    # flush at a group's end, and at the row's last slice (a partial last group)
+                    flush = ((k0 + 64) % GS == 0) | (k0 + 64 >= tl.cdiv(K, 256) * 256)
                     gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
                     accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
                     acc = tl.where(flush, 0, acc)
@@ -175,7 +177,7 @@ def _kernels(interpret: bool):
                     acc = tl.dot(xt, w.to(xt.dtype), acc)
                 if SCALE_MODE == 2:
                     grp = tl.minimum(k0 // GS, G - 1)
-                    flush = (k0 + 64) % GS == 0
+                    flush = ((k0 + 64) % GS == 0) | (k0 + 64 >= tl.cdiv(K, 256) * 256)
                     gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
                     accf = tl.where(flush, accf + acc * gs[None, :], accf)
                     acc = tl.where(flush, 0.0, acc)
@@ -193,7 +195,7 @@ def _kernels(interpret: bool):
     return w2a8_kernel, w2a16_kernel
 
 
-def _check(x, packed, scale, in_features, bias):
+def _check(x, packed, scale, in_features, bias, group_size=None):
     """Validate like ``ops._check``; returns (packed, scale mode 0/1/2, groups, group size, f32 scale, f32 bias)."""
     if x.dim() != 2 or x.shape[1] != in_features:
         raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
@@ -205,18 +207,20 @@ def _check(x, packed, scale, in_features, bias):
     if packed.stride(1) != 1:
         packed = packed.contiguous()
     N = packed.shape[0]
-    groups, group_size = 1, in_features
+    groups = 1
     if scale.dim() == 0:
+        group_size = in_features
         mode = 0
     elif scale.dim() == 1 and scale.shape[0] == N:
-        mode = 1
+        mode, group_size = 1, in_features
     elif scale.dim() == 2 and scale.shape[0] == N and scale.shape[1] > 0:
+        from ternlm.kernels.reference import group_size_of
+
         mode, groups = 2, scale.shape[1]
-        group_size = in_features // groups
-        if in_features % groups or group_size % SUB_K:
+        group_size = group_size_of(scale, in_features, group_size)
+        if group_size % SUB_K:
             raise TernlmError(f"the Triton kernels support per-group scales only for group sizes that are a "
-                              f"multiple of {SUB_K}; got {groups} groups over in_features={in_features} "
-                              f"(use ternlm.kernels.reference)")
+                              f"multiple of {SUB_K}, got {group_size} (use ternlm.kernels.reference)")
     else:
         raise TernlmError(f"scale must be 0-d, ({N},) or ({N}, groups), got {tuple(scale.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
@@ -246,9 +250,11 @@ def _next_pow2(n: int) -> int:
 
 
 def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W1.58A8 on 2-bit weights: per-token absmax int8 x (torch quantizer) . codes, int32 in-kernel."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias)
+                     bias: torch.Tensor | None = None, group_size: int | None = None,
+                     act_bits: int = 8) -> torch.Tensor:
+    """W1.58A8 (A4 with act_bits=4) on 2-bit weights: per-token absmax int x (torch quantizer) .
+    codes, int32 in-kernel."""
+    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
     M, N = x.shape[0], packed.shape[0]
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
@@ -258,7 +264,7 @@ def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     _, tl = _require_triton()
     w2a8, _ = _kernels(interpreting())
     # (M, K) int8, (M, 1) float32: the canonical quantizer; q keeps x's strides (passed along)
-    q, xs = quantize_activations(x, 8)
+    q, xs = quantize_activations(x, act_bits)
     xs = xs.reshape(-1).contiguous()  # (M,)
     bm, bn, warps = _tiles(M, N)
     grid = (-(-M // bm), -(-N // bn))
@@ -270,9 +276,9 @@ def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 
 def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
     """W1.58A16 on 2-bit weights: float x . codes in fp32, times the scale (+ bias). Returns float32."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias)
+    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
     M, N = x.shape[0], packed.shape[0]
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:

@@ -6,8 +6,10 @@ scale(s) from the canonical quantizer, and an optional bias. Forward runs the co
     act_bits=8 (or 4)  W1.58A8: per-token absmax int8 activations, exact int32 accumulation
     act_bits=None      W1.58A16: float activations against the ternary weight
 
-``kernel="reference"`` runs the pure-PyTorch twin of the same math (tests, debugging).
-Per-group scales always take the reference path (the compiled kernels do per-tensor/per-channel).
+``kernel="reference"`` runs the pure-PyTorch twin of the same math (tests, debugging). Scales
+are per tensor, per output channel or per group of ``group_size`` inputs (a multiple of 32; the
+last group of a row may be partial), all on the fast kernels. The forward pass calls a binding
+(``ternlm.kernels.bind_linear``) made once and re-made only when a buffer is replaced or moved.
 """
 
 from __future__ import annotations
@@ -17,16 +19,11 @@ import torch.nn as nn
 
 from ternlm.config import TernaryConfig
 from ternlm.errors import TernlmError
-from ternlm.kernels import ops, reference
+from ternlm.kernels import ops
 from ternlm.quant.pack import FORMATS, pack, packed_row_bytes, unpack
-from ternlm.quant.ternary import TernaryTensor, ternarize
+from ternlm.quant.ternary import TernaryTensor, _scale_shape, ternarize
 
 KERNELS = ("auto", "reference")
-
-
-def _scale_shape(out_features: int, in_features: int, granularity: str, group_size: int) -> tuple:
-    return {"per_tensor": (), "per_channel": (out_features,),
-            "per_group": (out_features, in_features // group_size)}[granularity]
 
 
 class TernaryLinear(nn.Module):
@@ -40,8 +37,8 @@ class TernaryLinear(nn.Module):
             raise TernlmError(f"unknown packed format {fmt!r}; choose one of {', '.join(FORMATS)}")
         if act_bits not in (None, 8, 4):
             raise TernlmError(f"act_bits must be None, 8 or 4, got {act_bits!r}")
-        if granularity == "per_group" and in_features % group_size:
-            raise TernlmError(f"per_group needs in_features ({in_features}) divisible by group_size ({group_size})")
+        if granularity == "per_group":
+            ops.check_group_size(group_size)
         self.in_features = in_features
         self.out_features = out_features
         self.act_bits = act_bits
@@ -54,6 +51,7 @@ class TernaryLinear(nn.Module):
         self.register_buffer("scale", torch.ones(_scale_shape(out_features, in_features, granularity, group_size),
                                                  dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._binding = (None, None)  # (key of the bound tensors, BoundLinear)
 
     @property
     def kernel(self) -> str:
@@ -90,41 +88,66 @@ class TernaryLinear(nn.Module):
     def from_linear(cls, module: nn.Module, cfg: TernaryConfig | None = None, fmt: str = "2bit",
                     kernel: str = "auto") -> "TernaryLinear":
         """From ``nn.Linear`` or transformers' GPT-2 ``Conv1D`` (whose weight is stored (in, out))."""
-        if isinstance(module, nn.Linear):
-            weight = module.weight
-        else:
-            from transformers.pytorch_utils import Conv1D
+        from ternlm.nn.bitlinear import is_linear_like, linear_weight_out_in
 
-            if not isinstance(module, Conv1D):
-                raise TypeError(f"TernaryLinear.from_linear takes nn.Linear or Conv1D, not {type(module).__name__}")
-            weight = module.weight.t()  # Conv1D: (in, out) -> (out, in); the one transpose
+        if not is_linear_like(module):
+            raise TypeError(f"TernaryLinear.from_linear takes nn.Linear or Conv1D, not {type(module).__name__}")
+        weight = linear_weight_out_in(module)  # Conv1D's (in, out) read as (out, in)
         return cls.from_weight(weight, module.bias, cfg, fmt, kernel)
 
     def ternary(self) -> TernaryTensor:
         codes = unpack(self.packed, (self.out_features, self.in_features), self.fmt)
         return TernaryTensor(codes, self.scale, self.granularity, self.group_size)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_binding"] = (None, None)  # raw pointers and the extension module are never copied
+        return state
+
+    @property
+    def _group(self) -> int | None:
+        return self.group_size if self.granularity == "per_group" else None
+
+    def bind(self) -> "ops.BoundLinear":
+        """The layer's kernel binding, ``f(x (M, in), out=None) -> float32 (M, out)``; made once
+        and cached until a buffer is replaced (assignment, ``.to()``, ``load_state_dict(assign=True)``)
+        or ``kernel`` changes. In-place updates of float32 buffers are seen by the binding."""
+        key = (self.kernel, self.act_bits, self.packed.data_ptr(), self.packed.device, self.scale.data_ptr(),
+               self.scale.dtype, None if self.bias is None else (self.bias.data_ptr(), self.bias.dtype))
+        cached_key, bound = getattr(self, "_binding", (None, None))
+        if cached_key != key or bound is None:
+            backend = "reference" if self.kernel == "reference" else "auto"
+            bound = ops.bind_linear(self.packed, self.scale, self.in_features, self.fmt, self.act_bits, self.bias,
+                                    self._group, backend)
+            self._binding = (key, bound)
+        return bound
+
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense (out, in) weight codes * scale, for debugging and reference comparisons."""
-        return reference.dequantize(self.packed, self.scale, self.in_features, self.fmt, dtype)
+        from ternlm.kernels import reference
+
+        return reference.dequantize(self.packed, self.scale, self.in_features, self.fmt, dtype, self._group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B*T, in)
-        args = (x2, self.packed, self.scale, self.in_features, self.fmt)
-        if self.kernel == "reference":
-            y = (reference.linear_a16(*args, self.bias) if self.act_bits is None else
-                 reference.linear_a8(*args, self.act_bits, self.bias))
-        elif torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             # the registered custom op is opaque to the compiler and has a shape-only fake
-            y = ops.ternary_linear(*args, self.act_bits, self.bias)
+            if self.kernel == "reference":
+                from ternlm.kernels import reference
+
+                args = (x2, self.packed, self.scale, self.in_features, self.fmt)
+                y = (reference.linear_a16(*args, self.bias, group_size=self._group) if self.act_bits is None else
+                     reference.linear_a8(*args, self.act_bits, self.bias, group_size=self._group))
+            else:
+                y = ops.ternary_linear(x2, self.packed, self.scale, self.in_features, self.fmt, self.act_bits,
+                                       self.bias, self._group)
         else:
-            # eager: the same function the op wraps, minus the dispatcher's per-call overhead
-            y = (ops.linear_a16(*args, self.bias) if self.act_bits is None else
-                 ops.linear_a8(*args, self.act_bits, self.bias))
+            y = self.bind()(x2)  # eager: the bound kernel, minus the dispatcher's per-call overhead
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         a = f"A{self.act_bits}" if self.act_bits else "A16"
+        g = f"({self.group_size})" if self.granularity == "per_group" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, W1.58{a}, fmt={self.fmt}, {self.granularity}, kernel={self.kernel}")
+                f"bias={self.bias is not None}, W1.58{a}, fmt={self.fmt}, {self.granularity}{g}, kernel={self.kernel}")

@@ -87,28 +87,39 @@ def _effective_weight(m: nn.Module) -> torch.Tensor:
     return linear_weight_out_in(m).detach()
 
 
-def _groups(w: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
-    if granularity == "per_group" and w.shape[1] % group_size == 0:
-        return w.reshape(w.shape[0], -1, group_size).reshape(-1, group_size)
+def _group_max(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(largest |w| of every scale's group, flat; the same broadcast to w's (out, in) shape).
+
+    per_group takes groups of ``group_size`` inputs along each row, the last one possibly partial.
+    """
+    from ternlm.quant.ternary import expand_scale, n_groups
+
+    out_f, in_f = w.shape
+    a = w.abs()
+    if granularity == "per_group":
+        pad = n_groups(in_f, group_size) * group_size - in_f
+        s = torch.nn.functional.pad(a, (0, pad)).reshape(out_f, -1, group_size).amax(-1)  # (out, G)
+        return s.reshape(-1), expand_scale(s, w.shape, "per_group", group_size)
     if granularity == "per_tensor":
-        return w.reshape(1, -1)
-    return w  # per output row; a per-tensor ternary weight passes this too
+        s = a.amax().reshape(1)
+        return s, s.reshape(1, 1).expand(out_f, in_f)
+    s = a.amax(dim=1)  # per output row; a per-tensor ternary weight passes this too
+    return s, s.reshape(out_f, 1).expand(out_f, in_f)
 
 
 @torch.no_grad()
 def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
-    cfg = getattr(m, "config", None)
-    gran = getattr(cfg, "granularity", "per_channel")
-    gsize = getattr(cfg, "group_size", 128)
+    cfg = getattr(m, "config", None)  # BitLinear; a packed TernaryLinear carries its own fields
+    gran = getattr(cfg, "granularity", None) or getattr(m, "granularity", "per_channel")
+    gsize = getattr(cfg, "group_size", None) or getattr(m, "group_size", 128)
     w = _effective_weight(m).float()
-    g = _groups(w, gran, gsize)
-    s = g.abs().amax(dim=-1, keepdim=True)
-    a = g.abs()
+    sv, s = _group_max(w, gran, gsize)  # (n_scales,), (out, in)
+    a = w.abs()
     is_zero = a == 0
     is_pm_s = (a - s).abs() <= rtol * s
     tern = (is_zero | is_pm_s).float().mean().item()
     zeros = is_zero.float().mean().item()
-    n, n_scales = w.numel(), g.shape[0]
+    n, n_scales = w.numel(), sv.numel()
     ok = tern == 1.0
     if ok:
         overhead = 32.0 * n_scales / n
@@ -116,7 +127,6 @@ def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
     else:
         param = getattr(m, "weight", None)
         bits = stored = float(torch.finfo(param.dtype).bits if param is not None and param.is_floating_point() else 8)
-    sv = s.flatten()
     return LayerReport(name, type(m).__name__, n, tern, zeros, n_scales, sv.mean().item(), sv.min().item(),
                        sv.max().item(), bits, stored, ok)
 

@@ -6,12 +6,14 @@ with ``model.generate``: the cache object, mask construction, logits processors 
 overhead. What it keeps is the model's math, op for op, so greedy tokens equal HF's:
 
     prefill(ids)      all prompt tokens at once (GEMM kernels, causal SDPA), fills the KV cache
-    decode_step(tok)  one token: 12 x (LN, qkv, SDPA over the cache, proj, LN, fc, GELU, proj)
+    decode_step(tok)  one token: 12 x (LN, qkv, fused cache write + attention (attn_decode), proj,
+                      LN, fc, GELU, proj)
     generate(ids)     prefill + decode loop + sampling, timed
 
-Per token, packed ternary layers are called straight through the extension with pointers bound
-once at construction, and write into buffers allocated once; the KV cache is a static
-(n_layer, n_head, max_seq_len, head_dim) pair. The LM head (tied to ``wte``, 38.6M weights for
+Every linear layer is a kernel binding made once at construction (``ternlm.kernels.bind_linear``
+for packed ternary layers, ``bind_int8_linear`` / ``bind_float_rows`` for the head); per token
+they write into buffers allocated once. The KV cache is a static pair of
+(n_layer, 1, n_head, max_seq_len, head_dim) tensors. The LM head (tied to ``wte``, 38.6M weights for
 GPT-2 small -- most of the bytes a token touches) can be kept fp32, stored fp16/bf16, or quantized
 to int8 rows (per-row absmax) run by the W8A8 or W8A16 GEMV kernel.
 """
@@ -27,10 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
-from ternlm.kernels.ops import attn_decode
+from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, pad_int8_rows
 
-HEADS = ("fp32", "fp16", "bf16", "int8")
+__all__ = ["GPT2Runtime", "RuntimeConfig", "HEADS"]
 
 
 @dataclass
@@ -66,45 +69,8 @@ class RuntimeConfig:
 
 
 def _ternary_call(m) -> Callable:
-    """Bind a TernaryLinear's kernel arguments once; fall back to the module for what the
-    compiled kernels do not run (per-group scales, reference kernel, no extension)."""
-    from ternlm.kernels import _ext, ops
-
-    mod = _ext.extension()
-    if mod is None or m.kernel == "reference" or m.scale.dim() == 2:
-        return lambda x, out=None: m(x)
-    kp, _ = ops._geometry(m.in_features, m.fmt)
-    fmt_id = ops._FMT_ID[m.fmt]
-    packed = m.packed.contiguous()
-    scale = m.scale.float().contiguous()
-    stride = 0 if scale.dim() == 0 else 1
-    bias = None if m.bias is None else m.bias.float().contiguous()
-    bptr = 0 if bias is None else bias.data_ptr()
-    K, N = m.in_features, m.out_features
-    keep = (packed, scale, bias)  # the pointers below stay valid as long as the closure lives
-
-    if m.act_bits is None:
-        def a16(x, out=None, _keep=keep):
-            M = x.shape[0]
-            if M >= ops.A16_GEMM_MIN_TOKENS:  # prompt: dequantize once, fp32 GEMM
-                return ops.linear_a16(x, packed, scale, K, m.fmt, bias)
-            if out is None:
-                out = torch.empty(M, N)
-            mod.linear_a16(fmt_id, _ext.level_id(), x.data_ptr(), M, K, packed.data_ptr(), N, kp,
-                           scale.data_ptr(), stride, bptr, out.data_ptr(), _ext.get_num_threads())
-            return out
-        return a16
-
-    qmax = ops._QMAX[m.act_bits]
-
-    def a8(x, out=None, _keep=keep):
-        M = x.shape[0]
-        if out is None:
-            out = torch.empty(M, N)
-        mod.linear_a8(fmt_id, _ext.level_id(), x.data_ptr(), M, K, packed.data_ptr(), N, kp,
-                      scale.data_ptr(), stride, bptr, qmax, out.data_ptr(), _ext.get_num_threads())
-        return out
-    return a8
+    """A TernaryLinear's kernel binding (compiled, Triton or reference, chosen once)."""
+    return m.bind()
 
 
 def _float_call(m: nn.Module) -> Callable:
@@ -139,8 +105,6 @@ class _Head:
     """logits (M, V) float32 from the final hidden state (M, C); rows padded to 64 for the kernels."""
 
     def __init__(self, wte: torch.Tensor, kind: str, act_bits: Optional[int]):
-        from ternlm.kernels.ops import pad_int8_rows
-
         self.kind, self.act_bits, self.C = kind, act_bits, wte.shape[1]
         if kind == "int8":
             from ternlm.config import Int8Config
@@ -148,9 +112,11 @@ class _Head:
 
             t = quantize_int8(wte, Int8Config("absmax", "per_channel"))
             self.w, self.scale = pad_int8_rows(t.q), t.scale.float().contiguous()
+            self._call = bind_int8_linear(self.w, self.scale, self.C, act_bits)
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kind]
             self.w, self.scale = pad_int8_rows(wte.to(dtype)), None
+            self._call = bind_float_rows(self.w, self.C)
 
     @property
     def nbytes(self) -> int:
@@ -158,11 +124,7 @@ class _Head:
         return n + (self.scale.numel() * 4 if self.scale is not None else 0)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        from ternlm.kernels.ops import float_rows_linear, int8_linear
-
-        if self.kind == "int8":
-            return int8_linear(x, self.w, self.scale, self.C, self.act_bits, out=out)
-        return float_rows_linear(x, self.w, self.C, out=out)
+        return self._call(x, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +180,7 @@ class GPT2Runtime:
         self._linear_modules = [(blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj) for blk in tr.h]
         inner = _out_features(tr.h[0].mlp.c_fc)
 
-        # static state: KV cache (L, 1, nh, max_seq_len, hs) and the decode step's buffers
+        # static state: KV cache (n_layer, 1, n_head, max_seq_len, head_dim) and the decode step's buffers
         shape = (self.n_layer, 1, self.n_head, self.max_seq_len, self.hs)
         self.k_cache = torch.zeros(shape)
         self.v_cache = torch.zeros(shape)
@@ -229,12 +191,8 @@ class GPT2Runtime:
         self._y = torch.empty(self.C)
         self._fc = torch.empty(1, inner)
         self._logits = torch.empty(1, self.vocab_size)
-        self._decoding = False
 
     # -- bookkeeping ---------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        self.pos = 0
 
     def weight_bytes(self) -> dict:
         """Bytes of weights a decode step reads: block linears, LM head, everything else."""
@@ -295,7 +253,7 @@ class GPT2Runtime:
     def decoding(self):
         """Run torch's own ops single-threaded while generating.
 
-        NOTE: at one token every torch op here (LayerNorm, SDPA over <= 1k keys, GELU) is a few
+        NOTE: at one token every torch op here (LayerNorm, GELU, residual adds) is a few
         microseconds of work; parallelizing it only makes torch's OpenMP team wait at its barrier for
         a thread the kernels' pool is holding the other core with (ms per op on a busy 2-core VM).
         The GEMVs -- nearly all of a step's time, head included -- keep the kernels' pool and thread
@@ -303,11 +261,9 @@ class GPT2Runtime:
         """
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
-        self._decoding = True
         try:
             yield self
         finally:
-            self._decoding = False
             torch.set_num_threads(prev)
 
     # -- generation ----------------------------------------------------------------------------
@@ -366,8 +322,7 @@ class GPT2Runtime:
 
 
 def _sampler(temperature: float, top_k: int, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise TernlmError("temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return lambda logits: int(logits.argmax())
     gen = torch.Generator().manual_seed(seed)

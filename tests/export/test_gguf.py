@@ -37,6 +37,8 @@ CASES = {
     "gpt2-tq2_0-per_tensor": ("gpt2", "tq2_0", TernaryConfig()),
     "gpt2-tq1_0-per_group": ("gpt2", "tq1_0", TernaryConfig(granularity="per_group", group_size=256)),
     "llama-tq1_0-per_channel": ("llama", "tq1_0", TernaryConfig(granularity="per_channel")),
+    # groups of 512 over 256- and 1024-wide rows: one partial group, two whole ones
+    "gpt2-tq2_0-per_group512": ("gpt2", "tq2_0", TernaryConfig(granularity="per_group", group_size=512)),
 }
 
 
@@ -174,7 +176,7 @@ def test_export_refusals(tmp_path, gpt2_tokenizer):
     narrow = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, n_positions=16))
     with pytest.raises(TernlmError, match="multiple of 256"):
         export_gguf(convert(narrow), tmp_path / "x.gguf", tokenizer=gpt2_tokenizer)
-    with pytest.raises(TernlmError, match="group_size 128"):
+    with pytest.raises(TernlmError, match="group_size 128 .*groups of 256"):
         export_gguf(convert(gpt2(layers=1), TernaryConfig(granularity="per_group")), tmp_path / "x.gguf",
                     tokenizer=gpt2_tokenizer)
     with pytest.raises(TernlmError, match="unknown ternary GGUF type"):

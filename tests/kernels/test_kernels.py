@@ -1,8 +1,9 @@
 """Compiled kernels against their pure-PyTorch reference, at every dispatch level this CPU runs.
 
 Integer path (W1.58A8): the int32 accumulators must be EXACTLY equal, and so must the float
-outputs -- kernel and reference do the same two float32 multiplies, (acc * act_scale) * w_scale,
-in the same order. Float path (W1.58A16): allclose (the kernel sums in a different order).
+outputs -- kernel and reference do the same float32 operations in the same order: (acc *
+act_scale) * w_scale, or per group the fold documented in ternlm/kernels/reference.py. Float
+path (W1.58A16): allclose (the kernel sums in a different order).
 """
 
 import os
@@ -163,12 +164,95 @@ def test_kernels_work_in_a_forked_child():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
-def test_per_group_falls_back_to_reference_and_native_refuses():
-    codes, packed, x = _problem(3, 4, 256, "2bit")
-    scale = torch.rand(4, 2)
-    assert torch.equal(ops.linear_a8(x, packed, scale, 256), reference.linear_a8(x, packed, scale, 256))
-    with pytest.raises(TernlmError, match="per_group"):
-        ops.linear_a8(x, packed, scale, 256, backend="native")
+# (M, N, K): per-group shapes with K off every group size (a partial last group), GEMV (M < 8,
+# the direct 2-bit path for groups of 256) and GEMM (M >= 8) tiles, and GPT-2's 576-wide case
+GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (2, 5, 257), (3, 33, 576), (5, 13, 777), (9, 9, 300),
+                (17, 6, 513), (70, 37, 640)]
+GROUP_SIZES = [32, 64, 128, 256]
+
+
+def _group_scale(N, K, g, seed=0):
+    gen = torch.Generator().manual_seed(seed + N + K + g)
+    return torch.rand(N, -(-K // g), generator=gen) + 0.05  # (N, ceil(K / g)): every group its own scale
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", GROUP_SHAPES)
+def test_linear_a8_per_group_bitwise_equal(level, fmt, M, N, K, g):
+    codes, packed, x = _problem(M, N, K, fmt)
+    scale = _group_scale(N, K, g)
+    out = ops.linear_a8(x, packed, scale, K, fmt, backend="native", group_size=g)
+    want = reference.linear_a8(x, packed, scale, K, fmt, group_size=g)
+    assert torch.equal(out, want)
+    # and the groups really are applied: one group's scale changed changes that group's share only
+    if scale.shape[1] > 1:
+        s2 = scale.clone()
+        s2[:, -1] *= 2
+        assert not torch.equal(ops.linear_a8(x, packed, s2, K, fmt, backend="native", group_size=g), out)
+
+
+@pytest.mark.parametrize("g", [64, 256])
+@pytest.mark.parametrize("act_bits", [8, 4])
+@pytest.mark.parametrize("M", [1, 9])
+def test_linear_per_group_bias_and_a4(level, g, act_bits, M):
+    codes, packed, x = _problem(M, 13, 300, "2bit")
+    scale, bias = _group_scale(13, 300, g), torch.randn(13)
+    assert torch.equal(ops.linear_a8(x, packed, scale, 300, act_bits=act_bits, bias=bias, backend="native",
+                                     group_size=g),
+                       reference.linear_a8(x, packed, scale, 300, act_bits=act_bits, bias=bias, group_size=g))
+    torch.testing.assert_close(ops.linear_a16(x, packed, scale, 300, bias=bias, backend="native", group_size=g),
+                               reference.linear_a16(x, packed, scale, 300, bias=bias, group_size=g),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", GROUP_SHAPES[:6] + [(20, 9, 300)])  # M >= 16: dequantize + sgemm
+def test_linear_a16_per_group_close(level, fmt, M, N, K, g):
+    codes, packed, x = _problem(M, N, K, fmt)
+    scale = _group_scale(N, K, g)
+    out = ops.linear_a16(x, packed, scale, K, fmt, backend="native", group_size=g)
+    torch.testing.assert_close(out, reference.linear_a16(x, packed, scale, K, fmt, group_size=g),
+                               rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantize_per_group_bitwise_equal(level, fmt, g):
+    codes, packed, _ = _problem(1, 21, 333, fmt)
+    scale = _group_scale(21, 333, g)
+    out = ops.dequantize(packed, scale, 333, fmt, backend="native", group_size=g)
+    assert torch.equal(out, reference.dequantize(packed, scale, 333, fmt, group_size=g))
+    assert torch.equal(out, codes.float() * scale.repeat_interleave(g, 1)[:, :333])
+
+
+@pytest.mark.parametrize("g", [64, 256])
+@pytest.mark.parametrize("M", [1, 9])
+def test_per_group_thread_count_does_not_change_results(g, M):
+    codes, packed, x = _problem(M, 301, 1000, "2bit")
+    scale = _group_scale(301, 1000, g)
+    want = reference.linear_a8(x, packed, scale, 1000, group_size=g)
+    for n in (1, 2, 3):
+        _ext.set_num_threads(n)
+        try:
+            assert torch.equal(ops.linear_a8(x, packed, scale, 1000, group_size=g), want)
+        finally:
+            _ext.set_num_threads(None)
+
+
+def test_per_group_size_is_validated():
+    codes, packed, x = _problem(3, 4, 300, "2bit")
+    scale = torch.rand(4, 7)  # ceil(300 / 48) = 7
+    with pytest.raises(TernlmError, match="multiple of 32"):
+        ops.linear_a8(x, packed, scale, 300, backend="native", group_size=48)
+    # auto: a group size the fast kernels lack runs the reference
+    assert torch.equal(ops.linear_a8(x, packed, scale, 300, group_size=48),
+                       reference.linear_a8(x, packed, scale, 300, group_size=48))
+    with pytest.raises(TernlmError, match="groups"):  # 7 groups do not fit groups of 64 over 300 inputs
+        ops.linear_a8(x, packed, scale, 300, group_size=64)
+    with pytest.raises(TernlmError, match="group_size"):  # 300 / 7 does not divide: the size must be given
+        ops.linear_a8(x, packed, scale, 300)
 
 
 def test_shape_errors_are_clear():

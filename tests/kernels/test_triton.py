@@ -97,15 +97,16 @@ def test_bias(M):
                                reference.linear_a16(x, packed, scale, 300, bias=bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("M,N,K,groups", [(3, 70, 512, 4), (1, 9, 320, 5), (17, 6, 768, 3)])
-def test_per_group_close(M, N, K, groups):
-    # group sizes 128, 64, 256: a group ends mid-block, at a slice edge, at a block edge
+@pytest.mark.parametrize("M,N,K,g", [(3, 70, 512, 128), (1, 9, 320, 64), (17, 6, 768, 256),
+                                     (3, 9, 300, 128), (1, 5, 576, 256), (17, 6, 600, 512), (2, 7, 500, 192)])
+def test_per_group_bitwise_equal(M, N, K, g):
+    # a group ends mid-block, at a slice edge, at a block edge; partial last groups (300, 576, 600, 500)
     codes, packed, x = _problem(M, N, K)
-    scale = torch.rand(N, groups) + 0.05
-    torch.testing.assert_close(tk.linear_a8_triton(x, packed, scale, K),
-                               reference.linear_a8(x, packed, scale, K), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(tk.linear_a16_triton(x, packed, scale, K),
-                               reference.linear_a16(x, packed, scale, K), rtol=1e-5, atol=1e-4)
+    scale = torch.rand(N, -(-K // g)) + 0.05
+    assert torch.equal(tk.linear_a8_triton(x, packed, scale, K, group_size=g),
+                       reference.linear_a8(x, packed, scale, K, group_size=g))
+    torch.testing.assert_close(tk.linear_a16_triton(x, packed, scale, K, group_size=g),
+                               reference.linear_a16(x, packed, scale, K, group_size=g), rtol=1e-5, atol=1e-4)
 
 
 def test_strided_activations_and_empty_batch():
@@ -135,6 +136,8 @@ def test_bad_input_raises(fn, monkeypatch):
         fn(x, packed, one, 300, bias=torch.randn(3))
     with pytest.raises(TernlmError, match="multiple of 64"):  # groups of 100
         fn(x, packed, torch.rand(4, 3), 300)
+    with pytest.raises(TernlmError, match="group_size"):  # 300 / 7 does not divide: the size must be given
+        fn(x, packed, torch.rand(4, 7), 300)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(TernlmError, match="CUDA"):
         fn(x, packed, one, 300)
@@ -179,6 +182,14 @@ for M, N, K in [(1, 300, 1000), (17, 70, 513), (200, 257, 768)]:
                                rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tk.linear_a16_triton(c(x).bfloat16(), c(packed), c(scale), K, c(bias)).cpu(),
                                reference.linear_a16(x.bfloat16(), packed, scale, K, bias=bias), rtol=1e-5, atol=1e-4)
+    for g in (64, 128, 256):  # per-group scales, partial last groups
+        gs = torch.rand(N, -(-K // g)) + .05
+        assert torch.equal(tk.linear_a8_triton(c(x), c(packed), c(gs), K, c(bias), group_size=g).cpu(),
+                           reference.linear_a8(x, packed, gs, K, bias=bias, group_size=g))
+    # the package's dispatch sends CUDA tensors to Triton
+    from ternlm.kernels import bind_linear
+    f = bind_linear(c(packed), c(scale), K, bias=c(bias))
+    assert f.backend == "triton" and torch.equal(f(c(x)).cpu(), ref8)
 """
 
 
@@ -187,3 +198,19 @@ def test_compiled_on_gpu():  # pragma: no cover - runs only where a GPU is prese
     # a fresh process without the interpreter, so the kernels really compile for the GPU
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", _GPU_CHECK], check=True, env=env)
+
+
+@pytest.mark.parametrize("act_bits,group_size", [(8, None), (8, 128), (4, 64), (None, 128)])
+def test_binding_runs_triton_backend(act_bits, group_size):
+    # the package's entry point reaching the Triton kernels (CPU tensors through the interpreter)
+    from ternlm.kernels import bind_linear
+
+    codes, packed, x = _problem(3, 9, 300)
+    scale = torch.rand(9, -(-300 // group_size)) + 0.05 if group_size else torch.rand(9) + 0.05
+    f = bind_linear(packed, scale, 300, act_bits=act_bits, group_size=group_size, backend="triton")
+    assert f.backend == "triton"
+    if act_bits is None:
+        torch.testing.assert_close(f(x), reference.linear_a16(x, packed, scale, 300, group_size=group_size),
+                                   rtol=1e-5, atol=1e-4)
+    else:
+        assert torch.equal(f(x), reference.linear_a8(x, packed, scale, 300, act_bits=act_bits, group_size=group_size))

@@ -12,8 +12,9 @@ GRANULARITIES = ["per_tensor", "per_channel", "per_group"]
 FMTS = ["2bit", "base3"]
 
 
-def _cfg(granularity, act_bits=None):
-    return TernaryConfig(granularity=granularity, group_size=20, act_bits=act_bits)
+def _cfg(granularity, act_bits=None, group_size=32):
+    # groups of 32 over the tests' 100 / 300 inputs: the last group of each row is partial
+    return TernaryConfig(granularity=granularity, group_size=group_size, act_bits=act_bits)
 
 
 def _conv1d(in_f, out_f):
@@ -102,13 +103,52 @@ def test_storage_is_about_two_bits_per_weight(fmt, max_bits):
 
 def test_state_dict_round_trip():
     src = TernaryLinear.from_linear(nn.Linear(100, 30), _cfg("per_group", act_bits=8), "base3")
-    dst = TernaryLinear(100, 30, bias=True, act_bits=8, fmt="base3", granularity="per_group", group_size=20)
+    dst = TernaryLinear(100, 30, bias=True, act_bits=8, fmt="base3", granularity="per_group", group_size=32)
     dst.load_state_dict(src.state_dict())
     x = torch.randn(4, 100)
     assert torch.equal(src(x), dst(x))
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("act_bits", [8, None])
+@pytest.mark.parametrize("group_size", [64, 128, 256])
+def test_per_group_runs_the_compiled_kernels(fmt, act_bits, group_size):
+    from ternlm.kernels import is_available
+
+    torch.manual_seed(0)
+    m = TernaryLinear.from_linear(nn.Linear(576, 40), _cfg("per_group", act_bits, group_size), fmt)
+    assert m.scale.shape == (40, -(-576 // group_size))  # 576 = 2*256 + 64: a partial last group of 256
+    bound = m.bind()
+    assert bound.backend == ("native" if is_available() else "reference") and bound.group_size == group_size
+    assert m.bind() is bound  # bound once, reused
+    x = torch.randn(3, 576)
+    y = m(x)
+    m.kernel = "reference"
+    assert m.bind().backend == "reference"
+    if act_bits == 8:
+        assert torch.equal(y, m(x))
+    else:
+        torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_binding_follows_replaced_buffers():
+    m = TernaryLinear.from_linear(nn.Linear(64, 16, bias=False), _cfg("per_channel", act_bits=8))
+    x = torch.randn(2, 64)
+    y = m(x)
+    m.scale = m.scale * 2  # a new tensor: the next call re-binds
+    torch.testing.assert_close(m(x), 2 * y)
+    with torch.no_grad():
+        m.scale.mul_(0.5)  # in place: the binding holds the same float32 buffer
+    torch.testing.assert_close(m(x), y)
+    import copy
+
+    m2 = copy.deepcopy(m)  # a binding is never copied (it holds raw pointers)
+    assert torch.equal(m2(x), m(x)) and m2.bind() is not m.bind()
+
+
 def test_bad_arguments():
+    with pytest.raises(TernlmError, match="multiple of 32"):
+        TernaryLinear(100, 10, granularity="per_group", group_size=20)
     with pytest.raises(TernlmError):
         TernaryLinear(10, 10, fmt="3bit")
     with pytest.raises(TernlmError):

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from ternlm.config import TernaryConfig
 from ternlm.errors import TernlmError
-from ternlm.quant.ternary import absmean_scale, dequantize_ternary, ternarize
+from ternlm.quant.ternary import absmean_scale, dequantize_ternary, expand_scale, ternarize
 
 GRANS = [("per_tensor", 128), ("per_channel", 128), ("per_group", 4)]
 
@@ -64,9 +64,35 @@ def test_fit_lowers_reconstruction_error():
     assert e_fit < e_abs
 
 
+@pytest.mark.parametrize("scale_mode", ["absmean", "fit"])
+def test_partial_last_group_is_quantized_on_its_own(scale_mode):
+    # 10 inputs in groups of 4: two full groups and a partial one of 2 weights per row
+    w = torch.randn(5, 10)
+    cfg = TernaryConfig(granularity="per_group", group_size=4, scale_mode=scale_mode)
+    t = ternarize(w, cfg)
+    assert t.scale.shape == (5, 3) and t.codes.shape == (5, 10)
+    head = ternarize(w[:, :8], cfg)
+    tail = ternarize(w[:, 8:], TernaryConfig(granularity="per_channel", scale_mode=scale_mode))
+    assert torch.equal(t.codes, torch.cat([head.codes, tail.codes], 1))
+    assert torch.equal(t.scale, torch.cat([head.scale, tail.scale[:, None]], 1))
+    gamma = absmean_scale(w, cfg)
+    assert gamma.shape == (5, 3) and torch.equal(gamma[:, 2], w[:, 8:].abs().mean(1).clamp_min(cfg.eps))
+    if scale_mode == "absmean":
+        assert torch.equal(t.scale, gamma)
+    deq = t.dequantize()
+    assert torch.equal(deq[:, 8:], t.codes[:, 8:].float() * t.scale[:, 2:3])
+
+
+def test_expand_scale_checks_the_group_count():
+    with pytest.raises(TernlmError, match="per_group scale must have shape"):
+        expand_scale(torch.ones(4, 2), torch.Size((4, 10)), "per_group", 4)
+    assert torch.equal(expand_scale(torch.tensor([[1.0, 2.0, 3.0]]), torch.Size((1, 10)), "per_group", 4),
+                       torch.tensor([[1.0] * 4 + [2.0] * 4 + [3.0] * 2]))
+
+
 def test_bad_shapes_and_config():
     with pytest.raises(TernlmError):
-        ternarize(torch.randn(4, 10), TernaryConfig(granularity="per_group", group_size=4))
+        ternarize(torch.randn(4, 10), TernaryConfig(granularity="per_group", group_size=0))
     with pytest.raises(TernlmError):
         ternarize(torch.randn(4, 4, 4))
     with pytest.raises(TernlmError):

@@ -22,11 +22,11 @@ def tokenizer():
     return transformers.AutoTokenizer.from_pretrained(require_data("gpt2-tokenizer"))
 
 
-def _tiny(tokenizer, act_bits=8, fmt="2bit", ternary=True, seed=0, **kw):
+def _tiny(tokenizer, act_bits=8, fmt="2bit", ternary=True, seed=0, tcfg=None, **kw):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=len(tokenizer), **kw)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    return convert(model, TernaryConfig(act_bits=act_bits), fmt=fmt) if ternary else model
+    return convert(model, tcfg or TernaryConfig(act_bits=act_bits), fmt=fmt) if ternary else model
 
 
 def _ids(tokenizer, text="The quick brown fox jumps over the lazy dog"):
@@ -42,6 +42,35 @@ def test_greedy_equals_hf_generate(tokenizer, act_bits, fmt):
     got = GPT2Runtime(model, RuntimeConfig(head="fp32")).generate(ids[0], 24)
     assert got["tokens"] == ref[0, ids.shape[1]:].tolist()
     assert got["n_prompt_tokens"] == ids.shape[1] and got["n_new_tokens"] == 24
+
+
+def test_per_group_layers_run_bound_compiled_kernels(tokenizer):
+    # groups of 96 over 64 / 256 inputs: partial last groups in every layer
+    model = _tiny(tokenizer, tcfg=TernaryConfig(granularity="per_group", group_size=96, act_bits=8), fmt="base3")
+    ids = _ids(tokenizer)
+    rt = GPT2Runtime(model, RuntimeConfig(head="fp32"))
+    want = "native" if _ext.is_available() else "reference"
+    assert {f.backend for b in rt.blocks for f in (b.qkv, b.proj, b.fc, b.mproj)} == {want}
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert rt.generate(ids[0], 12)["tokens"] == ref[0, ids.shape[1]:].tolist()
+
+
+def test_runtime_uses_only_public_kernel_names():
+    import pathlib
+    import re
+
+    import ternlm
+
+    root = pathlib.Path(ternlm.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.parent.name == "kernels":
+            continue
+        src = path.read_text()
+        assert not re.search(r"_geometry|_FMT_ID", src), path
+        if path.parent.name == "runtime":
+            assert "_QMAX" not in src and ".linear_a8(" not in src, path
+        assert not re.search(r"from ternlm\.kernels(\.\w+)? import [^\n]*\b_\w+|ternlm\.kernels\._|kernels import _", src), path
 
 
 @pytest.mark.parametrize("ternary", [True, False])
