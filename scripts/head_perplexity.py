@@ -8,10 +8,11 @@ Shows what holding the LM head in fp16 or int8 (per-row absmax, W8A8 kernel) cos
 
 import argparse
 
-from ternlm.checkpoint import from_pretrained
+from ternlm.config import HEADS
 from ternlm.data.text import load_text
-from ternlm.models.loading import load_tokenizer
-from ternlm.runtime.gpt2 import HEADS, GPT2Runtime, RuntimeConfig
+from ternlm.eval.perplexity import perplexity
+from ternlm.models.loading import load
+from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
 
 
 def main() -> None:
@@ -21,14 +22,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=20480, help="tokens scored (default: 20480)")
     p.add_argument("--window", type=int, default=256, help="non-overlapping window length (default: 256)")
     a = p.parse_args()
-    model, tok = from_pretrained(a.checkpoint), load_tokenizer(a.checkpoint)
+    model, tok = load(a.checkpoint)
     text = load_text(a.text)
-    ids = tok(text[: a.tokens * 10], return_tensors="pt").input_ids[0][: a.tokens]
     base = None
     for head in HEADS:
-        ppl = GPT2Runtime(model, RuntimeConfig(head=head)).perplexity(ids, a.window)
+        rt = GPT2Runtime(model, RuntimeConfig(head=head, max_seq_len=a.window))
+        r = perplexity(rt.logits, tok, text, max_length=a.window, stride=a.window, max_windows=a.tokens // a.window)
+        ppl = r["perplexity"]
         base = base or ppl
-        print(f"head {head:5s} perplexity {ppl:10.3f} ({100 * (ppl / base - 1):+.3f}% vs fp32), {ids.numel()} tokens")
+        print(f"head {head:5s} perplexity {ppl:10.3f} ({100 * (ppl / base - 1):+.3f}% vs fp32), "
+              f"{r['n_tokens']} tokens scored")
 
 
 if __name__ == "__main__":

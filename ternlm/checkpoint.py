@@ -42,7 +42,7 @@ def quantization_record(model: nn.Module) -> dict:
 
     layers = ternary_linears(model)
     if not layers:
-        raise TernlmError("the model holds no TernaryLinear layers: convert it first (ternlm.convert.convert)")
+        raise TernlmError("the model holds no TernaryLinear layers: convert it first (ternlm.conversion.convert)")
     first = layers[0][1]
     for name, m in layers:
         if (m.fmt, m.act_bits, m.granularity, m.group_size) != (first.fmt, first.act_bits, first.granularity,

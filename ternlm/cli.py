@@ -104,6 +104,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_pretrain(a) -> int:
+    from ternlm.train.lm import LMTrainConfig
     from ternlm.train.pretrain import PretrainConfig, pretrain
 
     cfg = PretrainConfig(config=a.config, texts=tuple(a.text), out=a.out, n_layer=a.n_layer, n_embd=a.n_embd,

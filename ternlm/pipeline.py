@@ -284,7 +284,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 def _packed_section(qat, tok, test, cfg: PipelineConfig) -> dict:
     """The QAT classifier converted to packed 2-bit TernaryLinear layers (the inference format):
     same metrics, real memory and latency. Converts ``qat`` in place."""
-    from ternlm.convert import convert
+    from ternlm.conversion import convert
     from ternlm.eval.classification import evaluate_classifier
     from ternlm.eval.cost import model_bytes
 

@@ -62,7 +62,7 @@ def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, 
     The tokenizer is saved beside the weights when the source has one. Returns the output path.
     """
     from ternlm.checkpoint import save_pretrained
-    from ternlm.convert import convert
+    from ternlm.conversion import convert
     from ternlm.fileio import check_output_dir
     from ternlm.models.loading import load, source_kind
 

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from ternlm import checkpoint
 from ternlm.checkpoint import QUANT_FILE, WEIGHTS_FILE, from_pretrained, save_pretrained
 from ternlm.config import TernaryConfig
-from ternlm.convert import convert, ternary_linears
+from ternlm.conversion import convert, ternary_linears
 from ternlm.errors import TernlmError
 from ternlm.nn.ternary_linear import TernaryLinear
 

@@ -62,7 +62,7 @@ def prepare_files(cfg: BenchConfig, work: Path, log) -> dict:
         fmts.append("2bit")
     from ternlm.checkpoint import save_pretrained
     from ternlm.config import TernaryConfig
-    from ternlm.convert import convert
+    from ternlm.conversion import convert
 
     for fmt in fmts:
         m = convert(make_model(cfg), TernaryConfig(act_bits=8), fmt=fmt)

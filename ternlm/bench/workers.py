@@ -16,7 +16,7 @@ def _worker_ternlm(spec: dict) -> dict:
     from transformers import GPT2LMHeadModel
 
     from ternlm.config import TernaryConfig
-    from ternlm.convert import convert
+    from ternlm.conversion import convert
     from ternlm.kernels import get_level, set_num_threads
     from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
 
@@ -41,35 +41,8 @@ def _worker_ternlm(spec: dict) -> dict:
            "n_new_tokens": runs[0]["n_new_tokens"], "weight_bytes": rt.weight_bytes(), "kernel_level": get_level(),
            "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
     if spec.get("profile"):
-        out["profile"] = decode_profile(rt, ids, spec["threads"])
+        out["profile"] = rt.profile(ids)
     return out
-
-
-def decode_profile(rt, ids, threads: int, steps: int = 32) -> dict:
-    """Where a decode step's time goes: ms per token in block linears, LM head, and the rest."""
-    import torch
-
-    from ternlm.timing import time_calls
-
-    def best(fn, n=steps):
-        return min(time_calls(fn, warmup=1, min_calls=n)) * 1e3
-
-    with rt.decoding(), torch.inference_mode():
-        rt.prefill(ids)
-        step = best(lambda: (rt.decode_step(1), setattr(rt, "pos", len(ids))))
-        h = torch.randn(1, rt.C)
-        f = torch.randn(1, rt._fc.shape[1])
-
-        def linears():
-            for b in rt.blocks:
-                b.qkv(h, rt._qkv)
-                b.proj(h, rt._attn_out)
-                b.fc(h, rt._fc)
-                b.mproj(f, rt._attn_out)
-        lin = best(linears)
-        head = best(lambda: rt.head(h, rt._logits))
-    return {"step_ms": step, "block_linears_ms": lin, "head_ms": head,
-            "other_ms": max(0.0, step - lin - head), "note": "best-of-N per component; other = step - linears - head"}
 
 
 def _worker_hf(spec: dict) -> dict:

@@ -319,7 +319,7 @@ def _source(model_or_dir, tokenizer):
     if isinstance(model_or_dir, nn.Module):
         return model_or_dir, tokenizer
     from ternlm.checkpoint import from_pretrained
-    from ternlm.models.loading import load_tokenizer
+    from ternlm.models.sources import load_tokenizer
 
     model = from_pretrained(model_or_dir)
     return model, tokenizer if tokenizer is not None else load_tokenizer(model_or_dir)
@@ -338,7 +338,7 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
     The file is written beside ``out_file`` and renamed into place, so it is never half-written.
     """
     from ternlm.checkpoint import quantization_record, tied_names
-    from ternlm.convert import ternary_linears
+    from ternlm.conversion import ternary_linears
     from ternlm.nn.bitlinear import conv1d_class
 
     gguf = _gguf()
@@ -439,7 +439,7 @@ def from_gguf(path: str | Path) -> nn.Module:
     from transformers import AutoConfig
 
     from ternlm.checkpoint import apply_record, assign_state, check_record, empty_model
-    from ternlm.convert import ternary_linears
+    from ternlm.conversion import ternary_linears
     from ternlm.nn.bitlinear import conv1d_class
     from ternlm.quant.pack import pack
 

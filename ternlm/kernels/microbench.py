@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +28,9 @@ GPT2_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50257, 768)]
 
 def _time(fn, min_time: float = 0.3, max_reps: int = 200) -> tuple[float, float]:
     """(best, median) seconds per call."""
-    fn()
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    from ternlm.timing import time_calls
+
+    times = sorted(time_calls(fn, warmup=2, min_calls=5, min_time=min_time, max_calls=max_reps))
     return times[0], times[len(times) // 2]
 
 

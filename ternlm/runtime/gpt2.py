@@ -1,7 +1,7 @@
 """A lean batch-1 decode engine for GPT-2-architecture models (ternary or float block linears).
 
 Built from a Hugging Face ``GPT2LMHeadModel`` whose block linears are ``TernaryLinear`` (after
-``ternlm.convert``) or plain Conv1D / nn.Linear. What it removes from the per-token path, compared
+``ternlm.conversion``) or plain Conv1D / nn.Linear. What it removes from the per-token path, compared
 with ``model.generate``: the cache object, mask construction, logits processors and module-call
 overhead. What it keeps is the model's math, op for op, so greedy tokens equal HF's:
 
@@ -306,19 +306,35 @@ class GPT2Runtime:
                 "decode_tok_s": n_dec / (t2 - t1) if n_dec and t2 > t1 else None}
 
     @torch.inference_mode()
-    def perplexity(self, ids, window: int | None = None) -> float:
-        """exp(mean next-token NLL) over ``ids`` in non-overlapping windows of <= max_seq_len tokens."""
+    def logits(self, ids) -> torch.Tensor:
+        """Next-token logits (1, T, V) of a whole sequence from an empty cache, so the engine (with its
+        LM-head storage) plugs into ``ternlm.eval.perplexity.perplexity`` as a scorer."""
+        return self.prefill(torch.as_tensor(ids, dtype=torch.long).reshape(-1), all_logits=True).unsqueeze(0)
+
+    def profile(self, ids, steps: int = 32) -> dict:
+        """Where a decode step's time goes: best-of-``steps`` ms per token for the whole step, the
+        block linears and the LM head (other = step - linears - head: norms, attention, glue)."""
+        from ternlm.timing import time_calls
+
+        def best(fn):
+            return min(time_calls(fn, warmup=1, min_calls=steps)) * 1e3
+
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        window = min(window or self.max_seq_len, self.max_seq_len)
-        nll, n = 0.0, 0
-        for s in range(0, ids.numel() - 1, window):
-            chunk = ids[s : s + window + 1]
-            if chunk.numel() < 2:
-                break
-            logits = self.prefill(chunk[:-1], all_logits=True)
-            nll += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
-            n += chunk.numel() - 1
-        return float(torch.exp(torch.tensor(nll / n)))
+        with self.decoding(), torch.inference_mode():
+            self.prefill(ids)
+            step = best(lambda: (self.decode_step(1), setattr(self, "pos", ids.numel())))
+            h, f = torch.randn(1, self.C), torch.randn(1, self._fc.shape[1])
+
+            def linears():
+                for b in self.blocks:
+                    b.qkv(h, self._qkv)
+                    b.proj(h, self._attn_out)
+                    b.fc(h, self._fc)
+                    b.mproj(f, self._attn_out)
+            lin = best(linears)
+            head = best(lambda: self.head(h, self._logits))
+        return {"step_ms": step, "block_linears_ms": lin, "head_ms": head, "other_ms": max(0.0, step - lin - head),
+                "note": "best-of-N per component; other = step - linears - head"}
 
 
 def _sampler(temperature: float, top_k: int, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:

@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from ternlm.checkpoint import save_pretrained
 from ternlm.config import QuantConfig, TernaryConfig
-from ternlm.convert import convert, ternary_linears
+from ternlm.conversion import convert, ternary_linears
 from ternlm.errors import TernlmError
 from ternlm.export.gguf import decode_ternary_blocks, encode_ternary_blocks, export_gguf, from_gguf
 

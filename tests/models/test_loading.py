@@ -246,7 +246,7 @@ def test_gguf_classifier():
 
 def test_load_recognises_every_kind(tmp_path, tiny_dir, gpt2_tokenizer):
     from ternlm.checkpoint import save_pretrained
-    from ternlm.convert import convert
+    from ternlm.conversion import convert
     from ternlm.export.gguf import export_gguf
     from ternlm.nn.surgery import ternary_linears
 

@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import require_data
 from ternlm.config import TernaryConfig
-from ternlm.convert import convert
+from ternlm.conversion import convert
 from ternlm.errors import TernlmError
 from ternlm.kernels import _ext, ops, reference
 from ternlm.quant.activations import quantize_activations
@@ -118,12 +118,30 @@ def test_limits_and_config_validation(tokenizer):
         GPT2Runtime(_tiny(tokenizer), RuntimeConfig(max_seq_len=65))
 
 
-def test_perplexity_is_finite_and_int8_head_close(tokenizer):
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light")
+
+
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 8)])
+def test_engine_and_hf_forward_give_the_same_perplexity(tokenizer, window, stride):
+    """One perplexity implementation, two scorers (HF forward, the engine's prefill): same number."""
+    from ternlm.eval.perplexity import perplexity
+
     model = _tiny(tokenizer, 8)
-    ids = _ids(tokenizer, "It was the best of times, it was the worst of times, it was the age of wisdom")[0]
-    p32 = GPT2Runtime(model).perplexity(ids)
-    p8 = GPT2Runtime(model, RuntimeConfig(head="int8")).perplexity(ids)
-    assert 1 < p32 < float("inf") and abs(p8 - p32) / p32 < 0.05
+    hf = perplexity(model, tokenizer, TEXT, max_length=window, stride=stride)
+    rt = perplexity(GPT2Runtime(model).logits, tokenizer, TEXT, max_length=window, stride=stride)
+    assert hf["n_tokens"] == rt["n_tokens"] > 20
+    assert abs(rt["perplexity"] - hf["perplexity"]) / hf["perplexity"] < 1e-4
+
+
+def test_int8_head_perplexity_close(tokenizer):
+    from ternlm.eval.perplexity import perplexity
+
+    model = _tiny(tokenizer, 8)
+    p32 = perplexity(GPT2Runtime(model).logits, tokenizer, TEXT, max_length=32, stride=32)["perplexity"]
+    p8 = perplexity(GPT2Runtime(model, RuntimeConfig(head="int8")).logits, tokenizer, TEXT, max_length=32,
+                    stride=32)["perplexity"]
+    assert 1 < p32 < float("inf") and p8 != p32 and abs(p8 - p32) / p32 < 0.05
 
 
 # ---- head kernels against their references ------------------------------------------------------

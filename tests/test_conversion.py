@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ternlm.config import QuantConfig, TernaryConfig
-from ternlm.convert import convert, ternary_linears
+from ternlm.conversion import convert, ternary_linears
 from ternlm.errors import TernlmError
 from ternlm.kernels import reference
 from ternlm.nn.bitlinear import BitLinear
@@ -130,7 +130,7 @@ def test_converted_forward_equals_dequantized_reference():
 _RSS_SCRIPT = r"""
 import gc, json, torch
 from transformers import GPT2Config, GPT2LMHeadModel
-from ternlm.convert import convert
+from ternlm.conversion import convert
 from ternlm.eval.cost import release_freed_memory
 
 def rss_mb():
