@@ -33,18 +33,18 @@ class PTBitNetConfig:
     """
 
     method: ClassVar[str] = "ptbitnet"
-    calib_tokens: int = 16384
+    calib_tokens: int = 8192
     seq_len: int = 512
     group_size: int = 128
     transform: bool = True
     error_feedback: bool = True
     reconstruct: bool = True
-    reconstruct_steps: int = 64
-    reconstruct_batch: int = 4
+    reconstruct_steps: int = 32
+    reconstruct_batch: int = 2
     lr: float = 5e-3
     damp: float = 0.01
     block_cols: int = 128
-    refit_iters: int = 2
+    refit_iters: int = 1
     sequential: bool = True
     seed: int = 0
     act_bits: Union[int, None] = None

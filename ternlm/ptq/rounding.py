@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
 
@@ -51,28 +52,62 @@ def absmean_grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, tor
     return codes, gamma
 
 
-def search_scales(w: torch.Tensor, weight: torch.Tensor | None = None, n_grid: int = 24) -> torch.Tensor:
+def search_scales(w: torch.Tensor, weight: torch.Tensor | None = None, n_grid: int = 16) -> torch.Tensor:
     """Per-row scale of ``w`` (out, k) minimising the (diag-weighted) ternary rounding error.
 
-    Candidates are multiples of mean|w| from 0.3 to 2.0; for each the codes are re-rounded and the
-    least-squares scale for those codes is taken, so the result is always at least as good as the
-    best grid point. Returns (out,) float32.
+    Candidate thresholds are multiples of mean|w| (0.3 to 2.0, halved); for each the codes are
+    re-rounded and the least-squares scale for those codes taken, whose error is
+    sum h|w|^2 - num^2 / den (num = sum h|w||t|, den = sum h|t|), so only the last term is compared.
+    Returns (out,) float32.
     """
     a = w.abs()
-    h = torch.ones(w.shape[1]) if weight is None else weight
+    h = torch.ones(w.shape[1]) if weight is None else weight.float()
+    ah = a * h
     base = a.mean(dim=1, keepdim=True).clamp_min(1e-8)  # (out, 1)
-    best_err = torch.full((w.shape[0],), math.inf)
+    best_gain = torch.full((w.shape[0],), -1.0)
     best_s = base.squeeze(1).clone()
-    for c in torch.linspace(0.3, 2.0, n_grid):
-        t = (a >= 0.5 * c * base).float()  # |code| for threshold s/2
-        num = (a * t * h).sum(1)
-        den = (t * h).sum(1)
-        s = torch.where(den > 0, num / den.clamp_min(1e-12), base.squeeze(1)).clamp_min(1e-8)
-        err = (((a - t * s[:, None]) ** 2) * h).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-    return best_s
+    for c in torch.linspace(0.3, 2.0, n_grid).tolist():
+        t = a >= (0.5 * c) * base  # |code| for threshold s/2
+        num = torch.where(t, ah, 0).sum(1)
+        den = (t.float() @ h)
+        ok = den > 0
+        gain = torch.where(ok, num * num / den.clamp_min(1e-30), -1.0)
+        better = gain > best_gain
+        best_gain = torch.where(better, gain, best_gain)
+        best_s = torch.where(better & ok, num / den.clamp_min(1e-30), best_s)
+    return best_s.clamp_min(1e-8)
+
+
+def search_group_scales(w: torch.Tensor, group_size: int, weight: torch.Tensor | None = None,
+                        n_grid: int = 16) -> torch.Tensor:
+    """``search_scales`` for every group of every row at once: (out, n_groups)."""
+    out_f, in_f = w.shape
+    g = n_groups(in_f, group_size)
+    pad = g * group_size - in_f
+    h = torch.ones(in_f) if weight is None else weight.float()
+    wp = F.pad(w, (0, pad)).reshape(out_f * g, group_size)
+    hp = F.pad(h, (0, pad)).reshape(g, group_size)
+    if pad:  # rows of different groups have different weights: fold h into a per-row layout
+        a = wp.abs()
+        hr = hp.repeat(out_f, 1)
+        base = a.sum(1, keepdim=True) / torch.full((g,), float(group_size)).index_fill_(
+            0, torch.tensor([g - 1]), float(group_size - pad)).repeat(out_f)[:, None]
+        base = base.clamp_min(1e-8)
+        ah = a * hr
+        best_gain = torch.full((out_f * g,), -1.0)
+        best_s = base.squeeze(1).clone()
+        for c in torch.linspace(0.3, 2.0, n_grid).tolist():
+            t = a >= (0.5 * c) * base
+            num = torch.where(t, ah, 0).sum(1)
+            den = torch.where(t, hr, 0).sum(1)
+            ok = den > 0
+            gain = torch.where(ok, num * num / den.clamp_min(1e-30), -1.0)
+            better = gain > best_gain
+            best_gain = torch.where(better, gain, best_gain)
+            best_s = torch.where(better & ok, num / den.clamp_min(1e-30), best_s)
+        return best_s.clamp_min(1e-8).reshape(out_f, g)
+    return torch.stack([search_scales(w[:, i:i + group_size], h[i:i + group_size], n_grid)
+                        for i in range(0, in_f, group_size)], dim=1)
 
 
 def prepare_hessian(h: torch.Tensor, w: torch.Tensor, damp: float, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +244,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor, group_size: int, *, damp: f
             codes, scale = gptq_ternary(w, hd.float(), u, group_size, block_cols, scale, True, diag)
         else:
             if scale is None:
-                scale = torch.stack([search_scales(w[:, i:i + group_size], diag[i:i + group_size])
-                                     for i in range(0, w.shape[1], group_size)], dim=1)
+                scale = search_group_scales(w, group_size, diag)
             codes = ternary_codes(w, expand_groups(scale, w.shape[1], group_size))
         scale = fit_scales(w, codes, hd, group_size, scale)
         err = layer_error(w, codes * expand_groups(scale, w.shape[1], group_size), hd) / ref

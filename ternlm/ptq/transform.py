@@ -16,24 +16,23 @@ import torch
 import torch.nn as nn
 
 from ternlm.ptq.arch import BlockSpec, NormMigration, RowMigration, get_weight, set_weight
-from ternlm.ptq.rounding import expand_groups, layer_error, search_scales, ternary_codes
+from ternlm.ptq.rounding import expand_groups, layer_error, search_group_scales, ternary_codes
 
-GRID = (0.0, 0.25, 0.5, 0.75)
+ALPHAS = (0.0, 0.25)
+BETAS = (0.0, 0.25, 0.5, 0.75)
 
 
 def _rtn_error(ws: list, h: torch.Tensor, group_size: int) -> float:
     diag = torch.diagonal(h).float().clamp_min(0)
     err = 0.0
     for w in ws:
-        s = torch.stack([search_scales(w[:, i:i + group_size], diag[i:i + group_size])
-                         for i in range(0, w.shape[1], group_size)], dim=1)
+        s = search_group_scales(w, group_size, diag, n_grid=8)
         err += layer_error(w, ternary_codes(w, expand_groups(s, w.shape[1], group_size))
                            * expand_groups(s, w.shape[1], group_size), h)
     return err
 
 
-def choose_scales(ws: list, h: torch.Tensor, col_map: torch.Tensor, n_s: int, group_size: int,
-                  grid=GRID) -> tuple[torch.Tensor, dict]:
+def choose_scales(ws: list, h: torch.Tensor, col_map: torch.Tensor, n_s: int, group_size: int) -> tuple[torch.Tensor, dict]:
     """Pick s (n_s,) for consumer weights ``ws`` (each (out, in)) with input Hessian ``h``."""
     hd = torch.diagonal(h).float().clamp_min(0)
     cnt = torch.bincount(col_map, minlength=n_s).float().clamp_min(1)
@@ -44,8 +43,8 @@ def choose_scales(ws: list, h: torch.Tensor, col_map: torch.Tensor, n_s: int, gr
     a = torch.where(live, a, a[live].mean() if live.any() else torch.ones(()))
     wm = torch.where(live, wm, wm[live].mean() if live.any() else torch.ones(()))
     best = None
-    for alpha in grid:
-        for beta in grid:
+    for alpha in ALPHAS:
+        for beta in BETAS:
             s = a.pow(alpha) / wm.pow(beta)
             s = (s / s.log().mean().exp()).clamp(1e-2, 1e2)
             sc = s[col_map]
