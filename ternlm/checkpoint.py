@@ -232,12 +232,15 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_dtype: str = "fp32") -> Path:
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_dtype: str = "fp32",
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write a converted model (+ tokenizer) as a ternlm checkpoint directory, atomically.
 
     float_dtype: storage of the float tensors outside the ternary layers (embeddings, LM head,
     norms): ``fp32``, ``fp16`` or ``bf16``. Packed codes and ternary scales are stored as they are;
     loading casts the float tensors back to the model's dtype.
+    extra_files: name -> text written beside the weights in the same atomic step (a quantization
+    log, a model card).
     """
     from safetensors.torch import save_file
 
@@ -260,6 +263,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / QUANT_FILE).write_text(text + "\n")
+        for name, body in (extra_files or {}).items():
+            (tmp / name).write_text(body)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", _META_KEY: text})
 
     return atomic_dir(out_dir, write)

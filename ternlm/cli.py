@@ -138,10 +138,14 @@ def cmd_quantize(a) -> int:
     from ternlm.checkpoint import checkpoint_summary
     from ternlm.quantization import QuantizeConfig, quantize
 
-    cfg = QuantizeConfig(method=a.method, fmt=a.format, act_bits=a.act_bits, granularity=a.granularity,
+    cfg = QuantizeConfig(method=a.method, fmt=a.format, act_bits=a.act_bits,
+                         granularity="per_group" if a.method == "pt-bitnet" else a.granularity,
                          group_size=a.group_size, scale_mode=a.scale_mode, float_dtype=a.float_dtype,
-                         include=tuple(a.include or ()), exclude=tuple(a.exclude or ()))
-    out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init)
+                         include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), calib=a.calib,
+                         calib_split=a.calib_split, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
+                         transform=a.transform, error_feedback=a.error_feedback, reconstruct=a.reconstruct,
+                         reconstruct_steps=a.reconstruct_steps, seed=a.seed)
+    out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init, progress=not a.quiet)
     print(checkpoint_summary(out))
     return 0
 
@@ -301,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("model", help="hub id, local directory or GGUF file")
     z.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
     z.add_argument("--method", default=d["method"], choices=METHODS,
-                   help=f"absmean = BitNet b1.58 round-to-nearest, no data (default: {d['method']})")
+                   help=f"absmean = BitNet b1.58 round-to-nearest, no data; pt-bitnet = calibrated: transform + "
+                        f"block-wise error-feedback rounding, group scales, reconstruction (default: {d['method']})")
     z.add_argument("--format", default=d["fmt"], choices=FORMATS,
                    help=f"packed storage: 2 bits/weight or base-3 1.6 bits/weight (default: {d['fmt']})")
     z.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES,
@@ -311,6 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
     z.add_argument("--random-init", action="store_true", help="random weights from the model's config")
     _add_ternary_args(z, qat=False)
+    c = z.add_argument_group("pt-bitnet (calibrated; scales per --group-size inputs)")
+    c.add_argument("--calib", default=d["calib"], help="calibration text: file, directory or hub dataset id "
+                                                       "(never the text you evaluate on)")
+    c.add_argument("--calib-split", default=d["calib_split"], help=f"hub split (default: {d['calib_split']})")
+    c.add_argument("--calib-tokens", type=int, default=d["calib_tokens"],
+                   help=f"calibration tokens (default: {d['calib_tokens']})")
+    c.add_argument("--seq-len", type=int, default=d["seq_len"], help=f"calibration sequence length (default: {d['seq_len']})")
+    for flag, what in (("transform", "stage 1: function-preserving scale migration"),
+                       ("error-feedback", "stage 2: GPTQ-style error-feedback rounding"),
+                       ("reconstruct", "stage 2: block output reconstruction")):
+        c.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=d[flag.replace("-", "_")],
+                       help=f"{what} (default: on)")
+    c.add_argument("--reconstruct-steps", type=int, default=d["reconstruct_steps"],
+                   help=f"Adam steps per block (default: {d['reconstruct_steps']})")
+    c.add_argument("--seed", type=int, default=d["seed"])
+    z.add_argument("--quiet", action="store_true", help="no progress bar")
     z.set_defaults(fn=cmd_quantize, act_bits=d["act_bits"])
     for action in z._actions:  # quantize's activation default differs from TernaryConfig's: say which
         if action.dest == "act_bits":
@@ -329,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=d["split"], help=f"hub split / local wiki.SPLIT.raw (default: {d['split']})")
     e.add_argument("--window", type=int, default=d["window"], help=f"tokens per window (default: {d['window']})")
     e.add_argument("--stride", type=int, default=d["stride"],
-                   help=f"tokens between window starts; = window: non-overlapping (default: {d['stride']})")
+                   help="tokens between window starts (default: the window, i.e. non-overlapping)")
     e.add_argument("--max-windows", type=int, default=d["max_windows"],
                    help="score only the first N windows (default: all)")
     e.add_argument("--batch-size", type=int, default=d["batch_size"])

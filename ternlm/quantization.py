@@ -2,6 +2,12 @@
 
     from ternlm.quantization import QuantizeConfig, quantize
     quantize("HuggingFaceTB/SmolLM2-135M", "runs/smol-ternary", QuantizeConfig(fmt="base3"))
+    quantize("../shared/data/smollm2-135m", "runs/smol-ptb",
+             QuantizeConfig(method="pt-bitnet", calib="../shared/data/wikitext-2/tokens.valid.txt"))
+
+Two methods: ``absmean`` (BitNet b1.58's round-to-nearest, no data) and ``pt-bitnet``
+(calibrated, ``ternlm.ptq``: a function-preserving transform, then block-wise error-feedback
+rounding with least-squares group scales and output reconstruction; each stage switchable).
 
 Every input is checked before the model is loaded; the output directory is written atomically,
 so an interrupted run leaves any earlier output intact.
@@ -15,7 +21,8 @@ from pathlib import Path
 from ternlm.config import ACT_BITS, FLOAT_DTYPES, FORMATS, GRANULARITIES, SCALE_MODES, QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
 
-METHODS = ("absmean",)
+METHODS = ("absmean", "pt-bitnet")
+PTQ_LOG = "ternlm_ptq.json"
 
 
 @dataclass
@@ -35,6 +42,16 @@ class QuantizeConfig:
     float_dtype: str = "fp16"
     include: tuple = ()
     exclude: tuple = ()
+    # pt-bitnet only (group scales of group_size along the input; granularity is per_group)
+    calib: str | None = None         # calibration text: file, directory or hub dataset (never the eval text)
+    calib_split: str = "validation"  # hub split / wiki.{split}.raw in a directory
+    calib_tokens: int = 8192
+    seq_len: int = 512
+    transform: bool = True
+    error_feedback: bool = True
+    reconstruct: bool = True
+    reconstruct_steps: int = 32
+    seed: int = 0
 
     def __post_init__(self):
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
@@ -46,6 +63,20 @@ class QuantizeConfig:
             if value not in valid:
                 raise TernlmError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, valid))}")
         self.ternary()  # validates group_size and the rest
+        if self.method == "pt-bitnet":
+            if not self.calib:
+                raise TernlmError("--method pt-bitnet needs calibration text (--calib FILE|DIR|hub-id)")
+            if self.include or self.exclude:
+                raise TernlmError("--include/--exclude are not supported with --method pt-bitnet")
+            self.ptbitnet()
+
+    def ptbitnet(self):
+        from ternlm.ptq import PTBitNetConfig
+
+        return PTBitNetConfig(calib_tokens=self.calib_tokens, seq_len=self.seq_len, group_size=self.group_size,
+                              transform=self.transform, error_feedback=self.error_feedback,
+                              reconstruct=self.reconstruct, reconstruct_steps=self.reconstruct_steps, seed=self.seed,
+                              act_bits=self.act_bits, fmt=self.fmt)
 
     def ternary(self) -> TernaryConfig:
         return TernaryConfig(granularity=self.granularity, group_size=self.group_size, scale_mode=self.scale_mode,
@@ -56,7 +87,7 @@ class QuantizeConfig:
 
 
 def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, gguf_file: str | None = None,
-             random_init: bool = False) -> Path:
+             random_init: bool = False, progress: bool = True) -> Path:
     """Load ``source`` (directory, GGUF or hub id), convert it to packed ternary, save it to ``out_dir``.
 
     The tokenizer is saved beside the weights when the source has one. Returns the output path.
@@ -68,9 +99,30 @@ def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, 
 
     cfg = cfg or QuantizeConfig()
     check_output_dir(out_dir)
+    if cfg.method == "pt-bitnet":
+        from ternlm.data.text import check_source
+
+        check_source(cfg.calib, "calibration text")
     if source_kind(source, gguf_file) in ("ternlm", "ternlm-gguf"):
         raise TernlmError(f"{source} is already a packed ternary model")
+    if cfg.method == "absmean":
+        model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
+        qc = QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude)
+        convert(model, qc, fmt=cfg.fmt, act_bits=cfg.act_bits)
+        return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype)
+
+    import json
+
+    from ternlm.data.text import load_text
+    from ternlm.ptq import calibration_ids, ptbitnet_quantize
+
+    pcfg = cfg.ptbitnet()
+    text = load_text(cfg.calib, split=cfg.calib_split)
     model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
-    qc = QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude)
-    convert(model, qc, fmt=cfg.fmt, act_bits=cfg.act_bits)
-    return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype)
+    if tokenizer is None:
+        raise TernlmError(f"no tokenizer files in {source}: pt-bitnet needs one to read the calibration text")
+    ids = calibration_ids(tokenizer, text, pcfg.calib_tokens, pcfg.seq_len, pcfg.seed)
+    log = ptbitnet_quantize(model, ids, pcfg, progress=progress)
+    log.update(source=str(source), calib=str(cfg.calib), quantize_config=cfg.to_dict())
+    return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype,
+                           extra_files={PTQ_LOG: json.dumps(log, indent=2, default=str) + "\n"})

@@ -161,13 +161,15 @@ class EvalConfig:
     ``wiki.{split}.raw`` directories."""
 
     window: int = 512
-    stride: int = 512
+    stride: int | None = None  # None: the window (non-overlapping)
     max_windows: int | None = None
     batch_size: int = 1
     text_config: str | None = None
     split: str = "test"
 
     def __post_init__(self):
+        if self.stride is None:
+            self.stride = self.window
         if self.window < 2 or self.stride < 1 or self.batch_size < 1:
             raise TernlmError("window >= 2, stride >= 1 and batch_size >= 1 are required")
         if self.stride > self.window:
