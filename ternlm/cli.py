@@ -73,7 +73,9 @@ def cmd_pipeline(a) -> int:
         eval_batch_size=a.eval_batch_size, ppl_max_length=a.ppl_max_length, ppl_stride=a.ppl_stride,
         ppl_windows=a.ppl_windows, lm_qat_text=a.lm_qat_text, lm_qat_steps=a.lm_qat_steps,
         latency_messages=a.latency_messages, robustness=not a.no_robustness, robustness_limit=a.robustness_limit,
-        gen_tokens=a.gen_tokens, progress=not a.quiet,
+        gen_tokens=a.gen_tokens, progress=not a.quiet, ptbitnet=a.ptbitnet, calib_text=a.calib_text,
+        ptb_calib_tokens=a.ptb_calib_tokens, ptb_seq_len=a.ptb_seq_len, ptb_group_size=a.ptb_group_size,
+        ptb_reconstruct_steps=a.ptb_reconstruct_steps,
         baselines=tuple(b.strip() for b in a.baselines.split(",") if b.strip()))
     run_pipeline(cfg)
     return 0
@@ -238,6 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tokens per generation sample (default: {d['gen_tokens']})")
     q.add_argument("--baselines", default=",".join(d["baselines"]),
                    help=f"comma-separated int8 baselines to run (default: {','.join(d['baselines'])})")
+    g = q.add_argument_group("calibrated ternary PTQ (pt-bitnet) variant")
+    g.add_argument("--ptbitnet", action=argparse.BooleanOptionalAction, default=d["ptbitnet"],
+                   help="run the ternary_ptbitnet variant (classifier calibrated on training messages; base LM on "
+                        "--calib-text) (default: on)")
+    g.add_argument("--calib-text", default=d["calib_text"],
+                   help="calibration text for the base LM's pt-bitnet perplexity (default: --lm-qat-text)")
+    g.add_argument("--ptb-calib-tokens", type=int, default=d["ptb_calib_tokens"],
+                   help=f"calibration tokens (default: {d['ptb_calib_tokens']})")
+    g.add_argument("--ptb-seq-len", type=int, default=d["ptb_seq_len"],
+                   help=f"calibration sequence length (default: {d['ptb_seq_len']})")
+    g.add_argument("--ptb-group-size", type=int, default=d["ptb_group_size"],
+                   help=f"inputs per scale (default: {d['ptb_group_size']})")
+    g.add_argument("--ptb-reconstruct-steps", type=int, default=d["ptb_reconstruct_steps"],
+                   help=f"block reconstruction steps (default: {d['ptb_reconstruct_steps']})")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     _add_ternary_args(q)
     q.set_defaults(fn=cmd_pipeline)

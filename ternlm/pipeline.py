@@ -25,7 +25,7 @@ from ternlm.errors import TernlmError
 from ternlm.train.classify import ClassifierTrainConfig
 
 BASELINES = ("int8_absmax", "int8_zeropoint", "llm_int8")
-VARIANTS = ("fp32", "ternary_ptq", "ternary_qat") + BASELINES
+VARIANTS = ("fp32", "ternary_ptq", "ternary_ptbitnet", "ternary_qat") + BASELINES
 
 
 @dataclass
@@ -66,6 +66,14 @@ class PipelineConfig:
     prompts: tuple = ("The history of the city", "In 1998, the team")
     gen_tokens: int = 30
     baselines: tuple = BASELINES
+    # calibrated PTQ (ternlm.ptq, pt-bitnet): the classifier is calibrated on training messages, the
+    # base LM (perplexity section) on calib_text (default: lm_qat_text; never the perplexity text)
+    ptbitnet: bool = True
+    calib_text: str | None = None
+    ptb_calib_tokens: int = 4096
+    ptb_seq_len: int = 128
+    ptb_group_size: int = 128
+    ptb_reconstruct_steps: int = 16
     progress: bool = True
 
     def __post_init__(self):
@@ -77,6 +85,8 @@ class PipelineConfig:
                 raise TernlmError(f"{name} must be >= 1")
         if self.lm_qat_steps < 0:
             raise TernlmError("lm_qat_steps must be >= 0")
+        if self.ptbitnet:
+            self.ptbitnet_config(self.ptb_calib_tokens)  # validates the pt-bitnet settings now
         self.prompts = tuple(self.prompts)
         self.baselines = tuple(self.baselines)
         for b in self.baselines:
@@ -89,6 +99,13 @@ class PipelineConfig:
         d["prompts"] = list(self.prompts)
         d["baselines"] = list(self.baselines)
         return d
+
+    def ptbitnet_config(self, calib_tokens: int):
+        from ternlm.ptq import PTBitNetConfig
+
+        act = self.ternary.act_bits if self.ternary.act_bits in (None, 8) else None
+        return PTBitNetConfig(calib_tokens=calib_tokens, seq_len=self.ptb_seq_len, group_size=self.ptb_group_size,
+                              reconstruct_steps=self.ptb_reconstruct_steps, seed=self.seed, act_bits=act)
 
     def classifier_train(self, qat: bool, seed: int) -> ClassifierTrainConfig:
         return ClassifierTrainConfig(epochs=self.qat_epochs if qat else self.epochs, lr=self.qat_lr if qat else self.lr,
@@ -175,6 +192,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
     check_source(cfg.data, "data file")
     check_source(cfg.text, "text file")
     check_source(cfg.lm_qat_text, "LM QAT text file")
+    check_source(cfg.calib_text, "calibration text file")
     if bool(cfg.lm_qat_text) != bool(cfg.lm_qat_steps):
         raise TernlmError("--lm-qat-text and --lm-qat-steps go together (give both, or neither)")
     check_output_dir(cfg.out)
@@ -239,6 +257,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     weights_for_plot["ternary"] = _plot_weight(ptq, layer)
     del ptq
 
+    # ---- 2b. calibrated ternary PTQ (pt-bitnet), calibrated on training messages
+    if cfg.ptbitnet:
+        _log(cfg, "2b/5 calibrated ternary PTQ (pt-bitnet) on training messages")
+        ptb = copy.deepcopy(fp)
+        report["ptbitnet"] = {"classifier": _ptbitnet(ptb, tok, "\n".join(train.texts), cfg)}
+        report["variants"]["ternary_ptbitnet"] = _evaluate_variant("ternary_ptbitnet", ptb, tok, test, cfg, targets)
+        weights_for_plot["ternary_ptbitnet"] = _plot_weight(ptb, layer)
+        del ptb
+
     # ---- 3. ternary QAT (several seeds when asked)
     _log(cfg, f"3/5 ternary QAT fine-tuning ({cfg.qat_seeds} seed(s))")
     seeds = [cfg.seed + i for i in range(cfg.qat_seeds)]
@@ -279,6 +306,23 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     write_report(report, out, weights_for_plot, layer)
     _log(cfg, f"wrote {out / 'report.json'}, {out / 'report.md'} and plots in {report['wall_seconds']:.0f}s")
     return report
+
+
+def _ptbitnet(model, tok, text: str, cfg: PipelineConfig) -> dict:
+    """pt-bitnet on ``model`` in place (packed TernaryLinear layers), calibrated on ``text``: as many
+    sequences of ``ptb_seq_len`` as it holds, up to ``ptb_calib_tokens``. Returns the PTQ log."""
+    from ternlm.ptq import calibration_ids, ptbitnet_quantize
+
+    n_text = len(tok(text, verbose=False)["input_ids"])
+    n = min(cfg.ptb_calib_tokens, n_text // cfg.ptb_seq_len * cfg.ptb_seq_len)
+    if n < cfg.ptb_seq_len:
+        raise TernlmError(f"calibration text too short for pt-bitnet: {n_text} tokens, need at least "
+                          f"{cfg.ptb_seq_len} (--ptb-seq-len)")
+    pcfg = cfg.ptbitnet_config(n)
+    ids = calibration_ids(tok, text, pcfg.calib_tokens, pcfg.seq_len, pcfg.seed)
+    log = ptbitnet_quantize(model, ids, pcfg, progress=cfg.progress)
+    _log(cfg, f"pt-bitnet: {log['n_targets']} layers, {n} calibration tokens, {log['wall_s']:.0f} s")
+    return log
 
 
 def _packed_section(qat, tok, test, cfg: PipelineConfig) -> dict:
@@ -326,6 +370,19 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
         _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
         if name in ("fp32", "ternary_ptq"):
             gen[name] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+    calib = cfg.calib_text or cfg.lm_qat_text
+    if not cfg.ptbitnet:
+        ppl["ternary_ptbitnet"] = {"skipped": "pt-bitnet switched off"}
+    elif calib is None:
+        ppl["ternary_ptbitnet"] = {"skipped": "no calibration text (--calib-text or --lm-qat-text)"}
+    else:
+        m = copy.deepcopy(base)
+        _ptbitnet(m, tok, load_text(calib, config=cfg.text_config, split="validation"), cfg)
+        ppl["ternary_ptbitnet"] = perplexity(m, tok, text, **pp_kw)
+        gen["ternary_ptbitnet"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
+                                                   seed=cfg.seed)
+        _log(cfg, f"perplexity ternary_ptbitnet: {ppl['ternary_ptbitnet']['perplexity']:.2f}")
+        del m
     lm_hist = None
     if cfg.lm_qat_text and cfg.lm_qat_steps:
         train_text = load_text(cfg.lm_qat_text, config=cfg.text_config, split="train")

@@ -50,7 +50,7 @@ def render_markdown(r: dict) -> str:
                   f"(per seed: {', '.join(f'{x:.4f}' for x in q['f1'])})."]
     if "llm_int8" in var and "llm_int8_backend" in var["llm_int8"]:
         L += ["", f"LLM.int8 ran on: {var['llm_int8']['llm_int8_backend']}."]
-    for name in ("ternary_ptq", "ternary_qat"):
+    for name in ("ternary_ptq", "ternary_ptbitnet", "ternary_qat"):
         vv = var.get(name, {}).get("verify")
         if vv:
             L += ["", f"Verify {name}: {vv['n_layers']} layers, {100 * vv['ternary_share']:.2f}% of weights in "

@@ -33,7 +33,7 @@ def report(tiny_model_dir, tmp_path_factory):
         limit_train=96, limit_test=48, epochs=1, qat_epochs=3, qat_lr=1e-3, qat_seeds=2,
         ppl_max_length=32, ppl_stride=32, ppl_windows=2, latency_messages=8, robustness_limit=24,
         lm_qat_text=str(require_data("tinyshakespeare", "input.txt")), lm_qat_steps=3, gen_tokens=5,
-        progress=False)
+        ptb_calib_tokens=256, ptb_seq_len=32, ptb_group_size=32, ptb_reconstruct_steps=2, progress=False)
     r = run_pipeline(cfg)
     return out, r
 
@@ -51,10 +51,11 @@ def test_every_variant_and_metric_is_reported(report):
             assert v["cost"]["latency_batch32"]["ms_per_message"] > 0
             assert set(v["robustness"]) >= {"clean", "typos", "case", "whitespace_punct", "url", "number"}
         assert rep["config"]["qat_seeds"] == 2 and len(rep["qat_seeds"]["f1"]) == 2
-        assert set(rep["perplexity"]) == {"fp32", "ternary_ptq", "ternary_qat", "int8_absmax", "int8_zeropoint",
-                                          "llm_int8"}
+        assert set(rep["perplexity"]) == {"fp32", "ternary_ptq", "ternary_ptbitnet", "ternary_qat", "int8_absmax",
+                                          "int8_zeropoint", "llm_int8"}
         assert all(p["perplexity"] > 1 for p in rep["perplexity"].values())
-    for name in ("ternary_ptq", "ternary_qat"):
+    assert r["ptbitnet"]["classifier"]["n_targets"] == 8 and r["ptbitnet"]["classifier"]["wall_s"] > 0
+    for name in ("ternary_ptq", "ternary_ptbitnet", "ternary_qat"):
         assert r["variants"][name]["verify"]["ok"] and r["variants"][name]["verify"]["ternary_share"] == 1.0
     assert "llm_int8_backend" in r["variants"]["llm_int8"]
     # the QAT classifier converted to packed TernaryLinear: far smaller in memory, same predictions' quality
