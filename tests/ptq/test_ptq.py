@@ -8,9 +8,7 @@ from ternlm.errors import TernlmError
 from ternlm.nn.ternary_linear import TernaryLinear
 from ternlm.ptq import (PTBitNetConfig, apply_transform, calibration_ids, capture_block_inputs,
                         ptbitnet_quantize, quantize_layer, run_block)
-from ternlm.ptq.arch import block_spec
 from ternlm.ptq.calibration import block_stack
-from ternlm.ptq.quantize import collect_hessians
 from ternlm.ptq.reconstruct import FakeTernaryLinear, block_loss, reconstruct_block
 from ternlm.ptq.rounding import absmean_grouped, expand_groups, layer_error
 
