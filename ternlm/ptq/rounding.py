@@ -151,7 +151,7 @@ def layer_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     return float(((d @ h.double()) * d).sum())
 
 
-def gptq_ternary(w: torch.Tensor, h: torch.Tensor, u: torch.Tensor, group_size: int, block_cols: int,
+def gptq_ternary(w: torch.Tensor, u: torch.Tensor, group_size: int, block_cols: int,
                  scale: torch.Tensor | None = None, error_feedback: bool = True,
                  h_diag: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One left-to-right rounding pass.
@@ -241,7 +241,7 @@ def quantize_layer(w: torch.Tensor, h: torch.Tensor, group_size: int, *, damp: f
     history = []
     for it in range(refit_iters + 1):
         if error_feedback:
-            codes, scale = gptq_ternary(w, hd.float(), u, group_size, block_cols, scale, True, diag)
+            codes, scale = gptq_ternary(w, u, group_size, block_cols, scale, True, diag)
         else:
             if scale is None:
                 scale = search_group_scales(w, group_size, diag)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ternlm.ptq.arch import BlockSpec, NormMigration, RowMigration, get_weight, set_weight
+from ternlm.ptq.arch import BlockSpec, NormMigration, get_weight, set_weight
 from ternlm.ptq.rounding import expand_groups, layer_error, search_group_scales, ternary_codes
 
 ALPHAS = (0.0, 0.25)

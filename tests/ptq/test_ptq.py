@@ -8,9 +8,7 @@ from ternlm.errors import TernlmError
 from ternlm.nn.ternary_linear import TernaryLinear
 from ternlm.ptq import (PTBitNetConfig, apply_transform, calibration_ids, capture_block_inputs,
                         ptbitnet_quantize, quantize_layer, run_block)
-from ternlm.ptq.arch import block_spec
 from ternlm.ptq.calibration import block_stack
-from ternlm.ptq.quantize import collect_hessians
 from ternlm.ptq.reconstruct import FakeTernaryLinear, block_loss, reconstruct_block
 from ternlm.ptq.rounding import absmean_grouped, expand_groups, layer_error
 
@@ -233,7 +231,7 @@ def test_smollm2_first_block_beats_absmean():
     torch.set_num_threads(2)
     model = load_causal_lm(str(d)).eval()
     tok = load_tokenizer(str(d))
-    cfg = PTBitNetConfig(calib_tokens=1024, seq_len=256, reconstruct_steps=16, reconstruct_batch=2)
+    cfg = PTBitNetConfig(calib_tokens=512, seq_len=128, reconstruct_steps=8, reconstruct_batch=2)
     ids = calibration_ids(tok, text, cfg.calib_tokens, cfg.seq_len)
     from ternlm.config import QuantConfig
     from ternlm.nn.surgery import select_targets
