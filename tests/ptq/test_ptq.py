@@ -53,7 +53,7 @@ def _ids(n=4, t=16, seed=0):
 
 
 def _cfg(**kw):
-    base = dict(calib_tokens=64, seq_len=16, group_size=16, reconstruct_steps=8, reconstruct_batch=2)
+    base = dict(calib_tokens=64, seq_len=16, group_size=32, reconstruct_steps=8, reconstruct_batch=2)
     base.update(kw)
     return PTBitNetConfig(**base)
 
@@ -153,7 +153,7 @@ def test_ptbitnet_end_to_end_and_deterministic(arch):
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     assert len(rec["blocks"]) == 2 and rec["wall_s"] > 0 and rec["peak_rss_mb"] > 0
     assert all(b["loss_after"] <= b["loss_before"] for b in rec["blocks"])
-    assert rec["bits_per_weight"]["fp32_scales"] == pytest.approx(2 + 32 / 16)
+    assert 2 + 32 / 32 <= rec["bits_per_weight"]["fp32_scales"] < 2 + 32 / 16  # partial last groups carry a scale too
     fakes = [m for m in model.modules() if isinstance(m, FakeTernaryLinear)]
     assert len(fakes) == len(model.ternlm_targets)
     assert model.ternlm_format == "2bit" and model.ternlm_quant_config.weights.granularity == "per_group"
@@ -169,7 +169,7 @@ def test_packed_layers_match_fake_quant():
     ptbitnet_quantize(model, ids, _cfg(), progress=False, pack=True, kernel="reference")
     packed = [m for m in model.modules() if isinstance(m, TernaryLinear)]
     assert len(packed) == len(model.ternlm_targets) == 14
-    assert packed[0].scale.shape == (packed[0].out_features, packed[0].in_features // 16)
+    assert packed[0].scale.shape == (packed[0].out_features, -(-packed[0].in_features // 32))
     with torch.no_grad():
         out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
