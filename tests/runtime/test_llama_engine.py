@@ -98,7 +98,8 @@ def test_smollm2_135m_matches_hf():
 
     path = require_data("smollm2-135m")
     model, tok = load(str(path))
-    model = model.float().eval()
+    model = model.eval()
+    assert model.model.embed_tokens.weight.dtype == torch.float32
     ids = tok("The capital of France is", return_tensors="pt").input_ids[0]
     rt = DecodeEngine(model, RuntimeConfig(max_seq_len=64))
     assert (rt.arch.n_head, rt.arch.n_kv_head, rt.arch.head_dim) == (9, 3, 64)
@@ -110,8 +111,14 @@ def test_smollm2_135m_matches_hf():
     rt.prefill(ids)
     for j, t in enumerate(ref[0, T:T + 6].tolist()):
         torch.testing.assert_close(rt.decode_step(t), full[T + j], atol=2e-3, rtol=2e-3)
+    # ternary (absmean, A8) on real weights: near-ties appear within a few tokens, so each greedy pick is
+    # checked against Hugging Face's own logits of the engine's sequence: it must be HF's argmax up to a
+    # tie (float rounding in attention differs, int8 activations can round a last bit the other way)
     tern = convert(model, TernaryConfig(act_bits=8), fmt="2bit")
+    got = DecodeEngine(tern, RuntimeConfig(max_seq_len=64)).generate(ids, 16)["tokens"]
     with torch.inference_mode():
-        ref = tern.generate(ids[None], max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert DecodeEngine(tern, RuntimeConfig(max_seq_len=64)).generate(ids, 16)["tokens"] == \
-        ref[0, ids.numel():].tolist()
+        logits = tern(torch.cat([ids, torch.tensor(got[:-1])])[None]).logits[0, T - 1:]  # (16, V)
+    picked = logits.gather(1, torch.tensor(got)[:, None])[:, 0]
+    gap = logits.max(1).values - picked
+    assert (gap <= 1e-3 * logits.abs().max()).all(), gap
+    assert got[:4] == torch.argmax(logits[:4], 1).tolist()
