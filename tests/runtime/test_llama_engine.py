@@ -111,14 +111,25 @@ def test_smollm2_135m_matches_hf():
     rt.prefill(ids)
     for j, t in enumerate(ref[0, T:T + 6].tolist()):
         torch.testing.assert_close(rt.decode_step(t), full[T + j], atol=2e-3, rtol=2e-3)
-    # ternary (absmean, A8) on real weights: near-ties appear within a few tokens, so each greedy pick is
-    # checked against Hugging Face's own logits of the engine's sequence: it must be HF's argmax up to a
-    # tie (float rounding in attention differs, int8 activations can round a last bit the other way)
+    # ternary (absmean) on real weights: with float activations the engine's decode logits equal HF's
+    # full forward; with int8 activations near-ties appear within a few tokens (float rounding in attention
+    # differs, so a per-token int8 activation can round the other way), so each greedy pick is checked
+    # against HF's own logits of the engine's sequence: HF's argmax up to such a flip
+    import copy
+
+    tern16 = convert(copy.deepcopy(model), TernaryConfig(act_bits=None), fmt="2bit")
+    seq = ref[0, : T + 6]
+    with torch.inference_mode():
+        full = tern16(seq[None]).logits[0]
+    rt = DecodeEngine(tern16, RuntimeConfig(max_seq_len=64))
+    rt.prefill(ids)
+    for j, t in enumerate(seq[T:].tolist()):
+        torch.testing.assert_close(rt.decode_step(t), full[T + j], atol=2e-3, rtol=2e-3)
     tern = convert(model, TernaryConfig(act_bits=8), fmt="2bit")
     got = DecodeEngine(tern, RuntimeConfig(max_seq_len=64)).generate(ids, 16)["tokens"]
     with torch.inference_mode():
         logits = tern(torch.cat([ids, torch.tensor(got[:-1])])[None]).logits[0, T - 1:]  # (16, V)
     picked = logits.gather(1, torch.tensor(got)[:, None])[:, 0]
     gap = logits.max(1).values - picked
-    assert (gap <= 1e-3 * logits.abs().max()).all(), gap
+    assert (gap <= 1e-2 * logits.abs().max()).all(), gap
     assert got[:4] == torch.argmax(logits[:4], 1).tolist()
