@@ -204,7 +204,9 @@ def _run_model_bench(cfg: BenchConfig, log=print) -> dict:
                              lambda res: (gsize, gsize, {"head": "gguf"})))
     rows, skipped = _run_jobs(cfg, jobs, bw, skipped, log)
     peer = next((r for r in rows if r["system"] == "llama_cpp"), None)
+    hf = next((r for r in rows if r["system"] == "hf"), None)
     for r in rows:
+        r["x_hf_fp32"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None  # HF generate, same model
         r["x_llama_gguf"] = r["decode_tok_s"] / peer["decode_tok_s"] if peer and r["system"] == "ternlm" else None
     return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw, "machine": _machine(),
             "files": {"model_bytes": size}, "rows": rows, "skipped": skipped}

@@ -19,6 +19,7 @@ _LAZY = {
     "attn_decode": "ternlm.kernels.ops",
     "rope": "ternlm.kernels.reference",
     "pad_int8_rows": "ternlm.kernels.ops",
+    "int8_row_stride": "ternlm.kernels.ops",
     "int8_linear": "ternlm.kernels.ops",
     "float_rows_linear": "ternlm.kernels.ops",
     "A16_GEMM_MIN_TOKENS": "ternlm.kernels.ops",

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
-from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, pad_int8_rows, rope
+from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, int8_row_stride, pad_int8_rows, rope
 
 __all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "describe", "HEADS"]
 
@@ -232,6 +232,9 @@ def _gated_silu(inner: int) -> Callable:
 # LM head
 
 
+_HEAD_ROWS = 4096  # rows quantized at a time when building the int8 head
+
+
 class _Head:
     """logits (M, V) float32 from the final hidden state (M, C); rows padded to 64 for the kernels.
 
@@ -244,8 +247,14 @@ class _Head:
             from ternlm.config import Int8Config
             from ternlm.quant.int8 import quantize_int8
 
-            t = quantize_int8(wte, Int8Config("absmax", "per_channel"))
-            self.w, self.scale = pad_int8_rows(t.q), t.scale.float().contiguous()
+            # per-row absmax, a block of rows at a time: no full-size float temporaries of the table
+            V, cfg = wte.shape[0], Int8Config("absmax", "per_channel")
+            self.w = torch.zeros(V, int8_row_stride(self.C), dtype=torch.int8)  # rows padded like pad_int8_rows
+            self.scale = torch.empty(V)
+            for r in range(0, V, _HEAD_ROWS):
+                t = quantize_int8(wte[r:r + _HEAD_ROWS], cfg)
+                self.w[r:r + _HEAD_ROWS, :self.C] = t.q
+                self.scale[r:r + _HEAD_ROWS] = t.scale.float()
             self._call = bind_int8_linear(self.w, self.scale, self.C, act_bits)
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kind]
