@@ -39,8 +39,9 @@ _LAZY = {
     "evaluate": "ternlm.eval.perplexity",
     "EvalConfig": "ternlm.eval.perplexity",
     "export_gguf": "ternlm.export.gguf",
-    "GPT2Runtime": "ternlm.runtime.gpt2",
-    "RuntimeConfig": "ternlm.runtime.gpt2",
+    "DecodeEngine": "ternlm.runtime.engine",
+    "GPT2Runtime": "ternlm.runtime.engine",
+    "RuntimeConfig": "ternlm.runtime.engine",
 }
 
 

@@ -5,10 +5,12 @@ Two engines:
 
     hf    Hugging Face ``generate`` (KV cache on), any architecture; ``hf_generate`` is the one
           wrapper around it (the generate command, evaluation samples and the benchmark use it)
-    fast  ``ternlm.runtime.GPT2Runtime``: static KV cache, packed kernels called directly, optional
-          int8 LM head; GPT-2 architecture only, same sampling order as HF (temperature, top-k, top-p)
+    fast  ``ternlm.runtime.DecodeEngine``: static KV cache, packed kernels called directly, optional
+          int8 LM head; GPT-2 and Llama-family architectures (``ternlm.runtime.ARCHS``), same sampling
+          order as HF (temperature, top-k, top-p)
 
-``auto`` picks ``fast`` for a GPT-2 ternlm checkpoint and ``hf`` otherwise.
+``auto`` picks ``fast`` for any architecture the engine covers (ternary or float linears) and ``hf``
+otherwise, saying so in one line on stderr.
 """
 
 from __future__ import annotations
@@ -155,15 +157,15 @@ def generate(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *
 
 
 def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
-    """``generate`` on ternlm's GPT-2 decode loop (``ternlm.runtime.GPT2Runtime``); same result keys."""
-    from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
+    """``generate`` on ternlm's decode engine (``ternlm.runtime.DecodeEngine``); same result keys."""
+    from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
 
     cfg = cfg or GenerateConfig()
     if not prompt:
         raise TernlmError("empty prompt")
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     check_context(model, ids.numel(), cfg.max_new_tokens)
-    rt = GPT2Runtime(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
+    rt = DecodeEngine(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
     text = _TextStream(tokenizer, stream)
     r = rt.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=text)
@@ -171,15 +173,21 @@ def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = No
     return _result(tokenizer, r, "fast")
 
 
-def _pick_engine(model, cfg: GenerateConfig) -> str:
-    gpt2 = getattr(model.config, "model_type", None) == "gpt2"
-    if cfg.engine == "fast" and not gpt2:
-        raise TernlmError(f"the fast engine runs GPT-2 models; this is {model.config.model_type!r} (use --engine hf)")
-    if cfg.engine == "auto":
-        from ternlm.nn.surgery import ternary_linears
+def _pick_engine(model, cfg: GenerateConfig, log=None) -> str:
+    """The engine to run: ``fast`` when asked or (``auto``) when the decode engine covers the
+    architecture; ``auto`` on anything else falls back to ``hf`` with one line on ``log``."""
+    from ternlm.runtime.engine import describe
 
-        return "fast" if gpt2 and ternary_linears(model) else "hf"
-    return cfg.engine
+    if cfg.engine == "hf":
+        return "hf"
+    try:
+        describe(model)
+    except TernlmError as e:
+        if cfg.engine == "fast":
+            raise TernlmError(f"{e} (use --engine hf)") from None
+        print(f"ternlm: {e}; using Hugging Face generate", file=log if log is not None else sys.stderr)
+        return "hf"
+    return "fast"
 
 
 def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=None) -> dict:

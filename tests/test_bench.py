@@ -65,3 +65,30 @@ def test_bench_main_accepts_args_like_objects(monkeypatch, tmp_path):
     bench_main(Args())
     assert seen["cfg"].threads == 3 and seen["cfg"].systems == ("ternlm", "hf")
     assert json.loads((tmp_path / "out.json").read_text())["config"]["threads"] == 3
+
+
+@pytest.mark.slow
+def test_model_mode_benchmarks_a_checkpoint_directory(tmp_path):
+    import transformers
+
+    from ternlm.checkpoint import save_pretrained
+    from ternlm.config import TernaryConfig
+    from ternlm.conversion import convert
+
+    tok = transformers.AutoTokenizer.from_pretrained(require_data("gpt2-tokenizer"))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64)
+    model = convert(transformers.LlamaForCausalLM(cfg).eval(), TernaryConfig(act_bits=8), fmt="2bit")
+    save_pretrained(model, tok, tmp_path / "ckpt")
+    with pytest.raises(TernlmError, match="--llama-gguf"):
+        BenchConfig(llama_gguf=str(tmp_path / "x.gguf"))
+    res = run_bench(BenchConfig(model=str(tmp_path / "ckpt"), new_tokens=4, repeats=1, profile=True,
+                                ternlm_variants=("a8-2bit-int8",)), log=lambda *a: None)
+    got = {(r["system"], r["variant"]) for r in res["rows"]}
+    assert got == {("ternlm", "engine-int8"), ("hf", "generate")}
+    assert [s["variant"] for s in res["skipped"]] == ["gguf"]
+    for r in res["rows"]:
+        assert ROW_KEYS <= r.keys() and r["peak_rss_mb"] > 0 and r["bytes_per_token"] > 0
+    assert "--model" in res["command"] and "decode profile" in format_table(res)

@@ -40,3 +40,22 @@ def test_context_overflow_and_bad_config(lm, gpt2_tokenizer):
         generate(lm, gpt2_tokenizer, "word " * 40, GenerateConfig(max_new_tokens=20))
     with pytest.raises(TernlmError):
         GenerateConfig(top_p=0)
+
+
+def test_engine_choice_covers_gpt2_and_llama_and_falls_back_in_one_line(lm):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ternlm.generate import _pick_engine
+
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64)).eval()
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=64)).eval()
+    assert _pick_engine(lm, GenerateConfig()) == "fast"
+    assert _pick_engine(llama, GenerateConfig()) == "fast"
+    assert _pick_engine(llama, GenerateConfig(engine="hf")) == "hf"
+    log = io.StringIO()
+    assert _pick_engine(neox, GenerateConfig(), log=log) == "hf"
+    assert log.getvalue().count("\n") == 1 and "Hugging Face generate" in log.getvalue()
+    with pytest.raises(TernlmError, match="--engine hf"):
+        _pick_engine(neox, GenerateConfig(engine="fast"))

@@ -45,6 +45,8 @@ class BenchConfig:
     json: str | None = None
     profile: bool = True              # per-component decode breakdown for the first ternlm variant
     seed: int = 0
+    model: str | None = None          # benchmark this model (any directory ternlm.load reads) instead of the synthetic GPT-2
+    llama_gguf: str | None = None     # with --model: the GGUF file llama.cpp runs beside it (e.g. a shipped Q4_1)
 
     def __post_init__(self):
         self.systems = tuple(self.systems)
@@ -60,6 +62,13 @@ class BenchConfig:
             raise TernlmError(f"hf variants are {HF_VARIANTS}")
         if not set(self.llama_variants) <= set(LLAMA_VARIANTS):
             raise TernlmError(f"llama.cpp variants are {LLAMA_VARIANTS}")
+        if self.model is not None and not os.path.exists(self.model):
+            raise TernlmError(f"--model {self.model}: no such directory")
+        if self.llama_gguf is not None:
+            if self.model is None:
+                raise TernlmError("--llama-gguf names the peer's file for --model; the synthetic run builds its own")
+            if not os.path.isfile(self.llama_gguf):
+                raise TernlmError(f"--llama-gguf {self.llama_gguf}: no such file")
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.threads < 1 or self.repeats < 1 or self.rounds < 1:
             raise TernlmError("prompt_tokens >= 1, new_tokens >= 2, threads >= 1, repeats >= 1, rounds >= 1 "
                               "are required")
@@ -112,6 +121,9 @@ _HELP = {
     "json": "also write the results as JSON here",
     "profile": "per-component decode profile of the first ternlm variant",
     "seed": "random seed of the model weights and the prompt",
+    "model": "benchmark this model directory (ternlm checkpoint, GGUF dir, HF dir) on the decode engine (one row "
+             "per LM-head storage in --ternlm-variants) against HF generate on the same model",
+    "llama_gguf": "with --model: the GGUF file llama.cpp runs (e.g. the shipped Q4_1 file or ternlm's export)",
 }
 
 

@@ -23,6 +23,8 @@ def format_table(res: dict) -> str:
             ("peak RSS MB", "{:.0f}"), ("MB/token", "{:.1f}"), ("GB/s", "{:.1f}"), ("% copy BW", "{:.0f}")]
     keys = ["system", "variant", "decode_tok_s", "prefill_tok_s", "x_llama_tq2_same_head", "x_hf_fp32", "file_bytes",
             "peak_rss_mb", "bytes_per_token", "achieved_gbs", "pct_of_copy_bw"]
+    if any(r.get("x_llama_gguf") for r in res["rows"]):  # --model run with a named GGUF
+        cols[4], keys[4] = ("x llama.cpp (named GGUF)", "{:.2f}"), "x_llama_gguf"
     scale = {"file_bytes": 1e-6, "bytes_per_token": 1e-6}
     body = []
     for r in res["rows"]:

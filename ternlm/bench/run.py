@@ -7,6 +7,11 @@ bytes, peak RSS, and achieved GB/s (weight bytes a decoded token reads / time pe
 the copy bandwidth measured at the start of the run. Ratios are only meaningful within one run.
 
     ternlm bench --threads 2 --json bench.json      (or: python -m ternlm.bench ...)
+
+With ``--model DIR`` it benchmarks that model instead (any directory ``ternlm.load`` reads; GPT-2 or
+Llama architecture): the decode engine once per LM-head storage, HF ``generate`` on the same loaded
+model, and llama.cpp on ``--llama-gguf FILE`` when named. Bytes per token come from the engine's own
+weight accounting (ternlm), the model's parameters (HF) and the GGUF file size (llama.cpp, an upper bound).
 """
 
 from __future__ import annotations
@@ -82,10 +87,8 @@ def _llama_python(cfg: BenchConfig) -> tuple[str | None, str]:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Build the model files, run every system in its own subprocess, return the results dict."""
-    import platform
-
-    import torch
-
+    if cfg.model:
+        return _run_model_bench(cfg, log)
     tmp = None
     if cfg.workdir:
         work = Path(cfg.workdir)
@@ -103,7 +106,6 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         base_spec = {"threads": cfg.threads, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
                      "repeats": cfg.repeats, "vocab_size": hc.vocab_size, "seed": cfg.seed, "hf_dir": files["hf_dir"],
                      "gelu": cfg.gelu}
-        rows: list[dict] = []
         skipped: list[dict] = []
         # (system, variant, worker kind, spec, interpreter, row extras as a function of the result)
         jobs: list[tuple] = []
@@ -124,8 +126,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 store = "fp32" if v == "fp32" else "bf16"
                 size = files["hf_bytes"] if v == "fp32" else files["hf_bytes"] // 2
                 jobs.append(("hf", v, "hf", {**base_spec, "variant": v}, None,
-                             lambda res, size=size, store=store, v=v: (size, bytes_per_token(hc, store, store),
-                                                                       {"head": v})))
+                             lambda res, size=size, store=store, v=v: (res.pop("param_bytes", None) and size,
+                                                                       bytes_per_token(hc, store, store), {"head": v})))
         if "llama_cpp" in cfg.systems:
             py, why = _llama_python(cfg)
             for v in cfg.llama_variants:
@@ -141,6 +143,78 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                                  files[f"gguf_{v}_bytes"], bytes_per_token(hc, lin, head),
                                  {"head": {"f16": "fp16", "q8_0": "int8"}[head], "gguf_tool": files.get(f"gguf_{v}_tool")})))
 
+        rows, skipped = _run_jobs(cfg, jobs, bw, skipped, log)
+        return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw,
+                "machine": _machine(),
+                "files": {k: v for k, v in files.items() if k.endswith("_bytes") or k.endswith("_tool")},
+                "rows": rows, "skipped": skipped}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _machine() -> dict:
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _dir_bytes(path: str) -> int:
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _run_model_bench(cfg: BenchConfig, log=print) -> dict:
+    """``--model DIR``: the engine (one row per head storage) vs HF generate vs llama.cpp on a named GGUF."""
+    log(f"model: {cfg.model}; {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} greedy tokens, {cfg.threads} threads")
+    bw = copy_bandwidth_gbs()
+    log(f"copy bandwidth: {bw:.1f} GB/s")
+    # NOTE: prompt ids below 1000 are valid tokens of every supported vocabulary, so all systems
+    # see the same prompt without the parent loading the model
+    base_spec = {"threads": cfg.threads, "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens,
+                 "repeats": cfg.repeats, "vocab_size": 1000, "seed": cfg.seed, "model_dir": cfg.model, "gelu": cfg.gelu}
+    size = _dir_bytes(cfg.model)
+    jobs, skipped = [], []
+    if "ternlm" in cfg.systems:
+        heads = list(dict.fromkeys(parse_variant(v)[2] for v in cfg.ternlm_variants))
+        for i, head in enumerate(heads):
+            def extras(res, head=head):
+                wb = res.pop("weight_bytes")
+                return size, wb["linears"] + wb["head"] + wb["other"], {"head": head}
+            jobs.append(("ternlm", f"engine-{head}", "ternlm",
+                         {**base_spec, "head": head, "profile": cfg.profile and i == 0}, None, extras))
+    if "hf" in cfg.systems:
+        jobs.append(("hf", "generate", "hf", {**base_spec, "variant": "fp32"}, None,
+                     lambda res: (size, res.pop("param_bytes"), {"head": "model"})))
+    if "llama_cpp" in cfg.systems:
+        if not cfg.llama_gguf:
+            skipped.append({"system": "llama_cpp", "variant": "gguf", "reason": "no --llama-gguf file named"})
+        else:
+            py, why = _llama_python(cfg)
+            if why:
+                skipped.append({"system": "llama_cpp", "variant": Path(cfg.llama_gguf).name, "reason": why})
+                log(f"  llama.cpp: skipped ({why})")
+            else:
+                gsize = os.path.getsize(cfg.llama_gguf)
+                jobs.append(("llama_cpp", Path(cfg.llama_gguf).name, "llama_cpp",
+                             {**base_spec, "gguf": cfg.llama_gguf, "ids": prompt_ids(base_spec).tolist()}, py,
+                             lambda res: (gsize, gsize, {"head": "gguf"})))
+    rows, skipped = _run_jobs(cfg, jobs, bw, skipped, log)
+    peer = next((r for r in rows if r["system"] == "llama_cpp"), None)
+    hf = next((r for r in rows if r["system"] == "hf"), None)
+    for r in rows:
+        r["x_hf_fp32"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None  # HF generate, same model
+        r["x_llama_gguf"] = r["decode_tok_s"] / peer["decode_tok_s"] if peer and r["system"] == "ternlm" else None
+    return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw, "machine": _machine(),
+            "files": {"model_bytes": size}, "rows": rows, "skipped": skipped}
+
+
+def _run_jobs(cfg: BenchConfig, jobs: list, bw: float, skipped: list, log) -> tuple[list, list]:
+    rows: list[dict] = []
+    if jobs:
         # NOTE: rounds run every system once per round, round-robin, and keep each one's best: on a
         # shared machine the load drifts over minutes, and interleaving spreads that drift evenly.
         best: dict[tuple, dict] = {}
@@ -177,14 +251,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             row["pct_of_copy_bw"] = 100 * row["achieved_gbs"] / bw
             rows.append(row)
         ratios(rows)
-        return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw,
-                "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "python": platform.python_version()},
-                "files": {k: v for k, v in files.items() if k.endswith("_bytes") or k.endswith("_tool")},
-                "rows": rows, "skipped": skipped}
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    return rows, skipped
 
 
 def bench_main(args) -> dict:

@@ -11,6 +11,14 @@ from ternlm.bench.config import parse_variant
 from ternlm.eval.cost import peak_rss_mb
 
 
+def _load_model(spec: dict):
+    """--model mode: the model as ``ternlm.load`` gives it (float linears widened to fp32 for HF's CPU path)."""
+    from ternlm import load
+
+    model, _ = load(spec["model_dir"])
+    return model.eval()
+
+
 def _worker_ternlm(spec: dict) -> dict:
     import torch
     from transformers import GPT2LMHeadModel
@@ -18,20 +26,23 @@ def _worker_ternlm(spec: dict) -> dict:
     from ternlm.config import TernaryConfig
     from ternlm.conversion import convert
     from ternlm.kernels import get_level, set_num_threads
-    from ternlm.runtime.gpt2 import GPT2Runtime, RuntimeConfig
+    from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
 
     torch.set_num_threads(spec["threads"])
     set_num_threads(spec["threads"])
     base = peak_rss_mb()
-    act, fmt, head = parse_variant(spec["variant"])
-    ckpt = spec.get("ckpt_dir")
-    if ckpt and act == 8:
+    if spec.get("model_dir"):  # the checkpoint decides the linears; the row's variant is the head
+        head = spec["head"]
+        model = _load_model(spec)
+    elif spec.get("ckpt_dir") and parse_variant(spec["variant"])[0] == 8:
         from ternlm.checkpoint import from_pretrained
 
-        model = from_pretrained(ckpt)
+        head = parse_variant(spec["variant"])[2]
+        model = from_pretrained(spec["ckpt_dir"])
     else:
+        act, fmt, head = parse_variant(spec["variant"])
         model = convert(GPT2LMHeadModel.from_pretrained(spec["hf_dir"]).eval(), TernaryConfig(act_bits=act), fmt=fmt)
-    rt = GPT2Runtime(model, RuntimeConfig(head=head, gelu=spec["gelu"],
+    rt = DecodeEngine(model, RuntimeConfig(head=head, gelu=spec["gelu"],
                                           max_seq_len=spec["prompt_tokens"] + spec["new_tokens"]))
     del model  # the runtime holds what it needs
     ids = prompt_ids(spec)
@@ -54,7 +65,15 @@ def _worker_hf(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     base = peak_rss_mb()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["variant"]]
-    model = GPT2LMHeadModel.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    if spec.get("model_dir"):
+        model = _load_model(spec)
+    else:
+        model = GPT2LMHeadModel.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
+    seen, param_bytes = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            param_bytes += t.numel() * t.element_size()
     ids = prompt_ids(spec)
     n = spec["new_tokens"]
     hf_generate(model, ids, GenerateConfig(max_new_tokens=4), pad_token_id=0, ignore_eos=True)  # warm-up
@@ -62,7 +81,7 @@ def _worker_hf(spec: dict) -> dict:
             for _ in range(spec["repeats"])]
     return {"decode_tok_s": max(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": max(r["n_prompt_tokens"] / r["prefill_seconds"] for r in runs), "n_new_tokens": n,
-            "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+            "param_bytes": param_bytes, "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
 
 
 def prompt_ids(spec: dict):

@@ -527,24 +527,38 @@ def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backen
 # ---- one-token attention over the KV cache (decode) ----
 
 def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, scale: float,
-                out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """Write the new token's k, v into row ``pos`` of the caches (nh, L, hs) and return its attention
-    output (C,) = softmax(q K^T * scale) V over rows 0..pos. ``out`` (C,) float32 is reused when given."""
+                out: torch.Tensor | None = None, backend: str = "auto", *, n_head: int | None = None,
+                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+    """Write the new token's k, v into row ``pos`` of the caches (nkv, L, hs) and return its attention
+    output (C,) = softmax(q K^T * scale) V over rows 0..pos, C = n_head * hs.
+
+    qkv (C + 2 nkv hs,) = [q | k | v]. ``n_head`` (default nkv) > nkv is grouped-query attention; ``cos``,
+    ``sin`` (hs,) float32 apply RoPE at ``pos`` to q and k (k is cached rotated). ``out`` (C,) float32 is
+    reused when given. Reference twin: ``reference.attn_decode``."""
     if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
-        raise TernlmError(f"expected caches (n_head, max_len, head_dim), got {tuple(k_cache.shape)} and "
+        raise TernlmError(f"expected caches (n_kv_head, max_len, head_dim), got {tuple(k_cache.shape)} and "
                           f"{tuple(v_cache.shape)}")
-    nh, L, hs = k_cache.shape
-    if qkv.shape != (3 * nh * hs,):
-        raise TernlmError(f"expected qkv ({3 * nh * hs},), got {tuple(qkv.shape)}")
+    nkv, L, hs = k_cache.shape
+    nh = n_head or nkv
+    if nh % nkv:
+        raise TernlmError(f"n_head {nh} is not a multiple of the cache's {nkv} kv heads")
+    if qkv.shape != ((nh + 2 * nkv) * hs,):
+        raise TernlmError(f"expected qkv ({(nh + 2 * nkv) * hs},), got {tuple(qkv.shape)}")
     if not 0 <= pos < L:
         raise TernlmError(f"position {pos} outside the cache (max_len {L})")
+    if (cos is None) != (sin is None) or (cos is not None and (cos.shape != (hs,) or sin.shape != (hs,) or hs % 2)):
+        raise TernlmError(f"cos and sin must both be ({hs},) tensors (even head_dim) or both None")
     mod = _ext.extension() if _resolve(backend, qkv.device, "2bit", None) == "native" else None
-    f32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (qkv, k_cache, v_cache))
+    f32 = all(t.dtype == torch.float32 and t.is_contiguous() for t in (qkv, k_cache, v_cache, cos, sin)
+              if t is not None)
     if mod is None or not f32:
-        y = reference.attn_decode(qkv, k_cache, v_cache, pos, scale)
+        y = reference.attn_decode(qkv, k_cache, v_cache, pos, scale, nh, cos, sin)
         return y if out is None else out.copy_(y)
     if out is None:
         out = torch.empty(nh * hs)
-    mod.attn_decode(_ext.level_id(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nh, hs, L, pos,
-                    float(scale), out.data_ptr())
+    elif out.shape != (nh * hs,) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise TernlmError(f"out must be a contiguous float32 ({nh * hs},) tensor")
+    cp, sp = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
+    mod.attn_decode(_ext.level_id(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nh, nkv, hs, L, pos,
+                    float(scale), cp, sp, out.data_ptr())
     return out

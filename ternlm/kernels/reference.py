@@ -136,16 +136,32 @@ def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int) -> tor
     return F.linear(x.float(), w[:, :in_features].float())
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, rotate-half convention (Hugging Face's Llama): x (..., hs), cos/sin (hs,)
+    or broadcastable -> x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2 | x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
-                scale: float) -> torch.Tensor:
+                scale: float, n_head: int | None = None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> torch.Tensor:
     """One new token's attention over a cache, writing its k, v at row ``pos`` first.
 
-    qkv (3C,) = [q | k | v]; k_cache, v_cache (nh, L, hs) are updated in place; returns (C,).
+    qkv (C + 2 Ckv,) = [q | k | v]; k_cache, v_cache (nkv, L, hs) are updated in place; returns (C,),
+    C = n_head * hs (n_head defaults to nkv; more q heads than kv heads is grouped-query attention,
+    q head h reading kv head h // (n_head // nkv)). cos, sin (hs,): RoPE at ``pos`` on q and k.
     """
-    nh, _, hs = k_cache.shape
-    q, k, v = qkv.view(3, nh, 1, hs)  # (nh, 1, hs) each
+    nkv, _, hs = k_cache.shape
+    nh = n_head or nkv
+    q = qkv[: nh * hs].view(nh, 1, hs)
+    k, v = qkv[nh * hs:].view(2, nkv, 1, hs)
+    if cos is not None:
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
     k_cache[:, pos : pos + 1] = k
     v_cache[:, pos : pos + 1] = v
-    y = torch.nn.functional.scaled_dot_product_attention(q, k_cache[:, : pos + 1], v_cache[:, : pos + 1],
-                                                         scale=scale)  # (nh, 1, hs)
+    keys, vals = k_cache[:, : pos + 1], v_cache[:, : pos + 1]
+    if nh != nkv:  # (nkv, T, hs) -> (nh, T, hs), each kv head repeated for its group of q heads
+        keys, vals = keys.repeat_interleave(nh // nkv, 0), vals.repeat_interleave(nh // nkv, 0)
+    y = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, scale=scale)  # (nh, 1, hs)
     return y.reshape(nh * hs)

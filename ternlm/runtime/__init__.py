@@ -1,13 +1,17 @@
-"""Lean decode engines: static KV cache, prefill + minimal-overhead decode step, sampling.
+"""The lean decode engine (GPT-2 and Llama-family models): static KV cache, prefill + minimal-overhead decode step, sampling.
 
-    from ternlm.runtime import GPT2Runtime, RuntimeConfig
-    rt = GPT2Runtime(converted_gpt2_model, RuntimeConfig(head="int8"))
+    from ternlm.runtime import DecodeEngine, RuntimeConfig
+    rt = DecodeEngine(converted_model, RuntimeConfig(head="int8"))   # GPT2Runtime is the same class
     rt.generate(prompt_ids, max_new_tokens=128)["tokens"]
 """
 
 _LAZY = {
-    "GPT2Runtime": "ternlm.runtime.gpt2",
-    "RuntimeConfig": "ternlm.runtime.gpt2",
+    "DecodeEngine": "ternlm.runtime.engine",
+    "GPT2Runtime": "ternlm.runtime.engine",
+    "RuntimeConfig": "ternlm.runtime.engine",
+    "Arch": "ternlm.runtime.engine",
+    "ARCHS": "ternlm.runtime.engine",
+    "describe": "ternlm.runtime.engine",
     "HEADS": "ternlm.config",  # re-exported: the valid heads are defined once, in ternlm.config
 }
 

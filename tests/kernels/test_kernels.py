@@ -326,3 +326,27 @@ def test_attn_decode_checks_shapes():
         ops.attn_decode(torch.zeros(47), kc, kc.clone(), 0, 1.0)
     with pytest.raises(TernlmError):
         ops.attn_decode(torch.zeros(48), kc, kc.clone(), 4, 1.0)
+
+
+@pytest.mark.parametrize("nh,nkv,hs,L,pos,rope", [(9, 3, 64, 40, 17, False), (9, 3, 64, 40, 0, True),
+                                                  (9, 3, 64, 40, 39, True), (4, 4, 16, 8, 5, True),
+                                                  (8, 1, 32, 12, 11, True)])
+def test_attn_decode_gqa_rope_matches_reference(level, nh, nkv, hs, L, pos, rope):
+    g = torch.Generator().manual_seed(nh * 100 + nkv * 10 + pos)
+    qkv = torch.randn((nh + 2 * nkv) * hs, generator=g)
+    kc, vc = torch.randn(nkv, L, hs, generator=g), torch.randn(nkv, L, hs, generator=g)
+    cos, sin = (torch.randn(hs, generator=g), torch.randn(hs, generator=g)) if rope else (None, None)
+    kr, vr = kc.clone(), vc.clone()
+    want = reference.attn_decode(qkv, kr, vr, pos, hs ** -0.5, nh, cos, sin)
+    k2, v2 = kc.clone(), vc.clone()
+    got = ops.attn_decode(qkv, k2, v2, pos, hs ** -0.5, backend="native", n_head=nh, cos=cos, sin=sin)
+    assert torch.equal(k2, kr) and torch.equal(v2, vr)  # rotated k and v are cached bit for bit
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attn_decode_gqa_checks_shapes():
+    kc = torch.zeros(3, 4, 8)
+    with pytest.raises(TernlmError, match="multiple"):
+        ops.attn_decode(torch.zeros(13 * 8), kc, kc.clone(), 0, 1.0, n_head=7)
+    with pytest.raises(TernlmError, match="cos and sin"):
+        ops.attn_decode(torch.zeros(12 * 8), kc, kc.clone(), 0, 1.0, n_head=6, cos=torch.zeros(8))

@@ -50,7 +50,7 @@ def test_per_group_layers_run_bound_compiled_kernels(tokenizer):
     ids = _ids(tokenizer)
     rt = GPT2Runtime(model, RuntimeConfig(head="fp32"))
     want = "native" if _ext.is_available() else "reference"
-    assert {f.backend for b in rt.blocks for f in (b.qkv, b.proj, b.fc, b.mproj)} == {want}
+    assert {f.backend for b in rt.blocks for f in (b.qkv, b.o, b.up, b.down)} == {want}
     with torch.inference_mode():
         ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     assert rt.generate(ids[0], 12)["tokens"] == ref[0, ids.shape[1]:].tolist()
