@@ -186,6 +186,78 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _add_distill_parser(sub) -> None:
+    from ternlm.config import FLOAT_DTYPES
+    from ternlm.train.distill import DistillConfig
+
+    d = _defaults(DistillConfig)
+    k = sub.add_parser("distill", help="distil a full-precision teacher into a ternary ternlm checkpoint",
+                       description="Knowledge distillation (KL on logits at a temperature, optionally per-block "
+                                   "hidden-state MSE) into a ternlm checkpoint whose packed layers become BitLinears "
+                                   "over latent weights with learnable scales starting at the checkpoint's; saves a "
+                                   "packed checkpoint, its model card, a JSONL log and a perplexity-vs-tokens plot.")
+    k.add_argument("--teacher", required=True, help="full-precision model: HF dir, GGUF file/dir or hub id")
+    k.add_argument("--teacher-gguf-file", default=None, help="GGUF file inside the --teacher directory")
+    k.add_argument("--student", required=True, help="ternlm checkpoint directory (ternlm quantize)")
+    k.add_argument("--text", nargs="+", required=True, help="training text files/dirs/hub datasets")
+    k.add_argument("--text-config", default=d["text_config"], help="hub dataset config for --text / --eval-text")
+    k.add_argument("--text-split", default=d["text_split"], help=f"split of --text (default: {d['text_split']})")
+    k.add_argument("--eval-text", default=None, help="held-out text for the perplexity curve (never trained on)")
+    k.add_argument("--eval-split", default=d["eval_split"], help=f"split of --eval-text (default: {d['eval_split']})")
+    k.add_argument("--eval-window", type=int, default=d["eval_window"])
+    k.add_argument("--eval-windows", type=int, default=d["eval_windows"],
+                   help=f"perplexity on the first N windows (default: {d['eval_windows']})")
+    k.add_argument("-o", "--out", required=True, help="output checkpoint directory")
+    k.add_argument("--state-dir", default=None, help="checkpoints, log.jsonl, curve.png (default: OUT.state)")
+    k.add_argument("--steps", type=int, default=d["steps"])
+    k.add_argument("--batch-size", type=int, default=d["batch_size"])
+    k.add_argument("--block-size", type=int, default=d["block_size"])
+    k.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="micro-batches per optimizer step")
+    k.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default: {d['lr']})")
+    k.add_argument("--scale-lr", type=float, default=d["scale_lr"], help="learning rate of the scales (default: --lr)")
+    k.add_argument("--warmup", type=int, default=d["warmup_steps"], help="linear LR warm-up steps, then cosine")
+    k.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    k.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    k.add_argument("--temperature", type=float, default=d["temperature"])
+    k.add_argument("--hidden-weight", type=float, default=d["hidden_weight"],
+                   help="weight of the per-block hidden-state MSE (default: 0, logits only)")
+    k.add_argument("--continuous-steps", type=int, default=d["continuous_steps"],
+                   help="first steps train only scales, norms and biases")
+    k.add_argument("--lambda-warmup", type=int, default=d["lambda_warmup_steps"],
+                   help="blend latent -> ternary weights over this many steps")
+    k.add_argument("--train-embeddings", action="store_true", help="also train embeddings / LM head")
+    k.add_argument("--eval-every", type=int, default=d["eval_every"])
+    k.add_argument("--save-every", type=int, default=d["save_every"])
+    k.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:N")
+    k.add_argument("--bf16", default=d["bf16"], choices=("auto", "on", "off"), help="bf16 autocast (auto: on CUDA)")
+    k.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES)
+    k.add_argument("--seed", type=int, default=d["seed"])
+    k.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the state dir")
+    k.add_argument("--quiet", action="store_true")
+    k.set_defaults(fn=cmd_distill)
+
+
+def cmd_distill(a) -> int:
+    from ternlm.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        teacher=a.teacher, student=a.student, texts=tuple(a.text), out=a.out, teacher_gguf_file=a.teacher_gguf_file,
+        eval_text=a.eval_text, text_config=a.text_config, text_split=a.text_split, eval_split=a.eval_split,
+        eval_window=a.eval_window, eval_windows=a.eval_windows, steps=a.steps, batch_size=a.batch_size,
+        block_size=a.block_size, grad_accum=a.grad_accum, lr=a.lr, scale_lr=a.scale_lr, warmup_steps=a.warmup,
+        weight_decay=a.weight_decay, grad_clip=a.grad_clip, temperature=a.temperature,
+        hidden_weight=a.hidden_weight, continuous_steps=a.continuous_steps, lambda_warmup_steps=a.lambda_warmup,
+        train_embeddings=a.train_embeddings, eval_every=a.eval_every, save_every=a.save_every,
+        state_dir=a.state_dir, device=a.device, bf16=a.bf16, float_dtype=a.float_dtype, seed=a.seed,
+        resume=a.resume, progress=not a.quiet)
+    s = distill(cfg)
+    ppl = ""
+    if s["final_ppl_packed"] is not None:
+        ppl = (f"; perplexity {s['start_ppl']:.2f} -> {s['final_ppl_packed']:.2f} (teacher {s['teacher_ppl']:.2f})")
+    print(f"saved {s['out']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s{ppl}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ternlm.config import FLOAT_DTYPES, FORMATS, HEADS
     from ternlm.eval.perplexity import EvalConfig
@@ -398,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tok/s, file bytes, peak RSS, achieved GB/s vs copy bandwidth.")
     add_arguments(b)
     b.set_defaults(fn=cmd_bench)
+
+    _add_distill_parser(sub)
     return p
 
 

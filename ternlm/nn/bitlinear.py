@@ -3,6 +3,20 @@
 Forward quantizes the latent weights with the canonical absmean quantizer (and optionally the
 activations per token) and passes gradients straight through to the latent weights (STE).
 
+Two scale modes:
+
+    scale is None (default, QAT)   the scale is recomputed from the latent weights every forward
+                                   (absmean, ``config.scale_mode``), exactly as the packer would.
+    learned scale (distillation)   ``BitLinear.from_ternary`` starts from a packed layer's codes and
+                                   calibrated scales: latent W = codes * s, ``scale`` an nn.Parameter
+                                   of the stored scale shape (per tensor / channel / group, partial last
+                                   group included). Forward: codes = RoundClip(W / s, -1, 1) with the
+                                   learned s, weight = codes * s. Gradients: W gets the identity (STE,
+                                   as in BitNet), s gets d(codes * s)/ds = codes with the codes held
+                                   fixed (LSQ's scale gradient; its W/s - round(W/s) term vanishes at
+                                   the start, where W = codes * s). So the first forward reproduces the
+                                   packed layer exactly, and ``ternary()`` packs back with the learned s.
+
 It is a drop-in for ``nn.Linear`` and for Hugging Face GPT-2's ``Conv1D``. The weight is kept in
 the layout of the module it replaced -- (out, in) for Linear, (in, out) for Conv1D -- so state dicts
 stay loadable by the original architecture; the one transpose happens in ``_weight_out_in``.
@@ -15,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternlm.config import TernaryConfig
+from ternlm.errors import TernlmError
 from ternlm.quant.activations import fake_quantize_activations
 from ternlm.quant.ste import ste
-from ternlm.quant.ternary import TernaryTensor, dequantize_ternary, ternarize
+from ternlm.quant.ternary import TernaryTensor, _scale_shape, dequantize_ternary, expand_scale, ternarize
 
 
 def conv1d_class():
@@ -53,6 +68,8 @@ class BitLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         nn.init.normal_(self.weight, std=0.02)
+        # None: absmean scale recomputed every forward; a Parameter: learned scale (from_ternary).
+        self.register_parameter("scale", None)
         # 1.0 = fully quantized forward; < 1 during lambda warm-up (set by the trainer).
         self.quant_lambda = 1.0 if self.config.lambda_warmup_steps == 0 else 0.0
 
@@ -74,16 +91,63 @@ class BitLinear(nn.Module):
                 new.bias.copy_(m.bias)
         return new
 
+    @classmethod
+    def from_ternary(cls, t: TernaryTensor, bias: torch.Tensor | None = None,
+                     config: TernaryConfig | None = None) -> "BitLinear":
+        """A learned-scale BitLinear (out, in) starting exactly at ``t``: latent W = codes * scale,
+        ``scale`` a trainable copy of ``t.scale``. ``config`` supplies act_bits / eps / warm-up; its
+        granularity and group size are taken from ``t``."""
+        from dataclasses import replace
+
+        out_f, in_f = t.codes.shape
+        cfg = replace(config or TernaryConfig(), granularity=t.granularity, group_size=t.group_size)
+        want = _scale_shape(out_f, in_f, t.granularity, t.group_size)
+        if tuple(t.scale.shape) != tuple(want):
+            raise TernlmError(f"scale shape {tuple(t.scale.shape)} does not match {t.granularity} "
+                              f"(group {t.group_size}) for a ({out_f}, {in_f}) weight; expected {want}")
+        new = cls(in_f, out_f, bias is not None, cfg, transposed=False)
+        with torch.no_grad():
+            new.weight.copy_(dequantize_ternary(t, torch.float32))
+            if bias is not None:
+                new.bias.copy_(bias.float())
+        new.scale = nn.Parameter(t.scale.detach().float().clone().contiguous())
+        return new
+
+    @property
+    def learned_scale(self) -> bool:
+        return isinstance(self.scale, torch.Tensor)
+
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.t() if self.transposed else self.weight
 
+    def _expanded_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The learned scale clamped to eps and broadcast to (out, in); differentiable in ``scale``."""
+        s = self.scale.clamp_min(self.config.eps)
+        return expand_scale(s, w.shape, self.config.granularity, self.config.group_size)
+
     def ternary(self) -> TernaryTensor:
-        """Codes and scale of the current latent weights."""
-        return ternarize(self._weight_out_in(), self.config)
+        """Codes and scale of the current latent weights (with the learned scale when there is one)."""
+        w = self._weight_out_in()
+        if not self.learned_scale:
+            return ternarize(w, self.config)
+        with torch.no_grad():
+            s = self._expanded_scale(w).float()
+            codes = torch.round(w.detach().float() / s).clamp_(-1, 1).to(torch.int8)
+            scale = self.scale.detach().float().clamp_min(self.config.eps).contiguous()
+        return TernaryTensor(codes, scale, self.config.granularity, self.config.group_size)
 
     def effective_weight(self) -> torch.Tensor:
         """The (out, in) weight the forward pass multiplies by, with the STE attached."""
         w = self._weight_out_in()
+        if self.learned_scale:
+            s = self._expanded_scale(w).to(w.dtype)
+            codes = torch.round(w.detach() / s.detach()).clamp_(-1, 1)
+            # NOTE: value codes * s; d/ds = codes (codes held fixed), d/dW = identity (STE).
+            wq = codes * s
+            lam = self.quant_lambda
+            if lam >= 1.0:
+                return wq + (w - w.detach())
+            return w + lam * (wq - w.detach())  # warm-up blend; d/dW = 1, d/ds = lam * codes
         wq = dequantize_ternary(self.ternary(), w.dtype)
         lam = self.quant_lambda
         if lam >= 1.0:
@@ -106,4 +170,5 @@ class BitLinear(nn.Module):
         c = self.config
         a = f"A{c.act_bits}" if c.act_bits else "A16"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, W1.58{a}, {c.granularity}, transposed={self.transposed}")
+                f"bias={self.bias is not None}, W1.58{a}, {c.granularity}, transposed={self.transposed}"
+                + (", learned scale" if self.learned_scale else ""))

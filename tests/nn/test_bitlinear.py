@@ -70,3 +70,96 @@ def test_projection_makes_latent_ternary():
     for m in (b, c):
         vals = m.weight.abs().unique()
         assert len(vals) <= 2
+
+
+# ---- learned scales (BitLinear.from_ternary): the distillation student ------------------------
+
+import pytest  # noqa: E402
+
+from ternlm.errors import TernlmError  # noqa: E402
+from ternlm.nn.ternary_linear import TernaryLinear  # noqa: E402
+from ternlm.quant.ternary import TernaryTensor, dequantize_ternary, ternarize  # noqa: E402
+
+LEARNED_CFGS = [TernaryConfig(), TernaryConfig(granularity="per_channel"),
+                TernaryConfig(granularity="per_group", group_size=32),  # 80 = 32 + 32 + 16: partial last group
+                TernaryConfig(granularity="per_group", group_size=96)]  # one partial group per row
+
+
+def _packed(cfg, act_bits=None):
+    torch.manual_seed(1)
+    w, b = torch.randn(24, 80), torch.randn(24)
+    return TernaryLinear.from_weight(w, b, TernaryConfig(**{**cfg.__dict__, "act_bits": act_bits}),
+                                     kernel="reference")
+
+
+@pytest.mark.parametrize("cfg", LEARNED_CFGS, ids=lambda c: f"{c.granularity}{c.group_size}")
+def test_from_ternary_starts_exactly_at_the_packed_layer(cfg):
+    t = _packed(cfg)
+    b = BitLinear.from_ternary(t.ternary(), t.bias, TernaryConfig(act_bits=None))
+    assert b.learned_scale and b.scale.requires_grad
+    assert torch.equal(b.scale.detach(), t.scale)  # the calibrated scales, untouched
+    back = b.ternary()
+    assert torch.equal(back.codes, t.ternary().codes) and torch.equal(back.scale, t.scale)
+    assert torch.equal(b.effective_weight().detach(), t.dequantize_weight())
+    x = torch.randn(5, 80)
+    assert torch.allclose(b(x), t(x), atol=1e-5)
+    # the scale is the learned one, not a recomputed absmean (which differs: codes * s has a
+    # different mean magnitude than the weights the scale was fitted on)
+    assert not torch.equal(ternarize(b.weight.detach(), b.config).scale, b.scale.detach())
+
+
+def test_learned_scale_gradients():
+    t = _packed(TernaryConfig(granularity="per_group", group_size=32))
+    b = BitLinear.from_ternary(t.ternary(), t.bias)
+    x, g = torch.randn(4, 80), torch.randn(4, 24)
+    b(x).backward(g)
+    gw = g.t() @ x  # dL/dW_eff, (out, in)
+    assert torch.allclose(b.weight.grad, gw, atol=1e-5)  # STE: identity to the latent weights
+    codes = t.ternary().codes.float()
+    per_weight = gw * codes  # d(codes * s)/ds = codes, summed over each scale's group
+    expect = torch.stack([per_weight[:, 0:32].sum(1), per_weight[:, 32:64].sum(1), per_weight[:, 64:80].sum(1)], 1)
+    assert torch.allclose(b.scale.grad, expect, atol=1e-4)
+
+
+def test_learned_scale_moves_the_codes_threshold():
+    t = _packed(TernaryConfig(granularity="per_channel"))
+    b = BitLinear.from_ternary(t.ternary(), t.bias)
+    with torch.no_grad():
+        b.scale.mul_(3.0)  # |W| = s_old < 0.5 * 3 s_old: every code rounds to 0
+    assert b.ternary().codes.abs().sum() == 0
+    with torch.no_grad():
+        b.scale.div_(3.0)
+        b.weight.mul_(0.4)  # |W| = 0.4 s < s / 2: zero
+    assert b.ternary().codes.abs().sum() == 0
+
+
+def test_learned_scale_with_activation_quantization_matches_packed_reference():
+    t = _packed(TernaryConfig(granularity="per_group", group_size=32), act_bits=8)
+    b = BitLinear.from_ternary(t.ternary(), t.bias, TernaryConfig(act_bits=8))
+    x = torch.randn(3, 80)
+    assert torch.allclose(b(x), t(x), atol=1e-4, rtol=1e-4)
+
+
+def test_default_bitlinear_state_is_unchanged():
+    b, c = _pair()
+    assert not b.learned_scale and b.scale is None
+    assert set(b.state_dict()) == {"weight", "bias"} and set(c.state_dict()) == {"weight", "bias"}
+
+
+def test_from_ternary_refuses_a_wrong_scale_shape():
+    t = ternarize(torch.randn(6, 40), TernaryConfig(granularity="per_group", group_size=32))
+    bad = TernaryTensor(t.codes, torch.ones(6, 1), "per_group", 32)
+    with pytest.raises(TernlmError, match=r"expected \(6, 2\)"):
+        BitLinear.from_ternary(bad)
+
+
+def test_learned_scale_lambda_warmup_blends_and_projects():
+    t = _packed(TernaryConfig(granularity="per_channel"))
+    b = BitLinear.from_ternary(t.ternary(), t.bias, TernaryConfig(lambda_warmup_steps=4))
+    with torch.no_grad():
+        b.weight.add_(0.01 * torch.randn_like(b.weight))
+    set_quant_lambda(b, 0.5)
+    wq = dequantize_ternary(b.ternary())
+    assert torch.allclose(b.effective_weight(), 0.5 * b.weight + 0.5 * wq, atol=1e-6)
+    b.project_()
+    assert torch.equal(b.weight.detach(), dequantize_ternary(b.ternary()))

@@ -1,0 +1,625 @@
+"""``ternlm distill``: knowledge distillation from a full-precision teacher into a ternary student.
+
+    from ternlm.train.distill import DistillConfig, distill
+    distill(DistillConfig(teacher="../shared/data/smollm2-135m", student="runs/smol-ptq",
+                          texts=("../shared/data/wikitext-2/tokens.valid.txt",), out="runs/smol-kd",
+                          eval_text="../shared/data/wikitext-2/wiki.test.raw"))
+
+The student starts from a ternlm packed checkpoint (absmean or pt-bitnet PTQ): every
+``TernaryLinear`` becomes a learned-scale ``BitLinear`` whose latent weights are codes * scale and
+whose trainable scales are the checkpoint's calibrated ones (``BitLinear.from_ternary``), so step 0
+computes exactly what the checkpoint computes. Training minimises
+
+    T^2 * KL(softmax(teacher / T) || softmax(student / T))  (+ hidden_weight * mean per-block MSE)
+
+on random windows of the training text, with linear warm-up + cosine learning rate, gradient
+accumulation, optional lambda warm-up, and optionally ``continuous_steps`` first steps where only
+the continuous parameters (scales, norms, biases) learn. The result is converted back to packed
+``TernaryLinear`` layers with the learned scales and saved as a ternlm checkpoint (+ model card).
+
+Run files, in ``state_dir`` (default ``<out>.state``):
+
+    ckpt/student.safetensors   trainable tensors of the student (latent weights, scales, norms, ...)
+    ckpt/optim.safetensors     AdamW moments and step counts, by parameter index
+    ckpt/state.json            step, tokens seen, config (the resume check)
+    log.jsonl                  one record per step; eval records carry ``eval_ppl``
+    curve.png                  held-out perplexity against training tokens
+
+Determinism: both models run in eval mode (no dropout) and the windows of step s come from a
+generator seeded by (seed, s), so nothing random is carried between steps; resuming from a
+checkpoint therefore ends bit-exactly where an unbroken run ends (same device and threads).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ternlm.errors import TernlmError
+
+STATE_FILE = "state.json"
+STUDENT_FILE = "student.safetensors"
+OPTIM_FILE = "optim.safetensors"
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "curve.png"
+STATE_VERSION = 1
+# Config fields that do not change the training trajectory: a resumed run may change them.
+RESUME_FREE = ("out", "state_dir", "progress", "resume", "save_every", "eval_every", "eval_windows", "device")
+
+
+@dataclass
+class DistillConfig:
+    """teacher: any model ``ternlm.load`` reads (HF dir, GGUF dir/file, hub id); teacher_gguf_file
+    picks a GGUF inside a directory. student: a ternlm packed checkpoint directory.
+    texts: training text sources (files, dirs, hub datasets; ``text_config`` / ``text_split`` for
+    hub ones). eval_text: held-out text for the perplexity curve (never one of ``texts``; split
+    ``eval_split``), scored on the first ``eval_windows`` windows of ``eval_window`` tokens.
+    steps / batch_size / block_size / grad_accum: optimizer steps of grad_accum micro-batches of
+    batch_size windows of block_size tokens. lr: peak learning rate (linear warm-up over
+    warmup_steps, cosine to 10%); scale_lr: the scales' (default lr). temperature: KD temperature.
+    hidden_weight: weight of the per-block hidden-state MSE (0 = logits only; needs the same
+    depth and width). continuous_steps: first steps train only scales, norms and biases.
+    lambda_warmup_steps: blend latent -> ternary weights over the first steps (0 = ternary from
+    the start). train_embeddings: also train the (tied) embeddings / LM head (kept frozen by
+    default: they stay float in the checkpoint and are the costliest gradient).
+    eval_every / save_every: steps between perplexity evaluations / resumable checkpoints.
+    device: cpu, cuda, cuda:N; bf16: autocast on CUDA ("auto": on when the device is CUDA).
+    float_dtype: storage of the float tensors in the output checkpoint."""
+
+    teacher: str = ""
+    student: str = ""
+    texts: tuple = ()
+    out: str = ""
+    teacher_gguf_file: str | None = None
+    eval_text: str | None = None
+    text_config: str | None = None
+    text_split: str = "train"
+    eval_split: str = "test"
+    eval_window: int = 512
+    eval_windows: int = 10
+    steps: int = 200
+    batch_size: int = 4
+    block_size: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    scale_lr: float | None = None
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    hidden_weight: float = 0.0
+    continuous_steps: int = 0
+    lambda_warmup_steps: int = 0
+    train_embeddings: bool = False
+    eval_every: int = 50
+    save_every: int = 50
+    state_dir: str | None = None
+    device: str = "cpu"
+    bf16: str = "auto"
+    float_dtype: str = "fp16"
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        from ternlm.config import FLOAT_DTYPES
+
+        if isinstance(self.texts, (str, Path)):
+            self.texts = (str(self.texts),)
+        self.texts = tuple(str(t) for t in self.texts)
+        ints = {"steps": 1, "batch_size": 1, "block_size": 2, "grad_accum": 1, "eval_window": 2,
+                "eval_windows": 1, "eval_every": 1, "save_every": 1, "warmup_steps": 0, "continuous_steps": 0,
+                "lambda_warmup_steps": 0}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise TernlmError(f"{name} must be an integer >= {low}, got {v!r}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise TernlmError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.scale_lr is not None and not self.scale_lr > 0:
+            raise TernlmError(f"scale_lr must be > 0, got {self.scale_lr!r}")
+        for name in ("weight_decay", "grad_clip", "hidden_weight"):
+            if not getattr(self, name) >= 0:
+                raise TernlmError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise TernlmError(f"bf16 must be auto, on or off, got {self.bf16!r}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise TernlmError(f"unknown float_dtype {self.float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir or f"{self.out}.state").expanduser()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks made before any model loads
+
+
+def _source_key(source: str, split: str) -> tuple:
+    p = Path(source).expanduser()
+    if p.exists():
+        return ("path", str(p.resolve()), split if p.is_dir() else None)
+    return ("hub", source, split)
+
+
+def check_inputs(cfg: DistillConfig) -> None:
+    """Refuse bad sources, a reused held-out text, an unwritable output or a stale state, fast."""
+    from ternlm.data.text import check_source
+    from ternlm.fileio import check_output_dir
+    from ternlm.models.loading import source_kind
+
+    for name in ("teacher", "student", "out"):
+        if not getattr(cfg, name):
+            raise TernlmError(f"distill needs a {name}")
+    if not cfg.texts:
+        raise TernlmError("distill needs at least one training text")
+    for t in cfg.texts:
+        check_source(t, "training text")
+    if cfg.eval_text is not None:
+        check_source(cfg.eval_text, "eval text")
+        held = _source_key(cfg.eval_text, cfg.eval_split)
+        for t in cfg.texts:
+            if _source_key(t, cfg.text_split) == held:
+                raise TernlmError(f"the eval text {cfg.eval_text} is also a training text; the perplexity must "
+                                  f"come from held-out text")
+    if source_kind(cfg.student) != "ternlm":
+        raise TernlmError(f"the student {cfg.student} is not a ternlm checkpoint directory (make one with "
+                          f"'ternlm quantize')")
+    source_kind(cfg.teacher, cfg.teacher_gguf_file)  # raises for a missing teacher
+    check_output_dir(cfg.out)
+    check_output_dir(cfg.state_path())
+    state = cfg.state_path() / "ckpt" / STATE_FILE
+    if cfg.resume:
+        if not state.is_file():
+            raise TernlmError(f"nothing to resume: no {state}")
+        _check_resume_config(cfg, _read_state(state)["config"])
+    elif state.is_file():
+        step = _read_state(state).get("step")
+        raise TernlmError(f"{cfg.state_path()} holds a distillation checkpoint at step {step}; pass --resume to "
+                          f"continue it or remove that directory")
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        st = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TernlmError(f"cannot read {path}: {type(e).__name__}") from None
+    if not isinstance(st, dict) or st.get("version") != STATE_VERSION or "config" not in st:
+        raise TernlmError(f"{path} is not a ternlm distillation state (version {STATE_VERSION})")
+    return st
+
+
+def _check_resume_config(cfg: DistillConfig, saved: dict) -> None:
+    now = {k: v for k, v in json.loads(json.dumps(cfg.to_dict())).items() if k not in RESUME_FREE}
+    then = {k: v for k, v in saved.items() if k not in RESUME_FREE}
+    diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if diff:
+        shown = ", ".join(f"{k} ({then.get(k)!r} -> {now.get(k)!r})" for k in diff)
+        raise TernlmError(f"--resume with a different config: {shown}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def check_pair(teacher: nn.Module, student: nn.Module, t_tok, s_tok, hidden: bool) -> None:
+    """Teacher and student must share the vocabulary and architecture (and shape, for hidden MSE)."""
+    tc, sc = teacher.config, student.config
+    if tc.model_type != sc.model_type:
+        raise TernlmError(f"teacher ({tc.model_type}) and student ({sc.model_type}) have different architectures")
+    if tc.vocab_size != sc.vocab_size:
+        raise TernlmError(f"teacher and student have different vocabularies ({tc.vocab_size} vs {sc.vocab_size} "
+                          f"tokens)")
+    if t_tok is not None and s_tok is not None and t_tok.get_vocab() != s_tok.get_vocab():
+        raise TernlmError("teacher and student tokenizers have different vocabularies")
+    if hidden:
+        for k in ("num_hidden_layers", "hidden_size"):
+            if getattr(tc, k, None) != getattr(sc, k, None):
+                raise TernlmError(f"hidden-state MSE needs the same {k} (teacher {getattr(tc, k, None)}, "
+                                  f"student {getattr(sc, k, None)})")
+
+
+def prepare_student(model: nn.Module, *, lambda_warmup_steps: int = 0) -> nn.Module:
+    """Swap every packed ``TernaryLinear`` for a learned-scale ``BitLinear`` starting at its codes and
+    scales (in place; returns the model). The model keeps its quantization record, so
+    ``ternlm.conversion.convert`` packs it back with the same layer selection."""
+    from ternlm.config import QuantConfig, TernaryConfig
+    from ternlm.nn.bitlinear import BitLinear
+    from ternlm.nn.surgery import _set_module, ternary_linears
+
+    layers = ternary_linears(model)
+    if not layers:
+        raise TernlmError("the student holds no TernaryLinear layers")
+    qc = getattr(model, "ternlm_quant_config", None)
+    base = qc.weights if isinstance(qc, QuantConfig) and isinstance(qc.weights, TernaryConfig) else TernaryConfig()
+    for name, m in layers:
+        cfg = replace(base, act_bits=m.act_bits, lambda_warmup_steps=lambda_warmup_steps, project_after_step=False)
+        _set_module(model, name, BitLinear.from_ternary(m.ternary(), m.bias, cfg))
+    return model
+
+
+def _groups(model: nn.Module, cfg: DistillConfig) -> tuple[list[dict], list[nn.Parameter], list[str]]:
+    """Optimizer groups (latent weights / scales / other continuous), the latent weights, and the
+    names of every trainable tensor (saved in checkpoints)."""
+    from ternlm.nn.bitlinear import BitLinear
+
+    frozen = set()
+    if not cfg.train_embeddings:
+        for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if m is not None:
+                frozen.add(id(m.weight))
+    latent_ids = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    scale_ids = {id(m.scale) for m in model.modules() if isinstance(m, BitLinear) and m.learned_scale}
+    latent, scales, other, names, seen = [], [], [], [], set()
+    for n, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        names.append(n)
+        (latent if id(p) in latent_ids else scales if id(p) in scale_ids else other).append(p)
+    groups = [{"params": latent, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": scales, "weight_decay": 0.0, "lr_scale": (cfg.scale_lr or cfg.lr) / cfg.lr},
+              {"params": other, "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]], latent, names
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(text, verbose=False).input_ids, dtype=torch.long)
+
+
+def load_tokens(tokenizer, cfg: DistillConfig) -> tuple[torch.Tensor, str | None]:
+    """The training token stream (sources joined by EOS) and the held-out text."""
+    from ternlm.data.text import load_text
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    parts, texts = [], []
+    for src in cfg.texts:
+        text = load_text(src, config=cfg.text_config, split=cfg.text_split)
+        texts.append(text)
+        parts.append(_tokenize(tokenizer, text))
+        if eos is not None:
+            parts.append(torch.tensor([eos], dtype=torch.long))
+    eval_text = None
+    if cfg.eval_text is not None:
+        eval_text = load_text(cfg.eval_text, config=cfg.text_config, split=cfg.eval_split)
+        if any(eval_text == t for t in texts) or any(len(t) > 200 and eval_text in t for t in texts):
+            raise TernlmError(f"the eval text {cfg.eval_text} is contained in the training text")
+    tokens = torch.cat(parts)
+    need = cfg.batch_size * cfg.block_size + 1
+    if tokens.numel() < need:
+        raise TernlmError(f"training text too short: {tokens.numel()} tokens, one batch needs at least {need} "
+                          f"(batch_size {cfg.batch_size} x block_size {cfg.block_size} + 1)")
+    return tokens, eval_text
+
+
+def batch_at(tokens: torch.Tensor, cfg: DistillConfig, step: int, micro: int) -> torch.Tensor:
+    """The (batch_size, block_size) windows of a step's micro-batch; a pure function of (seed, step, micro)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
+    ix = torch.randint(0, tokens.numel() - cfg.block_size, (cfg.batch_size,), generator=gen)
+    return torch.stack([tokens[i:i + cfg.block_size] for i in ix.tolist()])  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher || student) at temperature T, averaged over tokens (float32)."""
+    v = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def hidden_mse(student_hidden, teacher_hidden) -> torch.Tensor:
+    """Mean over blocks of the MSE between block outputs (embeddings excluded)."""
+    terms = [F.mse_loss(s.float(), t.float()) for s, t in zip(student_hidden[1:], teacher_hidden[1:])]
+    return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _save_state(d: Path, model: nn.Module, names: list[str], opt: torch.optim.Optimizer, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ternlm.fileio import atomic_dir
+
+    params = dict(model.named_parameters())
+    student = {n: params[n].detach().cpu().contiguous() for n in names}
+    optim = {}
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(flat):
+        for k, v in opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                optim[f"{i}.{k}"] = v.detach().cpu().contiguous()
+
+    def write(tmp: Path) -> None:
+        save_file(student, str(tmp / STUDENT_FILE))
+        save_file(optim, str(tmp / OPTIM_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    atomic_dir(d, write)
+
+
+def _load_state(d: Path, model: nn.Module, names: list[str], opt: torch.optim.Optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    info = _read_state(d / STATE_FILE)
+    try:
+        student = load_file(str(d / STUDENT_FILE))
+        optim = load_file(str(d / OPTIM_FILE))
+    except Exception as e:
+        raise TernlmError(f"cannot read the checkpoint in {d}: {str(e).splitlines()[0] if str(e) else e}") from None
+    if sorted(student) != sorted(names):
+        raise TernlmError(f"{d / STUDENT_FILE} does not hold this student's trainable tensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in student.items():
+            if tuple(v.shape) != tuple(params[n].shape):
+                raise TernlmError(f"{d / STUDENT_FILE}: {n} has shape {tuple(v.shape)}, expected "
+                                  f"{tuple(params[n].shape)}")
+            params[n].copy_(v)
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    state: dict[int, dict] = {}
+    for key, v in optim.items():
+        i, _, k = key.partition(".")
+        state.setdefault(int(i), {})[k] = v
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: v.to(flat[i].device) for k, v in s.items()} for i, s in state.items()}
+    opt.load_state_dict(sd)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Log and plot
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curve(records: list[dict], path: Path, title: str = "distillation") -> Path | None:
+    """Held-out perplexity against training tokens (log scale), atomically; None without eval points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["tokens"], r["eval_ppl"]) for r in records if r.get("eval_ppl") is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    teacher = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl") is not None), None)
+    if teacher is not None:
+        ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher {teacher:.1f}")
+        ax.legend()
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _autocast(device: torch.device, cfg: DistillConfig):
+    import contextlib
+
+    on = device.type == "cuda" and cfg.bf16 != "off" or cfg.bf16 == "on"
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _eval_ppl(model, tokenizer, text, cfg: DistillConfig) -> float:
+    from ternlm.eval.perplexity import perplexity
+
+    return perplexity(model, tokenizer, text, max_length=cfg.eval_window, stride=cfg.eval_window,
+                      max_windows=cfg.eval_windows)["perplexity"]
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Distil ``cfg.teacher`` into the ternary ``cfg.student``; save a packed checkpoint to ``cfg.out``.
+
+    Returns a summary: steps, tokens seen, start/final perplexities (when an eval text is given),
+    output paths. Resumable (``cfg.resume``) from the last checkpoint in ``cfg.state_path()``.
+    """
+    from ternlm.checkpoint import save_pretrained
+    from ternlm.conversion import convert
+    from ternlm.fileio import atomic_write_text, save_json
+    from ternlm.models.loading import load
+    from ternlm.nn.surgery import set_quant_lambda
+    from ternlm.train.common import lr_at
+
+    check_inputs(cfg)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise TernlmError(f"unknown device {cfg.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TernlmError(f"device {cfg.device} requested but CUDA is not available")
+    state_dir = cfg.state_path()
+    ckpt_dir = state_dir / "ckpt"
+    log_path = state_dir / LOG_FILE
+
+    student, tokenizer = load(cfg.student)
+    fmt = getattr(student, "ternlm_format", "2bit")
+    teacher, t_tok = load(cfg.teacher, gguf_file=cfg.teacher_gguf_file)
+    if tokenizer is None:
+        tokenizer = t_tok
+    if tokenizer is None:
+        raise TernlmError(f"neither {cfg.student} nor {cfg.teacher} has a tokenizer")
+    check_pair(teacher, student, t_tok, tokenizer, cfg.hidden_weight > 0)
+    tokens, eval_text = load_tokens(tokenizer, cfg)
+
+    prepare_student(student, lambda_warmup_steps=cfg.lambda_warmup_steps)
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device).eval()  # eval: no dropout, so a step is a pure function of its inputs
+    groups, latent, names = _groups(student, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    start, tokens_seen, elapsed = 0, 0, 0.0
+    records: list[dict] = []
+    if cfg.resume:
+        info = _load_state(ckpt_dir, student, names, opt)
+        start, tokens_seen, elapsed = info["step"], info["tokens"], info["elapsed_s"]
+        records = [r for r in read_log(log_path) if r["step"] <= start]  # later ones are redone
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
+    else:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(log_path, "")
+
+    def log(rec: dict) -> None:
+        records.append(rec)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    teacher_ppl = start_ppl = None
+    if eval_text is not None and not cfg.resume:
+        teacher_ppl = _eval_ppl(teacher, tokenizer, eval_text, cfg)
+        start_ppl = _eval_ppl(student, tokenizer, eval_text, cfg)
+        log({"step": 0, "tokens": 0, "eval_ppl": start_ppl, "teacher_ppl": teacher_ppl})
+    elif records:
+        teacher_ppl = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl") is not None), None)
+        start_ppl = next((r["eval_ppl"] for r in records if r.get("eval_ppl") is not None), None)
+
+    hidden = cfg.hidden_weight > 0
+    bar = tqdm(range(start, cfg.steps), desc="distill", initial=start, total=cfg.steps, disable=not cfg.progress,
+               dynamic_ncols=True)
+    t_last = time.perf_counter()
+    last_ppl = None
+    for step in bar:
+        lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        lam = 1.0 if cfg.lambda_warmup_steps == 0 else min(1.0, step / cfg.lambda_warmup_steps)
+        set_quant_lambda(student, lam)
+        phase = "continuous" if step < cfg.continuous_steps else "all"
+        for p in latent:
+            p.requires_grad_(phase == "all")
+        opt.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "kd": 0.0, "hidden": 0.0, "ce": 0.0}
+        for micro in range(cfg.grad_accum):
+            x = batch_at(tokens, cfg, step, micro).to(device)
+            with _autocast(device, cfg):
+                with torch.no_grad():
+                    t_out = teacher(input_ids=x, output_hidden_states=hidden)
+                s_out = student(input_ids=x, output_hidden_states=hidden)
+            kd = kd_loss(s_out.logits, t_out.logits, cfg.temperature)
+            loss = kd
+            if hidden:
+                hm = hidden_mse(s_out.hidden_states, t_out.hidden_states)
+                loss = loss + cfg.hidden_weight * hm
+                sums["hidden"] += hm.item() / cfg.grad_accum
+            with torch.no_grad():
+                ce = F.cross_entropy(s_out.logits[:, :-1].float().reshape(-1, s_out.logits.shape[-1]),
+                                     x[:, 1:].reshape(-1))
+            v = loss.item()
+            if not math.isfinite(v):
+                kept = (f"the last good checkpoint (step {_read_state(ckpt_dir / STATE_FILE)['step']}) is kept in "
+                        f"{ckpt_dir}" if (ckpt_dir / STATE_FILE).is_file() else "no checkpoint was written yet")
+                raise TernlmError(f"loss is {v} at step {step}; stopped ({kept}); lower the learning rate")
+            (loss / cfg.grad_accum).backward()
+            sums["loss"] += v / cfg.grad_accum
+            sums["kd"] += kd.item() / cfg.grad_accum
+            sums["ce"] += ce.item() / cfg.grad_accum
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        tokens_seen += cfg.tokens_per_step
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        elapsed += dt
+        rec = {"step": step + 1, "tokens": tokens_seen, **{k: round(v, 6) for k, v in sums.items()},
+               "lr": lr, "lambda": lam, "phase": phase, "tok_per_s": round(cfg.tokens_per_step / dt, 1),
+               "elapsed_s": round(elapsed, 2)}
+        done = step + 1 == cfg.steps
+        if eval_text is not None and ((step + 1) % cfg.eval_every == 0 or done):
+            last_ppl = rec["eval_ppl"] = _eval_ppl(student, tokenizer, eval_text, cfg)
+            t_last = time.perf_counter()  # eval time is not training time
+        log(rec)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}",
+                        **({"ppl": f"{last_ppl:.1f}"} if last_ppl is not None else {}))
+        if (step + 1) % cfg.save_every == 0 and not done:
+            _save_state(ckpt_dir, student, names, opt, {
+                "version": STATE_VERSION, "step": step + 1, "tokens": tokens_seen, "elapsed_s": elapsed,
+                "config": json.loads(json.dumps(cfg.to_dict()))})
+    bar.close()
+
+    # pack back with the learned scales, save, and measure the packed model
+    set_quant_lambda(student, 1.0)
+    student.to("cpu")
+    convert(student, fmt=fmt)
+    out = save_pretrained(student, tokenizer, cfg.out, float_dtype=cfg.float_dtype)
+    final_ppl = None
+    if eval_text is not None:
+        from ternlm.models.loading import load as load_again
+
+        packed, _ = load_again(out, tokenizer=False)
+        final_ppl = _eval_ppl(packed, tokenizer, eval_text, cfg)
+    evals = [(r["tokens"], r["eval_ppl"]) for r in records if r.get("eval_ppl") is not None]
+    summary = {"steps": cfg.steps, "tokens": tokens_seen, "train_seconds": round(elapsed, 1),
+               "teacher_ppl": teacher_ppl, "start_ppl": start_ppl, "final_ppl_packed": final_ppl,
+               "curve": evals, "config": cfg.to_dict(), "out": str(out)}
+    plot = plot_curve(records, state_dir / PLOT_FILE, f"distill {Path(cfg.student).name} from {Path(cfg.teacher).name}")
+    save_json(summary, out / "distill.json")
+    atomic_write_text(out / "distill_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if plot is not None:
+        (out / "distill_curve.png").write_bytes(plot.read_bytes())
+    _write_card(out, cfg, summary, teacher)
+    return summary
+
+
+def _write_card(out: Path, cfg: DistillConfig, summary: dict, teacher: nn.Module) -> None:
+    from ternlm.modelcard import source_info, write_model_card
+
+    info = source_info(cfg.teacher, cfg.teacher_gguf_file)
+    metrics = {}
+    if summary["teacher_ppl"] is not None:
+        proto = f"first {cfg.eval_windows} windows of {cfg.eval_window} tokens of {cfg.eval_text} ({cfg.eval_split})"
+        metrics = {f"perplexity, teacher ({proto})": summary["teacher_ppl"],
+                   "perplexity, student before distillation": summary["start_ppl"],
+                   "perplexity, this checkpoint (packed)": summary["final_ppl_packed"]}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "resume", "out", "state_dir")}
+    settings["tokens seen"] = summary["tokens"]
+    write_model_card(out, method="knowledge distillation (KD) from the full-precision teacher into the ternary "
+                                 f"student {cfg.student}", settings=settings, metrics=metrics,
+                     base_model=info.get("base_model"), license=info.get("license"),
+                     tags=("distillation",), extra_files={"distill_curve.png": "perplexity against tokens",
+                                                         "distill_log.jsonl": "per-step training log"})
