@@ -190,16 +190,29 @@ def _documents(source: str, hub_split: str) -> list[tuple[str, str]]:
     return [(source, load_text(source, split=hub_split))]
 
 
+def _tokenizer(source: str):
+    """A tokenizer-only directory (no model config) loads directly; anything else through the loader."""
+    p = Path(source).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:
+            raise TernlmError(f"cannot load the tokenizer from {p}: {str(e).splitlines()[0][:160]}") from None
+    from ternlm.models.sources import load_tokenizer
+
+    return load_tokenizer(source)
+
+
 def prepare_data(cfg: PrepareConfig) -> dict:
     """Tokenize the sources and write train/val shards plus meta.json into ``cfg.out`` (atomically)."""
     from tqdm.auto import tqdm
 
     from ternlm.fileio import atomic_dir, check_output_dir, save_json
-    from ternlm.models.sources import load_tokenizer
-
     check_output_dir(cfg.out)
     docs = [d for s in cfg.sources for d in _documents(s, cfg.hub_split)]  # reads fail before tokenizer work
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = _tokenizer(cfg.tokenizer)
     eot = tok.eos_token_id
     if eot is None:
         raise TernlmError(f"tokenizer {cfg.tokenizer!r} has no end-of-text (eos) token to separate documents")
