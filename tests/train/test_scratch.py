@@ -51,6 +51,7 @@ def _weights(out):
     return load_file(str(Path(out) / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,arch,k", [("fp", "gpt2-tiny", 0), ("w158a16", "gpt2-tiny", 0),
                                             ("w158a8", "llama-tiny", 0), ("w158a4", "gpt2-tiny", 0),
                                             ("w158a16", "llama-tiny", 2)])
@@ -111,6 +112,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_equals_single_process(data, tmp_path):
     args = ["train", "--data", str(data), "--model-config", "gpt2-tiny", "--variant", "w158a16", "--seq-len", "16",
             "--batch-size", "4", "--micro-batch", "2", "--steps", "4", "--eval-every", "2", "--eval-tokens", "128",
