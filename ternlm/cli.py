@@ -119,6 +119,100 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Training from scratch: prepare-data, train, compare
+
+
+def cmd_prepare_data(a) -> int:
+    from ternlm.data.shards import PrepareConfig, prepare_data
+
+    meta = prepare_data(PrepareConfig(sources=tuple(a.text), out=a.out, tokenizer=a.tokenizer,
+                                      val_fraction=a.val_fraction, shard_tokens=a.shard_tokens,
+                                      hub_split=a.hub_split, progress=not a.quiet))
+    print(f"wrote {a.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens "
+          f"(vocab {meta['vocab_size']:,}, shard version {meta['shard_version']})")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from ternlm.train.scratch import TrainConfig, train
+
+    cfg = TrainConfig(**{k: getattr(a, k) for k in _defaults(TrainConfig) if k != "out"}, out=a.out)
+    s = train(cfg, resume=a.resume, progress=not a.quiet)
+    if s.get("final_val_loss") is not None:
+        print(f"saved {a.out}/model: {s['n_params']:,} params, val loss {s['final_val_loss']:.4f} "
+              f"(ppl {s['final_val_ppl']:.2f}), {s['seconds_per_step']:.3f} s/step")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from ternlm.train.compare import CompareConfig, compare
+
+    rep = compare(CompareConfig(runs=tuple(a.runs), out=a.out, seq_len=a.seq_len))
+    print(rep["text"])
+    return 0
+
+
+def _add_scratch_parsers(sub) -> None:
+    from ternlm.data.shards import PrepareConfig
+    from ternlm.train.compare import CompareConfig
+    from ternlm.train.scratch import MODEL_SIZES, OPTIMIZERS, VARIANTS, TrainConfig
+
+    d = _defaults(PrepareConfig)
+    r = sub.add_parser("prepare-data", help="tokenize text into modded-nanogpt token shards (train/val)",
+                       description="Tokenize local text files/dirs or hub datasets into uint16/uint32 token "
+                                   "shards with end-of-text between documents.")
+    r.add_argument("text", nargs="+", help="text file, directory of .txt/.raw files, or hub dataset id")
+    r.add_argument("-o", "--out", required=True, help="output data directory")
+    r.add_argument("--tokenizer", default=d["tokenizer"], help=f"tokenizer dir or hub id (default: {d['tokenizer']})")
+    r.add_argument("--val-fraction", type=float, default=d["val_fraction"])
+    r.add_argument("--shard-tokens", type=int, default=d["shard_tokens"], help="tokens per shard file")
+    r.add_argument("--hub-split", default=d["hub_split"], help="split of hub datasets")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(fn=cmd_prepare_data)
+
+    d = _defaults(TrainConfig)
+    t = sub.add_parser("train", help="train a GPT-2/Llama LM from scratch: fp, W1.58A16, W1.58A8, W1.58A4",
+                       description="Train from token shards (single process, or DDP under torchrun); "
+                                   "writes log.jsonl, checkpoints, summary.json and a HF model directory.")
+    t.add_argument("--data", required=True, help="directory written by 'ternlm prepare-data'")
+    t.add_argument("--model-config", default=d["model_config"],
+                   help=f"{', '.join(MODEL_SIZES)} or a config.json / model dir (default: {d['model_config']})")
+    t.add_argument("--variant", default=d["variant"], help=f"{', '.join(VARIANTS)} (default: {d['variant']})")
+    t.add_argument("-o", "--out", required=True, help="run directory")
+    t.add_argument("--knowledge-tokens", type=int, default=d["knowledge_tokens"], metavar="K")
+    t.add_argument("--seq-len", type=int, default=d["seq_len"])
+    t.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per global step")
+    t.add_argument("--micro-batch", type=int, default=d["micro_batch"], help="sequences per forward per process")
+    t.add_argument("--steps", type=int, default=d["steps"])
+    t.add_argument("--lr", type=float, default=d["lr"], help="peak lr (default: 1e-3 fp, 2e-3 ternary)")
+    t.add_argument("--warmup-frac", type=float, default=d["warmup_frac"])
+    t.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    t.add_argument("--wd-stop-frac", type=float, default=d["wd_stop_frac"],
+                   help="drop weight decay after this fraction of steps (default: 0.5 ternary, never fp)")
+    t.add_argument("--optimizer", default=d["optimizer"], choices=OPTIMIZERS)
+    t.add_argument("--grad-clip", type=float, default=d["grad_clip"])
+    t.add_argument("--eval-every", type=int, default=d["eval_every"])
+    t.add_argument("--eval-tokens", type=int, default=d["eval_tokens"])
+    t.add_argument("--save-every", type=int, default=d["save_every"])
+    t.add_argument("--log-every", type=int, default=d["log_every"])
+    t.add_argument("--seed", type=int, default=d["seed"])
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--dtype", default=d["dtype"], choices=("auto", "fp32", "bf16"))
+    t.add_argument("--resume", action="store_true", help="continue the run in -o (same config)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    d = _defaults(CompareConfig)
+    c = sub.add_parser("compare", help="compare training runs: loss, convergence, speed, memory, energy",
+                       description="One table (markdown + JSON) and one loss plot from several 'ternlm train' runs.")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("-o", "--out", default=d["out"], help="directory for compare.md/.json/.png (default: none)")
+    c.add_argument("--seq-len", type=int, default=d["seq_len"],
+                   help="context length for the attention ops in the energy estimate (default: the runs')")
+    c.set_defaults(fn=cmd_compare)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line (no usage dump)."""
 
@@ -472,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     _add_distill_parser(sub)
+    _add_scratch_parsers(sub)
     return p
 
 
