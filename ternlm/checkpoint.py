@@ -57,7 +57,7 @@ def quantization_record(model: nn.Module) -> dict:
     if not isinstance(qc, QuantConfig) or not isinstance(qc.weights, TernaryConfig):
         qc = QuantConfig(weights=TernaryConfig(granularity=first.granularity, group_size=first.group_size,
                                                act_bits=first.act_bits))
-    return {
+    rec = {
         "format_version": FORMAT_VERSION,
         "method": "ternary",
         "granularity": first.granularity,
@@ -68,6 +68,17 @@ def quantization_record(model: nn.Module) -> dict:
         "quant_config": qc.to_dict(),
         "ternlm_version": __version__,
     }
+    from ternlm.moe.experts import ternary_experts
+
+    experts = ternary_experts(model)
+    if experts:  # GPT-OSS: 3-D expert modules, packed per expert (ternlm.moe)
+        for name, m in experts:
+            if (m.fmt, m.act_bits, m.granularity, m.group_size) != (first.fmt, first.act_bits, first.granularity,
+                                                                   first.group_size):
+                raise TernlmError(f"ternary experts {name} differ from {layers[0][0]} in format, act_bits or "
+                                  f"granularity; a checkpoint holds one setting for all layers")
+        rec["experts"] = [n for n, _ in experts]
+    return rec
 
 
 def check_record(rec, where: str) -> dict:
@@ -104,6 +115,7 @@ def apply_record(model: nn.Module, rec: dict) -> None:
     model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
     model.ternlm_targets = list(rec["targets"])
     model.ternlm_format = rec["fmt"]
+    model.ternlm_experts = list(rec.get("experts", []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +280,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
         raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     rec = quantization_record(model)
     state = _state_to_save(model)
-    targets = tuple(t + "." for t in rec["targets"])
+    targets = tuple(t + "." for t in rec["targets"] + rec.get("experts", []))
     want = TORCH_DTYPES[float_dtype]
     for k, v in state.items():
         if v.is_floating_point() and not k.startswith(targets) and v.dtype != want:
@@ -375,7 +387,9 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
     if kernel != "auto":
         from ternlm.nn.surgery import ternary_linears
 
-        for _, m in ternary_linears(model):
+        from ternlm.moe.experts import ternary_experts
+
+        for _, m in ternary_linears(model) + ternary_experts(model):
             m.kernel = kernel
     if (d / "generation_config.json").is_file():
         try:

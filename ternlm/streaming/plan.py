@@ -85,6 +85,18 @@ class SizePlan:
         return "\n".join(lines)
 
 
+def meta_model(config):
+    """The causal LM of ``config`` on the meta device (float32, nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as e:
+        raise TernlmError(f"cannot build a causal LM for model type {getattr(config, 'model_type', '?')!r}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
 def _load_config(source):
     from transformers import AutoConfig
 
@@ -142,14 +154,12 @@ def make_plan(source, cfg=None) -> SizePlan:
     """
     from types import SimpleNamespace
 
-    from ternlm.streaming.quantize import _meta_model
-
     cfg = cfg or SimpleNamespace(granularity="per_tensor", group_size=128, float_dtype="fp16", include=(),
                                  exclude=(), act_bits=8, scale_mode="absmean")
     config = _load_config(source)
-    model = _meta_model(config)
+    model = meta_model(config)
     from ternlm.config import QuantConfig, TernaryConfig
-    from ternlm.moe import expert_modules
+    from ternlm.moe.experts import expert_modules
     from ternlm.nn.bitlinear import linear_weight_out_in
     from ternlm.nn.surgery import select_targets
 

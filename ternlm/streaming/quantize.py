@@ -46,17 +46,6 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _meta_model(config):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except Exception as e:
-        raise TernlmError(f"cannot build a causal LM for model type {getattr(config, 'model_type', '?')!r}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-
-
 def layout(config, cfg) -> dict:
     """What the in-memory path would produce, worked out on the meta device.
 
@@ -68,11 +57,13 @@ def layout(config, cfg) -> dict:
     from ternlm import __version__
     from ternlm.checkpoint import FORMAT_VERSION, empty_model, tied_names
     from ternlm.config import QuantConfig
-    from ternlm.moe import expert_modules
+    from ternlm.moe.experts import expert_modules
     from ternlm.nn.bitlinear import conv1d_class
     from ternlm.nn.surgery import select_targets
 
-    model = _meta_model(config)
+    from ternlm.streaming.plan import meta_model
+
+    model = meta_model(config)
     tcfg = replace(cfg.ternary(), act_bits=cfg.act_bits)
     qc = QuantConfig(weights=tcfg, include=cfg.include, exclude=cfg.exclude)
     targets = select_targets(model, qc)
@@ -127,7 +118,7 @@ class _Reader:
 def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str, torch.Tensor]:
     """The output tensors of one unit, exactly as convert + save_pretrained would write them."""
     from ternlm.checkpoint import TORCH_DTYPES
-    from ternlm.moe import convert_expert_tensors
+    from ternlm.moe.experts import convert_expert_tensors
     from ternlm.quant.pack import pack
     from ternlm.quant.ternary import ternarize
 
@@ -221,7 +212,7 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
         if not reader.has(k):
             raise TernlmError(f"tensor {k} is not in the source files of {src}")
     if lay["experts"]:
-        from ternlm.moe import check_expert_sources
+        from ternlm.moe.experts import check_expert_sources
 
         check_expert_sources(lay, reader)
     units = _units(keys)
