@@ -99,6 +99,19 @@ def read_tensor(e: TensorEntry) -> torch.Tensor:
     return buf.view(dtype).reshape(e.shape)
 
 
+def read_rows(e: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a tensor's first dimension, read alone."""
+    dtype, size = DTYPES[e.dtype]
+    row = e.numel // e.shape[0] * size if e.shape and e.shape[0] else 0
+    buf = torch.empty((r1 - r0) * row, dtype=torch.uint8)
+    with open(e.file, "rb") as f:
+        f.seek(e.start + r0 * row)
+        got = f.readinto(memoryview(buf.numpy()))
+    if got != buf.numel():
+        raise TernlmError(f"{e.file} is truncated: tensor {e.name} ends early")
+    return buf.view(dtype).reshape(r1 - r0, *e.shape[1:])
+
+
 class SourceFiles:
     """The safetensors of a model directory: ``model.safetensors`` or an index and its shards."""
 
@@ -140,6 +153,20 @@ class SourceFiles:
 
     def get(self, name: str) -> torch.Tensor:
         return read_tensor(self.entries[name])
+
+    def get_cast(self, name: str, dtype: torch.dtype, chunk_bytes: int = 32 << 20) -> torch.Tensor:
+        """A float tensor cast to ``dtype`` through float32, read in row chunks, so a large
+        embedding never exists whole in its source precision (the cast is elementwise: the result
+        equals ``t.float().to(dtype)`` bit for bit)."""
+        e = self.entries[name]
+        if len(e.shape) < 2 or e.nbytes <= chunk_bytes:
+            return read_tensor(e).to(torch.float32).to(dtype)
+        out = torch.empty(e.shape, dtype=dtype)
+        step = max(1, chunk_bytes * e.shape[0] // e.nbytes)
+        for r0 in range(0, e.shape[0], step):
+            r1 = min(e.shape[0], r0 + step)
+            out[r0:r1] = read_rows(e, r0, r1).to(torch.float32).to(dtype)
+        return out
 
     @property
     def nbytes(self) -> int:

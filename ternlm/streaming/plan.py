@@ -11,8 +11,8 @@ Ternary components: block linears and expert slices (2 bits or 1.6 bits a weight
 embeddings, head, norms and router at ``float_dtype``; biases of ternary layers in float32.
 
 The peak RAM line estimates the streaming run (``ternlm.streaming.quantize``): the interpreter
-with torch and transformers loaded (``BASE_RSS``), the largest float tensor read, three float32
-copies of the largest matrix being quantized (the weight, |W|/gamma, the rounded codes), and the
+with torch and transformers loaded (``BASE_RSS``), the largest tensor read whole (float tensors
+outside the blocks are cast in row chunks), three float32 copies of the largest matrix being quantized (the weight, |W|/gamma, the rounded codes), and the
 largest block of packed output waiting to be written.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from ternlm.errors import TernlmError
 
-BASE_RSS = 450e6  # python + torch + transformers imported, measured on this project's machines
+BASE_RSS = 580e6  # python + torch + transformers + ternlm imported, measured (scripts/stream_bench.py)
 COMPONENTS = ("embeddings", "attention", "mlp", "experts", "router", "norms/biases/sinks", "lm_head")
 _FLOAT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
@@ -213,7 +213,8 @@ def make_plan(source, cfg=None) -> SizePlan:
                 if c + "_blocks" in headers.entries:
                     now = headers.entries[c + "_blocks"].nbytes + headers.entries.get(c + "_scales").nbytes
                     break
-            largest_read = max(largest_read, now)
+            if r.ternary:
+                largest_read = max(largest_read, now)
         else:
             now = int(n * (MXFP4_BYTES_PER_WEIGHT if (mxfp4 and comp == "experts") else now_bytes))
         r.now += now
@@ -232,9 +233,9 @@ def make_plan(source, cfg=None) -> SizePlan:
             keep = 4 if module in targets or module in experts else fb
             for fmt in r.after:
                 r.after[fmt] += n * keep
-            largest_read = max(largest_read, n * 4)
+            largest_read = max(largest_read, n * keep + min(n * 4, 32 << 20))  # cast in 32 MB row chunks
         unit = name.split(".")
-        key = next((".".join(unit[:i + 1]) for i, s in enumerate(unit) if s.isdigit()), "rest")
+        key = next((".".join(unit[:i + 1]) for i, s in enumerate(unit) if s.isdigit()), name)
         unit_out[key] = unit_out.get(key, 0) + (n // 4 if r.ternary else n * fb)
     if headers is None:
         largest_read = max(largest_read, largest_matrix * now_bytes)

@@ -34,7 +34,6 @@ from ternlm.streaming.files import INDEX_FILE, SourceFiles
 
 PROGRESS_FILE = "ternlm_progress.json"
 INCOMPLETE = "INCOMPLETE"
-REST = "rest"  # the unit of everything outside the block stack (embeddings, final norm, head)
 
 
 def partial_dir(out_dir: str | Path) -> Path:
@@ -85,11 +84,15 @@ def layout(config, cfg) -> dict:
 def _units(keys: list[str]) -> dict[str, list[str]]:
     """Output tensor names grouped by transformer block (``...layers.7.``), the rest last."""
     units: dict[str, list[str]] = {}
+    rest = []
     for k in keys:
         m = re.match(r"^(.*?\.\d+)\.", k)
-        units.setdefault(m.group(1) if m else REST, []).append(k)
-    order = sorted((u for u in units if u != REST), key=lambda u: (u.rsplit(".", 1)[0], int(u.rsplit(".", 1)[1])))
-    return {u: units[u] for u in order + ([REST] if REST in units else [])}
+        if m:
+            units.setdefault(m.group(1), []).append(k)
+        else:  # each tensor outside the blocks on its own: an embedding can outweigh a block
+            rest.append(k)
+    order = sorted(units, key=lambda u: (u.rsplit(".", 1)[0], int(u.rsplit(".", 1)[1])))
+    return {**{u: units[u] for u in order}, **{k: [k] for k in rest}}
 
 
 class _Reader:
@@ -107,6 +110,9 @@ class _Reader:
 
     def has(self, k: str) -> bool:
         return self.name(k) is not None
+
+    def get_cast(self, k: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.files.get_cast(self.name(k), dtype)
 
     def get(self, k: str) -> torch.Tensor:
         n = self.name(k)
@@ -148,10 +154,11 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
             done_modules.add(module)
             out.update(convert_expert_tensors(module, reader, lay, cfg))
             continue
-        v = reader.get(k)
-        if v.is_floating_point():
-            v = v.to(torch.float32).to(want)
-        out[k] = v.contiguous()
+        src_dtype = reader.files.entries[reader.name(k)].dtype
+        if src_dtype in ("F64", "F32", "F16", "BF16"):
+            out[k] = reader.get_cast(k, want).contiguous()
+        else:
+            out[k] = reader.get(k).contiguous()
     missing = sorted(set(keys) - set(out))
     if missing:
         raise TernlmError(f"internal: unit left {missing[0]} unwritten")
