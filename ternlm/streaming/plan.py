@@ -103,6 +103,8 @@ def _load_config(source):
     if isinstance(source, dict):
         d = dict(source)
         mt = d.pop("model_type", None)
+        if "torch_dtype" in d:  # the older key in published configs
+            d.setdefault("dtype", d.pop("torch_dtype"))
         try:
             return AutoConfig.for_model(mt, **d)
         except Exception as e:
@@ -157,7 +159,10 @@ def make_plan(source, cfg=None) -> SizePlan:
     cfg = cfg or SimpleNamespace(granularity="per_tensor", group_size=128, float_dtype="fp16", include=(),
                                  exclude=(), act_bits=8, scale_mode="absmean")
     config = _load_config(source)
-    model = meta_model(config)
+    src_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(src_dtype, str):
+        src_dtype = getattr(torch, src_dtype, None)
+    model = meta_model(config)  # NOTE: sets config.dtype to float32, so the source dtype is read first
     from ternlm.config import QuantConfig, TernaryConfig
     from ternlm.moe.experts import expert_modules
     from ternlm.nn.bitlinear import linear_weight_out_in
@@ -181,9 +186,6 @@ def make_plan(source, cfg=None) -> SizePlan:
             if "no safetensors weights" not in str(e):
                 raise
     prefix = getattr(model, "base_model_prefix", "")
-    src_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(src_dtype, str):
-        src_dtype = getattr(torch, src_dtype, None)
     now_bytes = _DTYPE_BYTES.get(src_dtype, 4)
     mxfp4 = (getattr(config, "quantization_config", None) or {})
     mxfp4 = (mxfp4.get("quant_method") if isinstance(mxfp4, dict) else getattr(mxfp4, "quant_method", None)) == "mxfp4"
@@ -191,7 +193,7 @@ def make_plan(source, cfg=None) -> SizePlan:
     fb = _FLOAT_BYTES[cfg.float_dtype]
     rows = {c: Row(ternary=c in ("attention", "mlp", "experts")) for c in COMPONENTS}
     seen = set()
-    largest_read = largest_matrix = 0
+    largest_read = largest_matrix = float_peak = 0
     unit_out: dict[str, int] = {}
     for name, prm in model.named_parameters(remove_duplicate=True):
         if id(prm) in seen:
@@ -233,11 +235,15 @@ def make_plan(source, cfg=None) -> SizePlan:
             keep = 4 if module in targets or module in experts else fb
             for fmt in r.after:
                 r.after[fmt] += n * keep
-            largest_read = max(largest_read, n * keep + min(n * 4, 32 << 20))  # cast in 32 MB row chunks
+            float_peak = max(float_peak, n * keep + min(n * 4, 32 << 20))  # cast in 32 MB row chunks
         unit = name.split(".")
-        key = next((".".join(unit[:i + 1]) for i, s in enumerate(unit) if s.isdigit()), name)
-        unit_out[key] = unit_out.get(key, 0) + (n // 4 if r.ternary else n * fb)
+        key = next((".".join(unit[:i + 1]) for i, s in enumerate(unit) if s.isdigit()), None)
+        if key is not None:
+            unit_out[key] = unit_out.get(key, 0) + (n // 4 if r.ternary else n * fb)
     if headers is None:
-        largest_read = max(largest_read, largest_matrix * now_bytes)
-    peak = int(BASE_RSS + largest_read + 3 * 4 * largest_matrix + max(unit_out.values(), default=0))
+        largest_read = max(largest_read, int(largest_matrix * (MXFP4_BYTES_PER_WEIGHT * 32 if mxfp4 else now_bytes)))
+    # a block: its largest source tensor, three float32 copies of one matrix, its packed output;
+    # a tensor outside the blocks: its cast copy plus one chunk
+    block_peak = largest_read + 3 * 4 * largest_matrix + max(unit_out.values(), default=0)
+    peak = int(BASE_RSS + max(block_peak, float_peak))
     return SizePlan(getattr(config, "model_type", "?"), rows, peak, "headers" if headers else "config dtype")

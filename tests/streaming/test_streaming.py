@@ -162,3 +162,43 @@ def test_streaming_peak_memory_is_one_block(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = map(float, r.stdout.split()[-2:])
     assert after - before < size_mb / 4, (before, after, size_mb)
+
+
+FIXTURE = Path(__file__).with_name("gpt_oss_20b_config.json")
+
+
+def test_plan_of_gpt_oss_20b_is_honest():
+    p = make_plan(FIXTURE)
+    assert 20.5e9 < p.params < 21.5e9
+    assert 18.5e9 < p.rows["experts"].params < 19.5e9
+    assert 13e9 < p.bytes_now() < 14.5e9  # MXFP4 experts + bf16 rest, as published (~13 GB)
+    emb = p.rows["embeddings"].after["2bit"] + p.rows["lm_head"].after["2bit"]
+    assert emb > 2.2e9  # untied 201k x 2880 embeddings and head at fp16
+    for fmt, lo, hi in (("2bit", 7e9, 8e9), ("base3", 6e9, 7e9)):
+        assert lo < p.bytes_after(fmt) < hi, (fmt, p.bytes_after(fmt))  # not 1.5 GB
+    assert "experts" in p.table() and "peak RAM" in p.table()
+
+
+@pytest.mark.parametrize("fmt,gran", [("2bit", "per_tensor"), ("base3", "per_group")])
+def test_plan_predicts_the_output_size(tmp_path, fmt, gran):
+    src = tiny_llama(tmp_path / "src")
+    cfg = QuantizeConfig(fmt=fmt, granularity=gran, group_size=32)
+    p = make_plan(src, cfg)
+    assert p.now_from == "headers"
+    assert p.bytes_now() == sum(e.nbytes for e in sq.SourceFiles(src).entries.values())
+    out = stream_quantize(src, tmp_path / "o", cfg, progress=False)
+    assert p.bytes_after(fmt) == sum(t.numel() * t.element_size() for t in tensors(out).values())
+
+
+def test_cli_plan_and_quantize_resume(tmp_path, capsys):
+    from ternlm.cli import main
+
+    assert main(["plan", str(FIXTURE)]) == 0
+    assert "experts" in capsys.readouterr().out
+    src = tiny_llama(tmp_path / "src")
+    assert main(["quantize", str(src), "--plan"]) == 0
+    assert "expected peak RAM" in capsys.readouterr().out
+    assert main(["quantize", str(src), "-o", str(tmp_path / "o"), "--stream", "--resume", "--quiet"]) == 0
+    assert "6 shards" in capsys.readouterr().out
+    assert main(["quantize", str(src)]) == 2
+    assert "--out" in capsys.readouterr().err
