@@ -111,12 +111,12 @@ def _available_memory() -> int:
 
 def _should_stream(source, cfg: QuantizeConfig, gguf_file, random_init: bool) -> bool:
     """Auto mode: a local safetensors directory whose float32 model would take over half the free memory,
-    or one with mixture-of-experts tensors (the in-memory loader would widen them all at once)."""
+    or a GPT-OSS one (MXFP4 experts: the in-memory loader would widen them all at once)."""
     p = Path(str(source)).expanduser()
     if cfg.method != "absmean" or gguf_file or random_init or not p.is_dir() or not any(p.glob("*.safetensors")):
         return False
     pl = plan(p, cfg)
-    return pl.params * 4 > _available_memory() / 2 or pl.rows["experts"].params > 0
+    return pl.params * 4 > _available_memory() / 2 or (pl.rows["experts"].params > 0 and pl.model_type == "gpt_oss")
 
 
 def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, gguf_file: str | None = None,

@@ -32,7 +32,14 @@ from ternlm.quant.pack import pack, packed_row_bytes
 from ternlm.quant.ternary import _scale_shape, ternarize
 
 # class name of a module holding 3-D expert parameters -> the model types it belongs to
-SUPPORTED_EXPERTS = {"GptOssExperts": "gpt_oss"}
+SUPPORTED_EXPERTS = {"GptOssExperts": "gpt_oss", "MixtralExperts": "mixtral", "Qwen2MoeExperts": "qwen2_moe"}
+# gpt_oss: (E, in, out) weights, gate/up interleaved, biases, clamped SwiGLU; the others (transformers 5
+# stores Mixtral / Qwen-MoE experts as 3-D tensors too): (E, out, in), gate/up halves, no bias, act_fn
+STYLES = ("gpt_oss", "mixtral")
+
+
+def _style(experts: nn.Module) -> str:
+    return "gpt_oss" if type(experts).__name__ == "GptOssExperts" else "mixtral"
 
 
 def expert_modules(model: nn.Module) -> list[str]:
@@ -61,8 +68,12 @@ class TernaryExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act_bits: int | None = 8,
                  fmt: str = "2bit", granularity: str = "per_tensor", group_size: int = 128,
-                 alpha: float = 1.702, limit: float = 7.0, kernel: str = "auto"):
+                 alpha: float = 1.702, limit: float = 7.0, kernel: str = "auto", style: str = "gpt_oss",
+                 act_fn: nn.Module | None = None):
         super().__init__()
+        if style not in STYLES:
+            raise TernlmError(f"unknown experts style {style!r}; choose one of {', '.join(STYLES)}")
+        self.style, self.act_fn = style, act_fn
         if granularity == "per_group":
             ops.check_group_size(group_size)
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
@@ -72,10 +83,11 @@ class TernaryExperts(nn.Module):
         E, H, I2, I = num_experts, hidden_size, 2 * intermediate_size, intermediate_size
         self.register_buffer("gate_up_packed", torch.zeros(E, I2, packed_row_bytes(H, fmt), dtype=torch.uint8))
         self.register_buffer("gate_up_scale", torch.ones(E, *_scale_shape(I2, H, granularity, group_size)))
-        self.register_buffer("gate_up_proj_bias", torch.zeros(E, I2))
+        biased = style == "gpt_oss"
+        self.register_buffer("gate_up_proj_bias", torch.zeros(E, I2) if biased else None)
         self.register_buffer("down_packed", torch.zeros(E, H, packed_row_bytes(I, fmt), dtype=torch.uint8))
         self.register_buffer("down_scale", torch.ones(E, *_scale_shape(H, I, granularity, group_size)))
-        self.register_buffer("down_proj_bias", torch.zeros(E, H))
+        self.register_buffer("down_proj_bias", torch.zeros(E, H) if biased else None)
         self._bindings = (None, {})
 
     @property
@@ -96,8 +108,11 @@ class TernaryExperts(nn.Module):
     @classmethod
     def empty_like(cls, experts: nn.Module, act_bits=8, fmt="2bit", granularity="per_tensor",
                    group_size=128) -> "TernaryExperts":
-        return cls(experts.num_experts, experts.hidden_size, experts.intermediate_size, act_bits, fmt, granularity,
-                   group_size, getattr(experts, "alpha", 1.702), getattr(experts, "limit", 7.0))
+        hidden = getattr(experts, "hidden_size", None) or experts.hidden_dim
+        inter = getattr(experts, "intermediate_size", None) or experts.intermediate_dim
+        return cls(experts.num_experts, hidden, inter, act_bits, fmt, granularity, group_size,
+                   getattr(experts, "alpha", 1.702), getattr(experts, "limit", 7.0), style=_style(experts),
+                   act_fn=getattr(experts, "act_fn", None))
 
     @classmethod
     def from_experts(cls, experts: nn.Module, cfg: TernaryConfig | None = None, fmt: str = "2bit",
@@ -108,18 +123,21 @@ class TernaryExperts(nn.Module):
         m.kernel = kernel
         for which in MATRICES:
             w3 = getattr(experts, which + "_proj").detach()
-            packed, scale = quantize_slices((w3[e].t() for e in range(m.num_experts)), cfg, fmt)
+            mats = (w3[e].t() if m.style == "gpt_oss" else w3[e] for e in range(m.num_experts))
+            packed, scale = quantize_slices(mats, cfg, fmt)
             setattr(m, which + "_packed", packed)
             setattr(m, which + "_scale", scale)
-            setattr(m, which + "_proj_bias", getattr(experts, which + "_proj_bias").detach().float().clone())
+            if m.style == "gpt_oss":
+                setattr(m, which + "_proj_bias", getattr(experts, which + "_proj_bias").detach().float().clone())
         return m
 
     def _bound(self, which: str, e: int):
         packed, scale = getattr(self, which + "_packed"), getattr(self, which + "_scale")
         bias = getattr(self, which + "_proj_bias")
         key = (self.kernel, self.act_bits, self.gate_up_packed.data_ptr(), self.down_packed.data_ptr(),
-               self.gate_up_scale.data_ptr(), self.down_scale.data_ptr(), self.gate_up_proj_bias.data_ptr(),
-               self.down_proj_bias.data_ptr())
+               self.gate_up_scale.data_ptr(), self.down_scale.data_ptr(),
+               None if self.gate_up_proj_bias is None else self.gate_up_proj_bias.data_ptr(),
+               None if self.down_proj_bias is None else self.down_proj_bias.data_ptr())
         cached_key, table = getattr(self, "_bindings", (None, {}))
         if cached_key != key:
             table = {}
@@ -128,7 +146,7 @@ class TernaryExperts(nn.Module):
             group = self.group_size if self.granularity == "per_group" else None
             backend = "reference" if self.kernel == "reference" else "auto"
             table[(which, e)] = ops.bind_linear(packed[e], scale[e], self.dims(which)[1], self.fmt, self.act_bits,
-                                                bias[e], group, backend)
+                                                None if bias is None else bias[e], group, backend)
         return table[(which, e)]
 
     def __getstate__(self):
@@ -137,6 +155,9 @@ class TernaryExperts(nn.Module):
         return state
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.style == "mixtral":
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.act_fn(gate) * up
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         gate = gate.clamp(min=None, max=self.limit)
         up = up.clamp(min=-self.limit, max=self.limit)
@@ -167,13 +188,14 @@ class TernaryExperts(nn.Module):
             packed, scale = getattr(self, which + "_packed"), getattr(self, which + "_scale")
             w = torch.stack([reference.dequantize(packed[e], scale[e], self.dims(which)[1], self.fmt, torch.float32,
                                                   group) for e in range(self.num_experts)])
-            out[which + "_proj"] = w.transpose(1, 2).contiguous()
-            out[which + "_proj_bias"] = getattr(self, which + "_proj_bias").clone()
+            out[which + "_proj"] = w.transpose(1, 2).contiguous() if self.style == "gpt_oss" else w
+            if self.style == "gpt_oss":
+                out[which + "_proj_bias"] = getattr(self, which + "_proj_bias").clone()
         return out
 
     def extra_repr(self) -> str:
         a = f"A{self.act_bits}" if self.act_bits else "A16"
-        return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
+        return (f"{self.style}, experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
                 f"W1.58{a}, fmt={self.fmt}, {self.granularity}, kernel={self.kernel}")
 
 
@@ -213,23 +235,26 @@ def _source_names(module: str, which: str) -> tuple[str, str, str]:
 
 def check_expert_sources(lay: dict, reader) -> None:
     for module in lay["experts"]:
+        biased = _style(lay["model"].get_submodule(module)) == "gpt_oss"
         for which in MATRICES:
             base, blocks, scales = _source_names(module, which)
             if not reader.has(base) and not (reader.has(blocks) and reader.has(scales)):
-                raise TernlmError(f"neither {base} nor its MXFP4 {base}_blocks/_scales are in the source files")
-            if not reader.has(base + "_bias"):
+                raise TernlmError(f"neither {base} nor its MXFP4 {base}_blocks/_scales are in the source files "
+                                  f"(experts saved one module per expert are not streamed: quantize with "
+                                  f"--no-stream)")
+            if biased and not reader.has(base + "_bias"):
                 raise TernlmError(f"tensor {base}_bias is not in the source files")
 
 
-def _expert_mats(module: str, which: str, reader):
+def _expert_mats(module: str, which: str, reader, style: str):
     """Yield each expert's (out, in) float32 matrix, decoding MXFP4 one expert at a time."""
     from ternlm.moe.mxfp4 import decode
 
     base, blocks, scales = _source_names(module, which)
     if reader.has(base):
-        w3 = reader.get(base)  # (E, in, out) as Hugging Face holds it
+        w3 = reader.get(base)  # gpt_oss (E, in, out) as Hugging Face holds it; mixtral (E, out, in)
         for e in range(w3.shape[0]):
-            yield w3[e].t().float()
+            yield (w3[e].t() if style == "gpt_oss" else w3[e]).float()
     else:
         b, s = reader.get(blocks), reader.get(scales)  # (E, out, in/32, 16), (E, out, in/32): out-first
         for e in range(b.shape[0]):
@@ -239,9 +264,11 @@ def _expert_mats(module: str, which: str, reader):
 def convert_expert_tensors(module: str, reader, lay: dict, cfg) -> dict[str, torch.Tensor]:
     """The output tensors of one expert module, as ``TernaryExperts.from_experts`` + save would write them."""
     out = {}
+    style = _style(lay["model"].get_submodule(module))
     for which in MATRICES:
-        packed, scale = quantize_slices(_expert_mats(module, which, reader), lay["tcfg"], cfg.fmt)
+        packed, scale = quantize_slices(_expert_mats(module, which, reader, style), lay["tcfg"], cfg.fmt)
         out[f"{module}.{which}_packed"] = packed
         out[f"{module}.{which}_scale"] = scale
-        out[f"{module}.{which}_proj_bias"] = reader.get(f"{module}.{which}_proj_bias").float().contiguous()
+        if style == "gpt_oss":
+            out[f"{module}.{which}_proj_bias"] = reader.get(f"{module}.{which}_proj_bias").float().contiguous()
     return out

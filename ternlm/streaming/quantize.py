@@ -210,6 +210,10 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     reader = _Reader(files, getattr(lay["model"], "base_model_prefix", ""))
     expected = lay["packed"].state_dict()
     keys = [k for k in expected if k not in lay["tied"]]
+    if lay["experts"]:
+        from ternlm.moe.experts import check_expert_sources
+
+        check_expert_sources(lay, reader)
     for k in keys:  # every tensor the output needs must be readable, before any work
         module = k.rpartition(".")[0]
         if module in lay["targets"]:
@@ -218,10 +222,6 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
             continue  # checked by the expert converter's names below
         if not reader.has(k):
             raise TernlmError(f"tensor {k} is not in the source files of {src}")
-    if lay["experts"]:
-        from ternlm.moe.experts import check_expert_sources
-
-        check_expert_sources(lay, reader)
     units = _units(keys)
     names = list(units)
     if check_disk:

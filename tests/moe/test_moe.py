@@ -205,7 +205,9 @@ def test_mxfp4_source_streams_like_its_decoded_float(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
-def test_modulelist_experts_go_through_the_dense_path(tmp_path, kind):
+def test_mixtral_and_qwen_moe_experts(tmp_path, kind):
+    """transformers 5 holds these experts as 3-D tensors too (saved per expert on disk): packed per
+    expert in memory, equal to the dequantized reference; streaming refuses the per-expert layout."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ternlm import load
@@ -217,9 +219,22 @@ def test_modulelist_experts_go_through_the_dense_path(tmp_path, kind):
                                num_key_value_heads=2, vocab_size=64, num_experts_per_tok=2,
                                max_position_embeddings=64, **extra)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
-    out = quantize(tmp_path / "src", tmp_path / "q", QuantizeConfig(), progress=False)
+    src_model = AutoModelForCausalLM.from_config(cfg).eval()
+    src_model.save_pretrained(tmp_path / "src")
+    qc = QuantizeConfig(act_bits=None)
+    out = quantize(tmp_path / "src", tmp_path / "q", qc, stream=False, progress=False)
     rec = json.loads((out / "ternlm_quantization.json").read_text())
-    assert any("experts" in t for t in rec["targets"])
+    assert rec["experts"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    with pytest.raises(TernlmError, match="--no-stream"):
+        quantize(tmp_path / "src", tmp_path / "s", qc, stream=True, progress=False)
     model, _ = load(out)
+    ex = model.model.layers[0].mlp.experts
+    assert isinstance(ex, TernaryExperts) and ex.style == "mixtral"
+    ref = type(src_model.model.layers[0].mlp.experts)(cfg)
+    with torch.no_grad():
+        for k, v in ex.dequantize().items():
+            getattr(ref, k).copy_(v)
+    x, idx, w = _route(E=4)
+    x = x[:, :32].contiguous()
+    torch.testing.assert_close(ex(x, idx, w), ref(x, idx, w), rtol=1e-4, atol=1e-5)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
