@@ -238,3 +238,25 @@ def test_mixtral_and_qwen_moe_experts(tmp_path, kind):
     x = x[:, :32].contiguous()
     torch.testing.assert_close(ex(x, idx, w), ref(x, idx, w), rtol=1e-4, atol=1e-5)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_routed_hessian_counts_only_routed_tokens():
+    from ternlm.moe.hessian import RoutedHessian
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1], [2, 1], [0, 2]])
+    w = torch.rand(6, 2)
+    rh = RoutedHessian(num_experts=4, in_features=4)
+    rh.add(x, idx, w)
+    for e in range(3):
+        t, p = torch.where(idx == e)
+        ref = sum(w[a, b].double() * torch.outer(x[a].double(), x[a].double()) for a, b in zip(t.tolist(), p.tolist()))
+        torch.testing.assert_close(rh.h[e], ref)
+        assert rh.tokens[e] == t.numel()
+    assert rh.tokens[3] == 0 and not rh.h[3].any()  # never routed: nothing counted
+    assert rh.tokens[:3].tolist() == [4, 4, 4]
+    assert rh.finalize(min_tokens=5) == [None] * 4  # too few tokens: absmean fallback
+    hs = rh.finalize(damp=0.1, min_tokens=4)
+    assert hs[3] is None and all(h is not None for h in hs[:3])
+    assert hs[0] is not None and torch.all(torch.linalg.eigvalsh(hs[0].double()) > 0)  # damped: positive definite
