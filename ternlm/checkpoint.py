@@ -7,6 +7,9 @@
       ternlm_quantization.json    what was quantized and how (QUANT_FILE, versioned)
       model.safetensors           packed uint8 codes, float32 scales and every other tensor;
                                   the quantization record is repeated in its metadata
+      (or) model.safetensors.index.json + model-0000i-of-0000n.safetensors
+                                  the sharded form ``ternlm.streaming`` writes, one shard per
+                                  block, the record in every shard's metadata
 
 Loading builds the architecture on the meta device, swaps the target layers for empty
 ``TernaryLinear`` modules and assigns the tensors of the memory-mapped safetensors file, so no
@@ -28,6 +31,7 @@ from ternlm.fileio import atomic_dir
 FORMAT_VERSION = 1
 QUANT_FILE = "ternlm_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 _META_KEY = "ternlm_quantization"
 
 
@@ -53,7 +57,7 @@ def quantization_record(model: nn.Module) -> dict:
     if not isinstance(qc, QuantConfig) or not isinstance(qc.weights, TernaryConfig):
         qc = QuantConfig(weights=TernaryConfig(granularity=first.granularity, group_size=first.group_size,
                                                act_bits=first.act_bits))
-    return {
+    rec = {
         "format_version": FORMAT_VERSION,
         "method": "ternary",
         "granularity": first.granularity,
@@ -64,6 +68,17 @@ def quantization_record(model: nn.Module) -> dict:
         "quant_config": qc.to_dict(),
         "ternlm_version": __version__,
     }
+    from ternlm.moe.experts import ternary_experts
+
+    experts = ternary_experts(model)
+    if experts:  # GPT-OSS: 3-D expert modules, packed per expert (ternlm.moe)
+        for name, m in experts:
+            if (m.fmt, m.act_bits, m.granularity, m.group_size) != (first.fmt, first.act_bits, first.granularity,
+                                                                   first.group_size):
+                raise TernlmError(f"ternary experts {name} differ from {layers[0][0]} in format, act_bits or "
+                                  f"granularity; a checkpoint holds one setting for all layers")
+        rec["experts"] = [n for n, _ in experts]
+    return rec
 
 
 def check_record(rec, where: str) -> dict:
@@ -86,8 +101,12 @@ def check_record(rec, where: str) -> dict:
             or not isinstance(rec.get("group_size"), int) or rec["group_size"] < 1:
         raise TernlmError(f"{where}: bad granularity/group_size {rec.get('granularity')!r}/{rec.get('group_size')!r}")
     targets = rec.get("targets")
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+    if not isinstance(targets, list) or not (targets or rec.get("experts")) \
+            or not all(isinstance(t, str) for t in targets):
         raise TernlmError(f"{where}: the quantization record lists no target layers")
+    experts = rec.get("experts", [])
+    if not isinstance(experts, list) or not all(isinstance(t, str) for t in experts):
+        raise TernlmError(f"{where}: the quantization record's experts are not a list of module names")
     QuantConfig.from_dict(rec["quant_config"])  # raises TernlmError on unknown keys
     return rec
 
@@ -96,6 +115,7 @@ def apply_record(model: nn.Module, rec: dict) -> None:
     model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
     model.ternlm_targets = list(rec["targets"])
     model.ternlm_format = rec["fmt"]
+    model.ternlm_experts = list(rec.get("experts", []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +158,18 @@ def empty_model(config, rec: dict) -> nn.Module:
             new = TernaryLinear(in_f, out_f, old.bias is not None, rec["act_bits"], rec["fmt"],
                                 rec["granularity"], rec["group_size"])
         _set_module(model, name, new)
+    if rec.get("experts"):
+        from ternlm.moe.experts import TernaryExperts
+
+        for name in rec["experts"]:
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise TernlmError(f"ternary experts {name!r} do not exist in {type(model).__name__}") from None
+            with torch.device("meta"):
+                new = TernaryExperts.empty_like(old, rec["act_bits"], rec["fmt"], rec["granularity"],
+                                                rec["group_size"])
+            _set_module(model, name, new)
     return model
 
 
@@ -248,7 +280,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
         raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
     rec = quantization_record(model)
     state = _state_to_save(model)
-    targets = tuple(t + "." for t in rec["targets"])
+    targets = tuple(t + "." for t in rec["targets"] + rec.get("experts", []))
     want = TORCH_DTYPES[float_dtype]
     for k, v in state.items():
         if v.is_floating_point() and not k.startswith(targets) and v.dtype != want:
@@ -298,6 +330,22 @@ def _open_weights(path: Path):
         raise TernlmError(f"{path} is corrupt or truncated: {msg}") from None
 
 
+def weight_files(directory: str | Path) -> list[Path]:
+    """The checkpoint's weight files: ``model.safetensors``, or the shards its index names (checked to exist)."""
+    d = Path(directory)
+    index = d / INDEX_FILE
+    if not index.is_file():
+        return [d / WEIGHTS_FILE]
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TernlmError(f"cannot read {index}: {type(e).__name__}") from None
+    for n in names:
+        if not (d / n).is_file():
+            raise TernlmError(f"{index} names {n}, which does not exist")
+    return [d / n for n in names]
+
+
 def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module:
     """Load a ternlm checkpoint directory into a model with packed TernaryLinear layers (eval mode)."""
     from transformers import AutoConfig, GenerationConfig
@@ -306,10 +354,14 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
     if not d.is_dir():
         raise TernlmError(f"no such checkpoint directory: {d}")
     rec = read_record(d)
-    wpath = d / WEIGHTS_FILE
-    f = _open_weights(wpath)
-    meta = (f.metadata() or {}).get(_META_KEY)
-    if meta is not None:
+    files = [(p, _open_weights(p)) for p in weight_files(d)]
+    metas = [(p, (f.metadata() or {}).get(_META_KEY)) for p, f in files]
+    if (d / INDEX_FILE).is_file():  # sharded: the record is in the index
+        rec_in_index = json.loads((d / INDEX_FILE).read_text()).get("metadata", {}).get(_META_KEY)
+        metas.append((d / INDEX_FILE, None if rec_in_index is None else json.dumps(rec_in_index)))
+    for wpath, meta in metas:
+        if meta is None:
+            continue
         try:
             inner = json.loads(meta)
         except json.JSONDecodeError:
@@ -323,16 +375,21 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
 
     model = empty_model(config, rec)
-    try:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
+    state = {}
+    for wpath, f in files:
+        try:
+            state.update({k: f.get_tensor(k) for k in f.keys()})
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
+    wpath = d / (INDEX_FILE if (d / INDEX_FILE).is_file() else WEIGHTS_FILE)
     assign_state(model, state, str(wpath))
     if kernel != "auto":
         from ternlm.nn.surgery import ternary_linears
 
-        for _, m in ternary_linears(model):
+        from ternlm.moe.experts import ternary_experts
+
+        for _, m in ternary_linears(model) + ternary_experts(model):
             m.kernel = kernel
     if (d / "generation_config.json").is_file():
         try:
@@ -350,23 +407,27 @@ def checkpoint_summary(directory: str | Path) -> str:
     d = Path(directory)
     rec = read_record(d)
     n_other = packed_bytes = 0
-    with safe_open(str(d / WEIGHTS_FILE), framework="pt") as f:
-        targets = set(rec["targets"])
-        for k in f.keys():
-            sl = f.get_slice(k)
-            numel = 1
-            for s in sl.get_shape():
-                numel *= s
-            module = k.rpartition(".")[0]
-            if module in targets:
-                if k.endswith(".packed"):
-                    packed_bytes += numel
-            else:
-                n_other += numel
+    targets = set(rec["targets"]) | set(rec.get("experts", []))
+    files = weight_files(d)
+    for wf in files:
+        with safe_open(str(wf), framework="pt") as f:
+            for k in f.keys():
+                numel = 1
+                for s in f.get_slice(k).get_shape():
+                    numel *= s
+                module = k.rpartition(".")[0]
+                if module in targets:
+                    if k.endswith("packed"):
+                        packed_bytes += numel
+                else:
+                    n_other += numel
     cfg = json.loads((d / "config.json").read_text())
-    size = (d / WEIGHTS_FILE).stat().st_size
+    experts = f" + {len(rec['experts'])} ternary expert modules" if rec.get("experts") else ""
+    where = files[0].name if len(files) == 1 else f"{len(files)} shards"
+    size = sum(wf.stat().st_size for wf in files)
     act = "float (W1.58A16)" if rec["act_bits"] is None else f"int{rec['act_bits']} per token (W1.58A{rec['act_bits']})"
     return (f"saved {d}\n"
-            f"  model type {cfg.get('model_type')}, {len(rec['targets'])} ternary layers, packed {rec['fmt']} "
+            f"  model type {cfg.get('model_type')}, {len(rec['targets'])} ternary layers"
+            f"{experts}, packed {rec['fmt']} "
             f"({packed_bytes / 1e6:.1f} MB of codes), {rec['granularity']} scales, activations {act}\n"
-            f"  {n_other / 1e6:.1f}M other parameters kept in float; {WEIGHTS_FILE} {size / 1e6:.1f} MB")
+            f"  {n_other / 1e6:.1f}M other parameters kept in float; {where} {size / 1e6:.1f} MB")

@@ -241,9 +241,51 @@ def cmd_quantize(a) -> int:
                          calib_split=a.calib_split, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
                          transform=a.transform, error_feedback=a.error_feedback, reconstruct=a.reconstruct,
                          reconstruct_steps=a.reconstruct_steps, seed=a.seed)
-    out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init, progress=not a.quiet)
+    if a.plan:
+        from ternlm.quantization import plan
+
+        print(plan(a.model, cfg).table())
+        return 0
+    if not a.out:
+        from ternlm.errors import TernlmError
+
+        raise TernlmError("quantize needs -o/--out (or --plan to print the size plan only)")
+    out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init, progress=not a.quiet,
+                   stream=a.stream, resume=a.resume)
     print(checkpoint_summary(out))
     return 0
+
+
+def cmd_plan(a) -> int:
+    from ternlm.quantization import QuantizeConfig, plan
+
+    cfg = QuantizeConfig(fmt=a.format, granularity=a.granularity, group_size=a.group_size,
+                         float_dtype=a.float_dtype)
+    p = plan(a.model, cfg)
+    print(p.table())
+    if a.json:
+        from ternlm.fileio import save_json
+
+        save_json(p.to_dict(), a.json)
+    return 0
+
+
+def _add_plan_parser(sub) -> None:
+    from ternlm.config import FLOAT_DTYPES, FORMATS, GRANULARITIES
+    from ternlm.quantization import QuantizeConfig
+
+    d = _defaults(QuantizeConfig)
+    p = sub.add_parser("plan", help="size plan of a model before quantizing it (config and tensor headers only)",
+                       description="Per component: parameters, bytes now, bytes after ternary packing (2-bit and "
+                                   "1.6-bit, with scales) and the expected peak RAM of a streaming quantization. "
+                                   "Reads no weights.")
+    p.add_argument("model", help="model directory (safetensors headers are read) or a config.json")
+    p.add_argument("--format", default=d["fmt"], choices=FORMATS, help="format the disk check uses")
+    p.add_argument("--granularity", default=d["granularity"], choices=GRANULARITIES)
+    p.add_argument("--group-size", type=int, default=d["group_size"])
+    p.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES)
+    p.add_argument("--json", default=None, help="also write the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
 
 
 def cmd_eval(a) -> int:
@@ -485,7 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load a causal LM (hub id, local dir, GGUF), replace its block linear layers by "
                                    "packed ternary TernaryLinear layers and save a ternlm checkpoint directory.")
     z.add_argument("model", help="hub id, local directory or GGUF file")
-    z.add_argument("-o", "--out", required=True, help="checkpoint directory to write")
+    z.add_argument("-o", "--out", default=None, help="checkpoint directory to write (required unless --plan)")
+    z.add_argument("--plan", action="store_true", help="print the size plan (config + tensor headers) and stop")
+    z.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize a local safetensors directory block by block in bounded memory (default: "
+                        "when the model is large or has experts)")
+    z.add_argument("--resume", action="store_true", help="continue a killed streaming run from its last block")
     z.add_argument("--method", default=d["method"], choices=METHODS,
                    help=f"absmean = BitNet b1.58 round-to-nearest, no data; pt-bitnet = calibrated: transform + "
                         f"block-wise error-feedback rounding, group scales, reconstruction (default: {d['method']})")
@@ -518,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action in z._actions:  # quantize's activation default differs from TernaryConfig's: say which
         if action.dest == "act_bits":
             action.help = _act_help(d["act_bits"])
+
+    _add_plan_parser(sub)
 
     # eval
     d = _defaults(EvalConfig)

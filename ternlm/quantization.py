@@ -11,6 +11,11 @@ rounding with least-squares group scales and output reconstruction; each stage s
 
 Every input is checked before the model is loaded; the output directory is written atomically,
 so an interrupted run leaves any earlier output intact.
+
+Big models stream (``ternlm.streaming``): a local safetensors directory is quantized one block at a
+time in bounded memory, with the same tensors as the in-memory path, and ``resume=True`` continues a
+killed run. ``stream=None`` picks streaming when the model's float32 size would not fit comfortably
+in the memory available now; ``plan(source, cfg)`` prints the sizes before any work.
 """
 
 from __future__ import annotations
@@ -86,11 +91,43 @@ class QuantizeConfig:
         return asdict(self)
 
 
+def plan(source, cfg: QuantizeConfig | None = None):
+    """The size plan of ``source`` (model directory or config.json) from its config and tensor
+    headers only: a ``ternlm.streaming.SizePlan`` (``.table()`` prints it)."""
+    from ternlm.streaming.plan import make_plan
+
+    return make_plan(source, cfg or QuantizeConfig())
+
+
+def _available_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _should_stream(source, cfg: QuantizeConfig, gguf_file, random_init: bool) -> bool:
+    """Auto mode: a local safetensors directory whose float32 model would take over half the free memory,
+    or a GPT-OSS one (MXFP4 experts: the in-memory loader would widen them all at once)."""
+    p = Path(str(source)).expanduser()
+    if cfg.method != "absmean" or gguf_file or random_init or not p.is_dir() or not any(p.glob("*.safetensors")):
+        return False
+    pl = plan(p, cfg)
+    return pl.params * 4 > _available_memory() / 2 or (pl.rows["experts"].params > 0 and pl.model_type == "gpt_oss")
+
+
 def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, gguf_file: str | None = None,
-             random_init: bool = False, progress: bool = True) -> Path:
+             random_init: bool = False, progress: bool = True, stream: bool | None = None,
+             resume: bool = False) -> Path:
     """Load ``source`` (directory, GGUF or hub id), convert it to packed ternary, save it to ``out_dir``.
 
     The tokenizer is saved beside the weights when the source has one. Returns the output path.
+    stream: True quantizes a local safetensors directory block by block in bounded memory (absmean),
+    False loads the whole model, None (default) streams when the model is big or has experts.
+    resume: continue a streaming run that was killed (implies stream).
     """
     from ternlm.checkpoint import save_pretrained
     from ternlm.conversion import convert
@@ -99,6 +136,16 @@ def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, 
 
     cfg = cfg or QuantizeConfig()
     check_output_dir(out_dir)
+    if resume and stream is False:
+        raise TernlmError("--resume continues a streaming run; it cannot be combined with stream=False")
+    if stream is None:
+        stream = resume or _should_stream(source, cfg, gguf_file, random_init)
+    if stream:
+        if gguf_file or random_init:
+            raise TernlmError("streaming reads a local safetensors directory (no --gguf-file / --random-init)")
+        from ternlm.streaming.quantize import stream_quantize
+
+        return stream_quantize(source, out_dir, cfg, resume=resume, progress=progress)
     if cfg.method == "pt-bitnet":
         from ternlm.data.text import check_source
 
@@ -109,6 +156,9 @@ def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, 
         model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
         qc = QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude)
         convert(model, qc, fmt=cfg.fmt, act_bits=cfg.act_bits)
+        from ternlm.moe.experts import convert_experts
+
+        convert_experts(model, cfg.ternary(), cfg.fmt)  # GPT-OSS 3-D experts; a no-op for dense models
         return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype)
 
     import json

@@ -198,3 +198,25 @@ def test_loaded_layers_are_ternary_linear(ck):
     m = from_pretrained(ck, kernel="reference")
     assert all(isinstance(m.get_submodule(n), TernaryLinear) and m.get_submodule(n).kernel == "reference"
                for n in m.ternlm_targets)
+
+
+def test_sharded_checkpoint_errors_name_the_file(tmp_path):
+    from tests.streaming.test_streaming import tiny_llama
+    from ternlm.quantization import QuantizeConfig
+    from ternlm.streaming import stream_quantize
+
+    out = stream_quantize(tiny_llama(tmp_path / "src"), tmp_path / "q", QuantizeConfig(), progress=False)
+    assert not (out / WEIGHTS_FILE).exists() and (out / checkpoint.INDEX_FILE).is_file()
+    assert "6 shards" in checkpoint.checkpoint_summary(out)
+    index = json.loads((out / checkpoint.INDEX_FILE).read_text())
+    # the index's record must be the directory's record
+    index["metadata"]["ternlm_quantization"]["fmt"] = "base3"
+    (out / checkpoint.INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(TernlmError, match="different ternlm_quantization.json"):
+        from_pretrained(out)
+    index["metadata"]["ternlm_quantization"]["fmt"] = "2bit"
+    (out / checkpoint.INDEX_FILE).write_text(json.dumps(index))
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(TernlmError, match=f"names {shard.name}, which does not exist"):
+        from_pretrained(out)

@@ -67,3 +67,21 @@ def test_short_calibration_text_names_the_minimum(llama_dir, tmp_path):
         quantize(llama_dir, tmp_path / "o", QuantizeConfig(method="pt-bitnet", calib=str(short), calib_tokens=256,
                                                            seq_len=64, group_size=32), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_stream_options_checked(tmp_path, monkeypatch):
+    from tests.streaming.test_streaming import tiny_llama
+    from ternlm import quantization
+
+    src = tiny_llama(tmp_path / "src")
+    with pytest.raises(TernlmError, match="--resume"):
+        quantization.quantize(src, tmp_path / "o", QuantizeConfig(), stream=False, resume=True, progress=False)
+    with pytest.raises(TernlmError, match="gguf"):
+        quantization.quantize(src, tmp_path / "o", QuantizeConfig(), stream=True, random_init=True, progress=False)
+    # auto mode streams when the float32 model would not fit in half the free memory
+    assert not quantization._should_stream(src, QuantizeConfig(), None, False)
+    monkeypatch.setattr(quantization, "_available_memory", lambda: 1000)
+    assert quantization._should_stream(src, QuantizeConfig(), None, False)
+    assert not quantization._should_stream(src, QuantizeConfig(method="pt-bitnet", calib="x"), None, False)
+    out = quantization.quantize(src, tmp_path / "o", QuantizeConfig(), progress=False)
+    assert (out / "model.safetensors.index.json").is_file()  # streamed

@@ -112,7 +112,12 @@ def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
     cfg = getattr(m, "config", None)  # BitLinear; a packed TernaryLinear carries its own fields
     gran = getattr(cfg, "granularity", None) or getattr(m, "granularity", "per_channel")
     gsize = getattr(cfg, "group_size", None) or getattr(m, "group_size", 128)
-    w = _effective_weight(m).float()
+    param = getattr(m, "weight", None)
+    return _check_matrix(name, type(m).__name__, _effective_weight(m).float(), gran, gsize,
+                         param.dtype if param is not None and param.is_floating_point() else None, rtol)
+
+
+def _check_matrix(name: str, kind: str, w: torch.Tensor, gran: str, gsize: int, dtype, rtol: float) -> LayerReport:
     sv, s = _group_max(w, gran, gsize)  # (n_scales,), (out, in)
     a = w.abs()
     is_zero = a == 0
@@ -125,17 +130,33 @@ def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
         overhead = 32.0 * n_scales / n
         bits, stored = LOG2_3 + overhead, 2.0 + overhead
     else:
-        param = getattr(m, "weight", None)
-        bits = stored = float(torch.finfo(param.dtype).bits if param is not None and param.is_floating_point() else 8)
-    return LayerReport(name, type(m).__name__, n, tern, zeros, n_scales, sv.mean().item(), sv.min().item(),
+        bits = stored = float(torch.finfo(dtype).bits if dtype is not None else 8)
+    return LayerReport(name, kind, n, tern, zeros, n_scales, sv.mean().item(), sv.min().item(),
                        sv.max().item(), bits, stored, ok)
+
+
+@torch.no_grad()
+def check_experts(name: str, m: nn.Module, rtol: float = 1e-5) -> list[LayerReport]:
+    """One report per expert matrix of a packed ``TernaryExperts`` (``name[e].gate_up`` / ``.down``)."""
+    w = m.dequantize()
+    rows = []
+    for which in ("gate_up", "down"):
+        for e in range(m.num_experts):
+            rows.append(_check_matrix(f"{name}[{e}].{which}", type(m).__name__, w[which + "_proj"][e].t().float(),
+                                      m.granularity, m.group_size, None, rtol))
+    return rows
 
 
 def verify(model: nn.Module, targets: list[str] | None = None) -> VerifyReport:
     """Check the layers meant to be ternary: ``targets`` or those recorded by ``quantize_model``,
-    else the linear layers of the transformer blocks."""
+    else the linear layers of the transformer blocks; packed mixture-of-experts modules
+    (``TernaryExperts``) are reported expert by expert."""
+    from ternlm.moe.experts import ternary_experts
     from ternlm.nn.surgery import block_linear_layers
 
     if targets is None:
         targets = getattr(model, "ternlm_targets", None) or block_linear_layers(model)
-    return VerifyReport([check_layer(n, model.get_submodule(n)) for n in targets])
+    rows = [check_layer(n, model.get_submodule(n)) for n in targets]
+    for n, m in ternary_experts(model):
+        rows.extend(check_experts(n, m))
+    return VerifyReport(rows)

@@ -1,0 +1,11 @@
+"""Quantize checkpoints larger than memory: a size plan from headers, then block-by-block streaming.
+
+    from ternlm.streaming import make_plan, stream_quantize
+    print(make_plan("model-dir").table())
+    stream_quantize("model-dir", "out", QuantizeConfig(), resume=True)
+"""
+
+from ternlm.streaming.plan import SizePlan, make_plan
+from ternlm.streaming.quantize import stream_quantize
+
+__all__ = ["SizePlan", "make_plan", "stream_quantize"]
