@@ -178,7 +178,13 @@ def _pick_engine(model, cfg: GenerateConfig, log=None) -> str:
     architecture; ``auto`` on anything else falls back to ``hf`` with one line on ``log``."""
     from ternlm.runtime.engine import describe
 
+    from ternlm.nn.knowledge import get_knowledge
+
     if cfg.engine == "hf":
+        return "hf"
+    if get_knowledge(model) is not None:  # the decode engine has no knowledge-token cache prefix yet
+        if cfg.engine == "fast":
+            raise TernlmError("the fast engine does not run models with knowledge tokens (use --engine hf)")
         return "hf"
     try:
         describe(model)

@@ -122,6 +122,20 @@ def _should_stream(source, cfg: QuantizeConfig, gguf_file, random_init: bool) ->
 def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, gguf_file: str | None = None,
              random_init: bool = False, progress: bool = True, stream: bool | None = None,
              resume: bool = False) -> Path:
+    """Quantize ``source`` into ``out_dir`` (see ``_quantize``) and write its model card (README.md)."""
+    from ternlm.modelcard import source_info, write_model_card
+
+    cfg = cfg or QuantizeConfig()
+    out = _quantize(source, out_dir, cfg, gguf_file=gguf_file, random_init=random_init, progress=progress,
+                    stream=stream, resume=resume)
+    info = source_info(source, gguf_file) if not random_init else {}
+    write_model_card(out, method=cfg.method, settings=cfg.to_dict(), **info)
+    return out
+
+
+def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, gguf_file: str | None = None,
+              random_init: bool = False, progress: bool = True, stream: bool | None = None,
+              resume: bool = False) -> Path:
     """Load ``source`` (directory, GGUF or hub id), convert it to packed ternary, save it to ``out_dir``.
 
     The tokenizer is saved beside the weights when the source has one. Returns the output path.

@@ -231,6 +231,14 @@ def source_kind(name_or_path, gguf_file: str | None = None) -> str:
     return "hf" if src.local else "hub"
 
 
+def _attach_knowledge(model, name_or_path, kind: str) -> None:
+    """Knowledge tokens saved beside a local checkpoint come back with it."""
+    if kind in ("ternlm", "hf"):
+        from ternlm.nn.knowledge import load_knowledge
+
+        load_knowledge(model, name_or_path)
+
+
 def _optional_tokenizer(name_or_path, gguf_file=None):
     try:
         return load_tokenizer(name_or_path, gguf_file=gguf_file)
@@ -265,6 +273,7 @@ def load(name_or_path: str | Path, *, task: str = "causal-lm", gguf_file: str | 
             from ternlm.checkpoint import from_pretrained
 
             model = from_pretrained(name_or_path, kernel=kernel)
+            _attach_knowledge(model, name_or_path, kind)
             return Loaded(model, _optional_tokenizer(name_or_path) if tokenizer else None)
         from ternlm.export.gguf import from_gguf
 
@@ -288,4 +297,5 @@ def load(name_or_path: str | Path, *, task: str = "causal-lm", gguf_file: str | 
         extra = dict(config_overrides={"num_labels": num_labels}, new_head_ok=True)
     model = _load(auto_cls, name_or_path, task=task, gguf_file=gguf_file, random_init=random_init, dtype=dtype,
                   **extra)
+    _attach_knowledge(model, name_or_path, kind)
     return Loaded(model, _optional_tokenizer(name_or_path, gguf_file) if tokenizer else None)
