@@ -24,7 +24,7 @@ _LAZY = {
     "load": "ternlm.models.loading",
     "source_kind": "ternlm.models.loading",
     "load_tokenizer": "ternlm.models.sources",
-    "save_model": "ternlm.models.loading",
+    "save_model": "ternlm.checkpoint",
     "evaluate_classifier": "ternlm.eval.classification",
     "perplexity": "ternlm.eval.perplexity",
     "train_classifier": "ternlm.train.classify",

@@ -431,3 +431,20 @@ def checkpoint_summary(directory: str | Path) -> str:
             f"{experts}, packed {rec['fmt']} "
             f"({packed_bytes / 1e6:.1f} MB of codes), {rec['granularity']} scales, activations {act}\n"
             f"  {n_other / 1e6:.1f}M other parameters kept in float; {where} {size / 1e6:.1f} MB")
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save model (+ tokenizer) as safetensors into out_dir, atomically.
+
+    Everything is written into a temporary directory beside out_dir and swapped in by rename, so
+    an interrupted save never leaves a half-written model, and an existing out_dir survives until
+    the new one is complete.
+    """
+    from ternlm.fileio import atomic_dir
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(out_dir, write)

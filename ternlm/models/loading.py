@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from ternlm.checkpoint import save_model  # noqa: F401  (re-exported: the float-model saver)
 from ternlm.errors import TernlmError
 from ternlm.models.sources import (Source, has_hf_weights, hub_load_error, hub_load_kwargs, load_tokenizer, one_line,
                                    resolve_source)
@@ -168,23 +169,6 @@ def load_classifier(name_or_path: str | Path, *, num_labels: int = 2, gguf_file:
     """
     return load(name_or_path, task="classification", num_labels=num_labels, gguf_file=gguf_file,
                 random_init=random_init, dtype=dtype, tokenizer=False).model
-
-
-def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save model (+ tokenizer) as safetensors into out_dir, atomically.
-
-    Everything is written into a temporary directory beside out_dir and swapped in by rename, so
-    an interrupted save never leaves a half-written model, and an existing out_dir survives until
-    the new one is complete.
-    """
-    from ternlm.fileio import atomic_dir
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    return atomic_dir(out_dir, write)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,7 +263,7 @@ def save_model_with_knowledge(model: nn.Module, tokenizer, out_dir: str | Path, 
 
             out = save_pretrained(model, tokenizer, out_dir, **save_kwargs)
         else:
-            from ternlm.models.loading import save_model
+            from ternlm.checkpoint import save_model
 
             out = save_model(model, tokenizer, out_dir)
     finally:
