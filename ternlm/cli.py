@@ -75,7 +75,8 @@ def cmd_pipeline(a) -> int:
         latency_messages=a.latency_messages, robustness=not a.no_robustness, robustness_limit=a.robustness_limit,
         gen_tokens=a.gen_tokens, progress=not a.quiet, ptbitnet=a.ptbitnet, calib_text=a.calib_text,
         ptb_calib_tokens=a.ptb_calib_tokens, ptb_seq_len=a.ptb_seq_len, ptb_group_size=a.ptb_group_size,
-        ptb_reconstruct_steps=a.ptb_reconstruct_steps,
+        ptb_reconstruct_steps=a.ptb_reconstruct_steps, distill_steps=a.distill_steps, distill_text=a.distill_text,
+        distill_lr=a.distill_lr, distill_batch_size=a.distill_batch_size, distill_block_size=a.distill_block_size,
         baselines=tuple(b.strip() for b in a.baselines.split(",") if b.strip()))
     run_pipeline(cfg)
     return 0
@@ -462,6 +463,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"inputs per scale (default: {d['ptb_group_size']})")
     g.add_argument("--ptb-reconstruct-steps", type=int, default=d["ptb_reconstruct_steps"],
                    help=f"block reconstruction steps (default: {d['ptb_reconstruct_steps']})")
+    g = q.add_argument_group("short distillation of the pt-bitnet LM from the float model")
+    g.add_argument("--distill-steps", type=int, default=d["distill_steps"],
+                   help=f"distillation steps (default: {d['distill_steps']} = skip)")
+    g.add_argument("--distill-text", default=d["distill_text"],
+                   help="training text (default: --calib-text, else --lm-qat-text; never the perplexity text)")
+    g.add_argument("--distill-lr", type=float, default=d["distill_lr"], help=f"(default: {d['distill_lr']})")
+    g.add_argument("--distill-batch-size", type=int, default=d["distill_batch_size"],
+                   help=f"sequences per step (default: {d['distill_batch_size']})")
+    g.add_argument("--distill-block-size", type=int, default=d["distill_block_size"],
+                   help=f"tokens per sequence (default: {d['distill_block_size']})")
     q.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     _add_ternary_args(q)
     q.set_defaults(fn=cmd_pipeline)

@@ -74,6 +74,13 @@ class PipelineConfig:
     ptb_seq_len: int = 128
     ptb_group_size: int = 128
     ptb_reconstruct_steps: int = 16
+    # short distillation of the pt-bitnet base LM from the float model (ternlm.train.distill), on
+    # distill_text (default: the calibration text; never the perplexity text); 0 steps = skip
+    distill_steps: int = 0
+    distill_text: str | None = None
+    distill_lr: float = 1e-3
+    distill_batch_size: int = 2
+    distill_block_size: int = 128
     progress: bool = True
 
     def __post_init__(self):
@@ -85,6 +92,10 @@ class PipelineConfig:
                 raise TernlmError(f"{name} must be >= 1")
         if self.lm_qat_steps < 0:
             raise TernlmError("lm_qat_steps must be >= 0")
+        if self.distill_steps < 0:
+            raise TernlmError("distill_steps must be >= 0")
+        if self.distill_steps and not self.ptbitnet:
+            raise TernlmError("distill_steps needs the pt-bitnet variant (it distils the pt-bitnet LM); drop --no-ptbitnet")
         if self.ptbitnet:
             self.ptbitnet_config(self.ptb_calib_tokens)  # validates the pt-bitnet settings now
         self.prompts = tuple(self.prompts)
@@ -192,6 +203,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
     check_source(cfg.data, "data file")
     check_source(cfg.text, "text file")
     check_source(cfg.lm_qat_text, "LM QAT text file")
+    check_source(cfg.distill_text, "distillation text file")
+    if cfg.distill_steps and not (cfg.distill_text or cfg.calib_text or cfg.lm_qat_text):
+        raise TernlmError("distill_steps needs training text: --distill-text (or --calib-text / --lm-qat-text)")
     check_source(cfg.calib_text, "calibration text file")
     if bool(cfg.lm_qat_text) != bool(cfg.lm_qat_steps):
         raise TernlmError("--lm-qat-text and --lm-qat-steps go together (give both, or neither)")
@@ -297,9 +311,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # ---- 5. perplexity of the base LM
     _log(cfg, "5/5 perplexity of the base language model under each quantizer")
-    report["perplexity"], report["generation"], lm_hist = _lm_section(cfg, tok, text)
+    report["perplexity"], report["generation"], lm_hist, distilled = _lm_section(cfg, tok, text)
     if lm_hist is not None:
         report["training"]["lm_qat"] = lm_hist
+    if distilled is not None:
+        report["distillation"] = distilled
 
     report["peak_rss_mb"] = peak_rss_mb()
     report["wall_seconds"] = time.perf_counter() - t_start
@@ -364,6 +380,7 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
     pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
                  progress=cfg.progress)
     ppl, gen = {}, {}
+    distill_summary = None
     for name in ("fp32", "ternary_ptq") + cfg.baselines:
         m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
         ppl[name] = perplexity(m, tok, text, **pp_kw)
@@ -382,6 +399,9 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
         gen["ternary_ptbitnet"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
                                                    seed=cfg.seed)
         _log(cfg, f"perplexity ternary_ptbitnet: {ppl['ternary_ptbitnet']['perplexity']:.2f}")
+        if cfg.distill_steps:
+            ppl["ternary_ptbitnet_distilled"], gen["ternary_ptbitnet_distilled"], distill_summary = \
+                _distill_section(cfg, m, tok, text, ppl["ternary_ptbitnet"])
         del m
     lm_hist = None
     if cfg.lm_qat_text and cfg.lm_qat_steps:
@@ -398,4 +418,40 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
         _log(cfg, f"perplexity ternary_qat (LM QAT, {cfg.lm_qat_steps} steps): {ppl['ternary_qat']['perplexity']:.2f}")
     else:
         ppl["ternary_qat"] = {"skipped": "no LM QAT text given (--lm-qat-text / --lm-qat-steps)"}
-    return ppl, gen, lm_hist
+    return ppl, gen, lm_hist, distill_summary
+
+
+def _distill_section(cfg: PipelineConfig, ptb, tok, text_eval: str, before: dict):
+    """Distil the pt-bitnet LM ``ptb`` from the float model for ``cfg.distill_steps`` steps.
+
+    The student is saved as a packed checkpoint under ``out/distill`` and handed to
+    :func:`ternlm.train.distill.distill`, which scores it with the same perplexity protocol as the
+    rest of the section. Returns (perplexity record, generation samples, summary with before/after)."""
+    from ternlm.checkpoint import save_pretrained
+    from ternlm.eval.generation import generate_samples
+    from ternlm.eval.perplexity import perplexity
+    from ternlm.models.loading import load
+    from ternlm.train.distill import DistillConfig, distill
+
+    work = Path(cfg.out) / "distill"
+    student_dir = save_pretrained(ptb, tok, work / "start")
+    text = cfg.distill_text or cfg.calib_text or cfg.lm_qat_text
+    dcfg = DistillConfig(teacher=cfg.model, teacher_gguf_file=cfg.gguf_file, student=str(student_dir),
+                         texts=(text,), text_config=cfg.text_config, text_split="validation",
+                         out=str(work / "model"), steps=cfg.distill_steps, batch_size=cfg.distill_batch_size,
+                         block_size=cfg.distill_block_size, lr=cfg.distill_lr,
+                         warmup_steps=min(5, cfg.distill_steps), eval_text=None,
+                         save_every=max(cfg.distill_steps, 1), seed=cfg.seed, progress=cfg.progress)
+    _log(cfg, f"distilling the pt-bitnet LM: {cfg.distill_steps} steps of "
+              f"{cfg.distill_batch_size} x {cfg.distill_block_size} tokens")
+    summary = distill(dcfg)
+    model, _ = load(summary["out"], tokenizer=False)
+    pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
+                 progress=cfg.progress)
+    after = perplexity(model, tok, text_eval, **pp_kw)
+    gen = generate_samples(model, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+    info = {"steps": summary["steps"], "tokens": summary["tokens"], "train_seconds": summary["train_seconds"],
+            "ppl_before": before["perplexity"], "ppl_after": after["perplexity"], "checkpoint": summary["out"]}
+    _log(cfg, f"perplexity ternary_ptbitnet after {summary['tokens']} distillation tokens: "
+              f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}")
+    return after, gen, info

@@ -65,6 +65,12 @@ def render_markdown(r: dict) -> str:
                 L.append(f"| {name} | — ({p['skipped']}) | — |")
             else:
                 L.append(f"| {name} | {p['perplexity']:.2f} | {p['n_tokens']} |")
+    dist = r.get("distillation")
+    if dist:
+        L += ["", "## Distillation of the pt-bitnet LM", "",
+              f"{dist['steps']} steps, {dist['tokens']:,} tokens, {dist['train_seconds']:.0f} s of training from the "
+              f"float model (KL on logits): perplexity {dist['ppl_before']:.2f} -> {dist['ppl_after']:.2f} "
+              f"({dist['ppl_before'] / dist['ppl_after']:.2f}x lower). Packed checkpoint: `{dist['checkpoint']}`."]
     fp = r.get("footprint")
     if fp:
         L += ["", "## Weight memory", "",

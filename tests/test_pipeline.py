@@ -33,7 +33,8 @@ def report(tiny_model_dir, tmp_path_factory):
         limit_train=96, limit_test=48, epochs=1, qat_epochs=3, qat_lr=1e-3, qat_seeds=2,
         ppl_max_length=32, ppl_stride=32, ppl_windows=2, latency_messages=8, robustness_limit=24,
         lm_qat_text=str(require_data("tinyshakespeare", "input.txt")), lm_qat_steps=3, gen_tokens=5,
-        ptb_calib_tokens=256, ptb_seq_len=32, ptb_group_size=32, ptb_reconstruct_steps=2, progress=False)
+        ptb_calib_tokens=256, ptb_seq_len=32, ptb_group_size=32, ptb_reconstruct_steps=2, distill_steps=2, distill_block_size=32,
+        progress=False)
     r = run_pipeline(cfg)
     return out, r
 
@@ -51,8 +52,12 @@ def test_every_variant_and_metric_is_reported(report):
             assert v["cost"]["latency_batch32"]["ms_per_message"] > 0
             assert set(v["robustness"]) >= {"clean", "typos", "case", "whitespace_punct", "url", "number"}
         assert rep["config"]["qat_seeds"] == 2 and len(rep["qat_seeds"]["f1"]) == 2
-        assert set(rep["perplexity"]) == {"fp32", "ternary_ptq", "ternary_ptbitnet", "ternary_qat", "int8_absmax",
-                                          "int8_zeropoint", "llm_int8"}
+        assert set(rep["perplexity"]) == {"fp32", "ternary_ptq", "ternary_ptbitnet", "ternary_ptbitnet_distilled",
+                                          "ternary_qat", "int8_absmax", "int8_zeropoint", "llm_int8"}
+        d = rep["distillation"]
+        assert d["steps"] == 2 and d["tokens"] == 2 * 2 * 32
+        assert d["ppl_before"] == rep["perplexity"]["ternary_ptbitnet"]["perplexity"]
+        assert d["ppl_after"] == rep["perplexity"]["ternary_ptbitnet_distilled"]["perplexity"]
         assert all(p["perplexity"] > 1 for p in rep["perplexity"].values())
     assert r["ptbitnet"]["classifier"]["n_targets"] == 8 and r["ptbitnet"]["classifier"]["wall_s"] > 0
     for name in ("ternary_ptq", "ternary_ptbitnet", "ternary_qat"):
@@ -63,6 +68,11 @@ def test_every_variant_and_metric_is_reported(report):
     assert pk["model_bytes_in_memory"] < pk["model_bytes_before"]
     assert abs(pk["f1"] - r["variants"]["ternary_qat"]["f1"]) <= 0.05
     assert "converted for inference" in (out / "report.md").read_text()
+    assert "## Distillation of the pt-bitnet LM" in (out / "report.md").read_text()
+    # the distilled LM is a packed ternlm checkpoint
+    from ternlm.models.loading import source_kind
+
+    assert source_kind(r["distillation"]["checkpoint"]) == "ternlm"
 
 
 def test_qat_training_loss_went_down(report):
