@@ -101,7 +101,7 @@ def worker(args) -> dict:
     out["quant_wall_s"] = time.perf_counter() - t0
     text = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
     t1 = time.perf_counter()
-    out["ppl"] = perplexity(model, tok, text, max_length=512, stride=512, max_windows=args.windows)
+    out["ppl"] = perplexity(model, tok, text, max_length=args.window, stride=args.window, max_windows=args.windows)
     out["eval_wall_s"] = time.perf_counter() - t1
     out["peak_rss_mb"] = peak_rss_mb()
     return out
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--windows", type=int, default=10)
+    p.add_argument("--window", type=int, default=512, help="tokens per perplexity window (default: 512)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=REPO / "runs" / "ptq_smollm2.json")
     p.add_argument("--quiet", action="store_true")
@@ -144,7 +145,7 @@ def main() -> None:
     rows = []
     passthrough = ["--model-dir", str(args.model_dir), "--calib-tokens", str(args.calib_tokens),
                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--lr", str(args.lr),
-                   "--seed", str(args.seed), "--windows", str(args.windows), "--threads", str(args.threads)]
+                   "--seed", str(args.seed), "--windows", str(args.windows), "--window", str(args.window), "--threads", str(args.threads)]
     if args.quiet:
         passthrough.append("--quiet")
     for name in names:
