@@ -90,7 +90,11 @@ def worker(args) -> dict:
         calib_text = (DATA / "wikitext-2" / "tokens.valid.txt").read_text(encoding="utf-8")
         ids = calibration_ids(tok, calib_text, cfg.calib_tokens, cfg.seq_len, cfg.seed)
         # the packed layer takes per-group scales only when the groups divide every layer
-        dims = {d for n, m in model.named_modules() if n.endswith("_proj") for d in (m.in_features,)}
+        from ternlm.config import QuantConfig
+        from ternlm.nn.surgery import select_targets
+        from ternlm.ptq.arch import get_weight
+
+        dims = {get_weight(model.get_submodule(t)).shape[1] for t in select_targets(model, QuantConfig())}
         pack = all(d % cfg.group_size == 0 for d in dims)
         rec = ptbitnet_quantize(model, ids, cfg, progress=not args.quiet, pack=pack)
         out["bits_per_weight"] = rec["bits_per_weight"]
