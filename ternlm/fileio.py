@@ -25,6 +25,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def save_figure(fig, path: str | Path, **savefig_kw) -> Path:
+    """Save a matplotlib figure atomically (temporary PNG beside ``path``, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, **savefig_kw)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
     """Refuse, before any work, an output path that cannot become a directory: an existing file, or
     a location whose nearest existing parent is not a writable directory."""

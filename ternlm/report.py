@@ -121,13 +121,12 @@ def plot_all(report: dict, out: Path, weights: dict, layer: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ternlm.fileio import save_figure
+
     files = []
 
     def save(fig, name):
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        tmp.replace(out / name)
+        save_figure(fig, out / name, dpi=110, bbox_inches="tight")
         files.append(name)
 
     # weight histograms of one layer: original vs each quantizer

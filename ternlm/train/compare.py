@@ -134,8 +134,6 @@ def plot(runs: list[dict], path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from ternlm.fileio import save_figure
+
+    return save_figure(fig, path, dpi=120)

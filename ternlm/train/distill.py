@@ -427,11 +427,9 @@ def plot_curve(records: list[dict], path: Path, title: str = "distillation") -> 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from ternlm.fileio import save_figure
+
+    return save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------------
