@@ -19,6 +19,7 @@ ACT_BITS = (None, 8, 4)
 QMAX = {8: 127.0, 4: 7.0}
 # Packed storage of ternary codes (see ternlm.quant.pack).
 FORMATS = ("2bit", "base3")
+KERNELS = ("auto", "reference")  # packed-layer kernel choice: compiled/Triton by dispatch, or the reference twin
 # Storage of an LM head / float tensors in a decode engine or checkpoint.
 HEADS = ("fp32", "fp16", "bf16", "int8")
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")

@@ -28,6 +28,7 @@ import torch.nn as nn
 from ternlm.config import TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.kernels import ops
+from ternlm.nn.ternary_linear import KernelChoice
 from ternlm.quant.pack import pack, packed_row_bytes
 from ternlm.quant.ternary import _scale_shape, ternarize
 
@@ -59,11 +60,10 @@ def expert_modules(model: nn.Module) -> list[str]:
     return names
 
 
-KERNELS = ("auto", "reference")
 MATRICES = ("gate_up", "down")
 
 
-class TernaryExperts(nn.Module):
+class TernaryExperts(KernelChoice, nn.Module):
     """Packed ternary replacement for ``GptOssExperts``: same forward signature and result layout."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act_bits: int | None = 8,
@@ -89,16 +89,6 @@ class TernaryExperts(nn.Module):
         self.register_buffer("down_scale", torch.ones(E, *_scale_shape(H, I, granularity, group_size)))
         self.register_buffer("down_proj_bias", torch.zeros(E, H) if biased else None)
         self._bindings = (None, {})
-
-    @property
-    def kernel(self) -> str:
-        return self._kernel
-
-    @kernel.setter
-    def kernel(self, value: str) -> None:
-        if value not in KERNELS:
-            raise TernlmError(f"unknown kernel {value!r}; choose one of {', '.join(KERNELS)}")
-        self._kernel = value
 
     def dims(self, which: str) -> tuple[int, int]:
         """(out, in) of one expert's matrix."""

@@ -17,16 +17,28 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ternlm.config import TernaryConfig
+from ternlm.config import KERNELS, TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.kernels import ops
 from ternlm.quant.pack import FORMATS, pack, packed_row_bytes, unpack
 from ternlm.quant.ternary import TernaryTensor, _scale_shape, ternarize
 
-KERNELS = ("auto", "reference")
+
+class KernelChoice:
+    """The ``kernel`` attribute of packed modules: ``auto`` (dispatch) or ``reference``, validated."""
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value not in KERNELS:
+            raise TernlmError(f"unknown kernel {value!r}; choose one of {', '.join(KERNELS)}")
+        self._kernel = value
 
 
-class TernaryLinear(nn.Module):
+class TernaryLinear(KernelChoice, nn.Module):
     """y = x W^T + b with W = codes * scale stored packed; x (..., in) -> (..., out) in x's dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int | None = 8,
@@ -52,16 +64,6 @@ class TernaryLinear(nn.Module):
                                                  dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._binding = (None, None)  # (key of the bound tensors, BoundLinear)
-
-    @property
-    def kernel(self) -> str:
-        return self._kernel
-
-    @kernel.setter
-    def kernel(self, value: str) -> None:
-        if value not in KERNELS:
-            raise TernlmError(f"unknown kernel {value!r}; choose one of {', '.join(KERNELS)}")
-        self._kernel = value
 
     @classmethod
     def from_ternary(cls, t: TernaryTensor, bias: torch.Tensor | None = None, act_bits: int | None = 8,
