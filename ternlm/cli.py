@@ -69,9 +69,10 @@ def cmd_pipeline(a) -> int:
         model=a.model, gguf_file=a.gguf_file, random_init=a.random_init, data=a.data, text=a.text,
         text_config=a.text_config, text_split=a.text_split, out=a.out, seed=a.seed, max_length=a.max_length,
         batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, qat_epochs=a.qat_epochs, qat_lr=a.qat_lr,
-        qat_seeds=a.qat_seeds, ternary=_ternary_config(a), limit_train=a.limit_train, limit_test=a.limit_test,
+        qat_seeds=a.qat_seeds, qat_init=a.qat_init, ternary=_ternary_config(a), limit_train=a.limit_train, limit_test=a.limit_test,
         eval_batch_size=a.eval_batch_size, ppl_max_length=a.ppl_max_length, ppl_stride=a.ppl_stride,
         ppl_windows=a.ppl_windows, lm_qat_text=a.lm_qat_text, lm_qat_steps=a.lm_qat_steps,
+        lm_qat_batch_size=a.lm_qat_batch_size,
         latency_messages=a.latency_messages, robustness=not a.no_robustness, robustness_limit=a.robustness_limit,
         gen_tokens=a.gen_tokens, progress=not a.quiet, ptbitnet=a.ptbitnet, calib_text=a.calib_text,
         ptb_calib_tokens=a.ptb_calib_tokens, ptb_seq_len=a.ptb_seq_len, ptb_group_size=a.ptb_group_size,
@@ -304,6 +305,7 @@ def cmd_eval(a) -> int:
 def cmd_export(a) -> int:
     from ternlm.export.gguf import export_gguf
     from ternlm.fileio import check_output_file
+    from ternlm.modelcard import write_gguf_card
 
     if a.format != "gguf":
         from ternlm.errors import TernlmError
@@ -311,8 +313,9 @@ def cmd_export(a) -> int:
         raise TernlmError(f"unknown export format {a.format!r}; only gguf is supported")
     check_output_file(a.out)
     out = export_gguf(a.model, a.out, a.type, head_dtype=a.head_dtype)
+    card = write_gguf_card(out, a.model, qtype=a.type, head_dtype=a.head_dtype)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type.upper()} ternary layers, "
-          f"{a.head_dtype} embeddings/head)")
+          f"{a.head_dtype} embeddings/head) and its model card {card}")
     return 0
 
 
@@ -399,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ternlm.config import FLOAT_DTYPES, FORMATS, HEADS
     from ternlm.eval.perplexity import EvalConfig
     from ternlm.generate import ENGINES, GenerateConfig
-    from ternlm.pipeline import PipelineConfig
+    from ternlm.pipeline import QAT_INITS, PipelineConfig
     from ternlm.quantization import METHODS, QuantizeConfig
     from ternlm.train.pretrain import PretrainConfig
 
@@ -430,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--qat-lr", type=float, default=d["qat_lr"], help=f"QAT learning rate (default: {d['qat_lr']})")
     q.add_argument("--qat-seeds", type=int, default=d["qat_seeds"],
                    help=f"QAT runs with seeds seed, seed+1, ... (default: {d['qat_seeds']})")
+    q.add_argument("--qat-init", default=d["qat_init"], choices=QAT_INITS,
+                   help="QAT start: the pt-bitnet classifier (learned scales from its calibrated ones), absmean "
+                        f"ternarization of the fp32 classifier, or auto = ptbitnet when it runs (default: {d['qat_init']})")
     q.add_argument("--limit-train", type=int, default=d["limit_train"], help="stratified subsample of the training split")
     q.add_argument("--limit-test", type=int, default=d["limit_test"], help="stratified subsample of the test split")
     q.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
@@ -441,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-qat-text", default=d["lm_qat_text"], help="training text for LM QAT (omit to skip LM QAT)")
     q.add_argument("--lm-qat-steps", type=int, default=d["lm_qat_steps"],
                    help=f"LM QAT steps (default: {d['lm_qat_steps']})")
+    q.add_argument("--lm-qat-batch-size", type=int, default=d["lm_qat_batch_size"],
+                   help=f"LM QAT sequences of 128 tokens per step (default: {d['lm_qat_batch_size']})")
     q.add_argument("--latency-messages", type=int, default=d["latency_messages"])
     q.add_argument("--no-robustness", action="store_true", help="skip the perturbed-input evaluation")
     q.add_argument("--robustness-limit", type=int, default=d["robustness_limit"],

@@ -112,11 +112,36 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
+def _usage(gguf_file: str | None) -> list[str]:
+    """How to load and run it: the checkpoint directory with ternlm (and llama.cpp after an export),
+    or a GGUF file with llama.cpp first."""
+    prompt = '"The capital of France is"'
+    if gguf_file:
+        return ["", "## How to use", "", "```bash",
+                f"llama-cli -m {gguf_file} -p {prompt} -n 20",
+                f"ternlm generate --model {gguf_file} --prompt {prompt}",
+                f"ternlm eval {gguf_file} --text wikitext --max-windows 10", "```", "",
+                "```python", "import ternlm", "",
+                f'model, tokenizer = ternlm.load("{gguf_file}")  # packed ternary layers, as in the file', "```"]
+    return ["", "## How to use", "", "```python", "import ternlm", "",
+            'model, tokenizer = ternlm.load("path/to/this/directory")',
+            f"ids = tokenizer({prompt}, return_tensors=\"pt\").input_ids",
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))", "```", "",
+            "```bash",
+            f"ternlm generate --model path/to/this/directory --prompt {prompt}",
+            "ternlm eval path/to/this/directory --text wikitext --max-windows 10",
+            "ternlm verify path/to/this/directory",
+            "# llama.cpp: export to GGUF (TQ2_0 / TQ1_0 ternary blocks), then run it there",
+            "ternlm export path/to/this/directory --type tq2_0 -o model.gguf",
+            f"llama-cli -m model.gguf -p {prompt} -n 20", "```"]
+
+
 def render_model_card(*, model_type: str, record: dict, totals: dict | None, method: str,
                       settings: dict | None = None, metrics: dict | None = None, base_model: str | None = None,
                       license: str | None = None, tags=(), name: str = "model", extra_files: dict | None = None,
-                      limitations=()) -> str:
-    """The card's markdown from facts already gathered (``write_model_card`` gathers them)."""
+                      limitations=(), gguf_file: str | None = None) -> str:
+    """The card's markdown from facts already gathered (``write_model_card`` gathers them).
+    ``gguf_file``: the card describes that GGUF export (usage with llama.cpp first)."""
     meta = ["---"]
     if base_model:
         meta.append(f"base_model: {base_model}")
@@ -157,17 +182,7 @@ def render_model_card(*, model_type: str, record: dict, totals: dict | None, met
     if metrics:
         lines += ["", "## Measured", "", "| measurement | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
-    lines += ["", "## How to use", "", "```python", "import ternlm", "",
-              'model, tokenizer = ternlm.load("path/to/this/directory")',
-              'ids = tokenizer("The capital of France is", return_tensors="pt").input_ids',
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))", "```", "",
-              "```bash",
-              'ternlm generate --model path/to/this/directory --prompt "The capital of France is"',
-              "ternlm eval path/to/this/directory --text wikitext --max-windows 10",
-              "ternlm verify path/to/this/directory",
-              "# llama.cpp: export to GGUF (TQ2_0 / TQ1_0 ternary blocks), then run it there",
-              "ternlm export path/to/this/directory --type tq2_0 -o model.gguf",
-              'llama-cli -m model.gguf -p "The capital of France is" -n 20', "```"]
+    lines += _usage(gguf_file)
     if extra_files:
         lines += ["", "## Files", ""] + [f"- `{k}`: {v}" for k, v in extra_files.items()]
     lims = [
@@ -211,5 +226,61 @@ def write_model_card(directory, *, method: str, settings: dict | None = None, me
                              name=name or (base_model.split("/")[-1] if base_model else d.name),
                              extra_files=extra_files, limitations=limitations)
     path = d / CARD_FILE
+    atomic_write_text(path, text)
+    return path
+
+
+def gguf_card_path(gguf_path) -> Path:
+    """Where the card of an exported GGUF goes: ``README.md`` beside it, unless that file exists and
+    is not this GGUF's card (a checkpoint's card, the user's own file), then ``<stem>.README.md``."""
+    g = Path(gguf_path)
+    readme = g.parent / CARD_FILE
+    if not readme.exists():
+        return readme
+    try:
+        mine = f"llama-cli -m {g.name} " in readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        mine = False
+    return readme if mine else g.with_name(f"{g.stem}.{CARD_FILE}")
+
+
+def write_gguf_card(gguf_path, source_dir, *, qtype: str, head_dtype: str) -> Path:
+    """Write the model card of a GGUF file exported from the ternlm checkpoint ``source_dir``
+    (atomically; see ``gguf_card_path`` for where). Sizes and bits per weight are read from the file."""
+    import gguf
+
+    from ternlm.checkpoint import read_record
+    from ternlm.fileio import atomic_write_text
+
+    g = Path(gguf_path)
+    d = Path(source_dir).expanduser()
+    rec = read_record(d)
+    try:
+        model_type = json.loads((d / "config.json").read_text()).get("model_type", "?")
+    except (OSError, json.JSONDecodeError):
+        raise TernlmError(f"cannot read {d / 'config.json'}") from None
+    reader = gguf.GGUFReader(str(g))
+    qt = gguf.GGMLQuantizationType[qtype.upper()]
+    block, type_size = gguf.GGML_QUANT_SIZES[qt]
+    n_all = sum(int(t.n_elements) for t in reader.tensors)
+    n_tern = sum(int(t.n_elements) for t in reader.tensors if t.tensor_type == qt)
+    size = g.stat().st_size
+    info = source_info(d)
+    metrics = {"file size (MB)": round(size / 1e6, 2),
+               f"bits per ternary weight ({qtype.upper()} blocks of {block}, fp16 block scale)": 8 * type_size / block,
+               "ternary weights in the file": f"{n_tern:,} of {n_all:,}",
+               "bits per parameter, whole file": round(8 * size / max(n_all, 1), 3)}
+    settings = {"GGUF type of the ternary layers": qtype.upper(),
+                "embeddings / LM head / other 2-D float tensors": head_dtype, "source checkpoint": str(d)}
+    text = render_model_card(
+        model_type=model_type, record=rec, totals=None,
+        method=f"GGUF export of the ternlm checkpoint `{d}` (its README.md says how that checkpoint was made). "
+               f"Ternary layers are re-blocked as llama.cpp {qtype.upper()}: one fp16 scale per {block} weights, "
+               "taken from the checkpoint's scales.",
+        settings=settings, metrics=metrics, base_model=info.get("base_model"), license=info.get("license"),
+        tags=("gguf", "llama.cpp"), name=g.stem, gguf_file=g.name,
+        limitations=("llama.cpp runs the TQ types with int8 activations; a W1.58A16 checkpoint therefore runs "
+                     "slightly differently there than in ternlm.",))
+    path = gguf_card_path(g)
     atomic_write_text(path, text)
     return path

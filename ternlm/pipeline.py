@@ -2,11 +2,14 @@
 
 1. fine-tune the full-precision classifier on SMS spam -> metrics
 2. ternary PTQ of that classifier -> metrics
-3. QAT fine-tune of the ternary classifier (one or more seeds) -> metrics
+2b. calibrated ternary PTQ (pt-bitnet) of that classifier -> metrics
+3. QAT fine-tune of the ternary classifier (one or more seeds), from the pt-bitnet classifier
+   (default when pt-bitnet runs) or from absmean ternarization -> metrics
 4. the int8 baselines (absmax, zero-point, LLM.int8) -> metrics
 5. perplexity of the base LM under each quantizer (and after LM QAT when a training text is given)
 
-Every number in the report is measured in the run; the full config is saved with it.
+Every number in the report is measured in the run; the full config is saved with it, and each
+stage's wall time and peak RSS (``report["stages"]``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import copy
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from ternlm.train.classify import ClassifierTrainConfig
 
 BASELINES = ("int8_absmax", "int8_zeropoint", "llm_int8")
 VARIANTS = ("fp32", "ternary_ptq", "ternary_ptbitnet", "ternary_qat") + BASELINES
+QAT_INITS = ("auto", "ptbitnet", "absmean")
 
 
 @dataclass
@@ -47,6 +52,7 @@ class PipelineConfig:
     qat_epochs: float = 2.0
     qat_lr: float = 3e-4
     qat_seeds: int = 1
+    qat_init: str = "auto"               # QAT start: ptbitnet, absmean, or auto (ptbitnet when it runs)
     ternary: TernaryConfig = field(default_factory=TernaryConfig)
     limit_train: int | None = None       # stratified subsample of the training split (quick runs)
     limit_test: int | None = None
@@ -58,6 +64,7 @@ class PipelineConfig:
     lm_qat_text: str | None = None       # train text for LM QAT (omit to skip)
     lm_qat_steps: int = 0
     lm_qat_lr: float = 3e-4
+    lm_qat_batch_size: int = 4
     # cost, robustness, samples
     latency_messages: int = 64
     robustness: bool = True
@@ -92,6 +99,12 @@ class PipelineConfig:
                 raise TernlmError(f"{name} must be >= 1")
         if self.lm_qat_steps < 0:
             raise TernlmError("lm_qat_steps must be >= 0")
+        if self.lm_qat_batch_size < 1:
+            raise TernlmError("lm_qat_batch_size must be >= 1")
+        if self.qat_init not in QAT_INITS:
+            raise TernlmError(f"unknown qat_init {self.qat_init!r}; choose from {', '.join(QAT_INITS)}")
+        if self.qat_init == "ptbitnet" and not self.ptbitnet:
+            raise TernlmError("qat_init ptbitnet needs the pt-bitnet variant; drop --no-ptbitnet or use --qat-init absmean")
         if self.distill_steps < 0:
             raise TernlmError("distill_steps must be >= 0")
         if self.distill_steps and not self.ptbitnet:
@@ -118,6 +131,12 @@ class PipelineConfig:
         return PTBitNetConfig(calib_tokens=calib_tokens, seq_len=self.ptb_seq_len, group_size=self.ptb_group_size,
                               reconstruct_steps=self.ptb_reconstruct_steps, seed=self.seed, act_bits=act)
 
+    def qat_start(self) -> str:
+        """Where QAT starts: "ptbitnet" (the calibrated classifier) or "absmean"."""
+        if self.qat_init == "auto":
+            return "ptbitnet" if self.ptbitnet else "absmean"
+        return self.qat_init
+
     def classifier_train(self, qat: bool, seed: int) -> ClassifierTrainConfig:
         return ClassifierTrainConfig(epochs=self.qat_epochs if qat else self.epochs, lr=self.qat_lr if qat else self.lr,
                                      batch_size=self.batch_size, max_length=self.max_length, seed=seed)
@@ -132,6 +151,23 @@ def _quant_config(variant: str, cfg: PipelineConfig) -> QuantConfig:
 def _log(cfg: PipelineConfig, msg: str) -> None:
     if cfg.progress:
         print(f"[ternlm] {msg}", flush=True)
+
+
+@contextmanager
+def _stage(stages: list, name: str):
+    """Append a stage's wall time and peak RSS to ``stages`` (the high-water mark is reset
+    at the start of each stage where the OS allows it, so each peak is the stage's own)."""
+    from ternlm.eval.cost import peak_rss_mb, release_freed_memory, reset_peak_rss
+
+    release_freed_memory()
+    own = reset_peak_rss()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        release_freed_memory()
+        stages.append({"stage": name, "seconds": time.perf_counter() - t0,
+                                                "peak_rss_mb": peak_rss_mb(), "own_peak": own})
 
 
 
@@ -221,7 +257,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ternlm.data.text import load_text
     from ternlm.eval.cost import peak_rss_mb, weight_footprint
     from ternlm.models.loading import load
-    from ternlm.nn.surgery import quantize_model, select_targets
+    from ternlm.nn.surgery import quantize_model, select_targets, trainable_from_packed
     from ternlm.report import write_report
     from ternlm.train.classify import train_classifier
     from ternlm.train.common import seed_everything
@@ -232,16 +268,18 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     seed_everything(cfg.seed)
 
     # ---- data first (seconds; a malformed file fails before any model loads), then the model
-    ds = load_sms_spam(cfg.data)
-    train, val, test = split_dataset(ds, seed=cfg.seed)
-    if cfg.limit_train and cfg.limit_train < len(train):
-        train = subsample(train, cfg.limit_train, seed=cfg.seed)
-    if cfg.limit_test and cfg.limit_test < len(test):
-        test = subsample(test, cfg.limit_test, seed=cfg.seed)
-    text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
-    fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
-    if tok is None:
-        raise TernlmError(f"no tokenizer files in {cfg.model}")
+    stages: list = []
+    with _stage(stages, "load data and model"):
+        ds = load_sms_spam(cfg.data)
+        train, val, test = split_dataset(ds, seed=cfg.seed)
+        if cfg.limit_train and cfg.limit_train < len(train):
+            train = subsample(train, cfg.limit_train, seed=cfg.seed)
+        if cfg.limit_test and cfg.limit_test < len(test):
+            test = subsample(test, cfg.limit_test, seed=cfg.seed)
+        text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
+        fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
+        if tok is None:
+            raise TernlmError(f"no tokenizer files in {cfg.model}")
     _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped); "
               f"train {len(train)} / val {len(val)} / test {len(test)}")
     targets = select_targets(fp, QuantConfig(weights=cfg.ternary))
@@ -253,74 +291,91 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                         "n_params": sum(p.numel() for p in fp.parameters()),
                         "quantized_layers": targets},
               "footprint": weight_footprint(fp, targets),
-              "variants": {}, "training": {}}
+              "variants": {}, "training": {}, "stages": stages}
 
     # ---- 1. full precision fine-tune
     _log(cfg, "1/5 fine-tuning the full-precision classifier")
-    report["training"]["fp32"] = train_classifier(fp, tok, train.texts, train.labels,
-                                                  cfg.classifier_train(False, cfg.seed),
-                                                  progress=cfg.progress, desc="fp32 fine-tune")
-    report["variants"]["fp32"] = _evaluate_variant("fp32", fp, tok, test, cfg, targets)
+    with _stage(stages, "1 fp32 fine-tune + eval"):
+        report["training"]["fp32"] = train_classifier(fp, tok, train.texts, train.labels,
+                                                      cfg.classifier_train(False, cfg.seed),
+                                                      progress=cfg.progress, desc="fp32 fine-tune")
+        report["variants"]["fp32"] = _evaluate_variant("fp32", fp, tok, test, cfg, targets)
     layer = targets[0]
     weights_for_plot = {"fp32": fp.get_submodule(layer).weight.detach().clone()}
 
     # ---- 2. ternary PTQ
     _log(cfg, "2/5 ternary post-training quantization")
-    ptq = quantize_model(copy.deepcopy(fp), _quant_config("ternary_ptq", cfg))
-    report["variants"]["ternary_ptq"] = _evaluate_variant("ternary_ptq", ptq, tok, test, cfg, targets)
-    weights_for_plot["ternary"] = _plot_weight(ptq, layer)
-    del ptq
+    with _stage(stages, "2 absmean PTQ + eval"):
+        ptq = quantize_model(copy.deepcopy(fp), _quant_config("ternary_ptq", cfg))
+        report["variants"]["ternary_ptq"] = _evaluate_variant("ternary_ptq", ptq, tok, test, cfg, targets)
+        weights_for_plot["ternary"] = _plot_weight(ptq, layer)
+        del ptq
 
     # ---- 2b. calibrated ternary PTQ (pt-bitnet), calibrated on training messages
+    qat_from = cfg.qat_start()
+    ptb = None
     if cfg.ptbitnet:
         _log(cfg, "2b/5 calibrated ternary PTQ (pt-bitnet) on training messages")
-        ptb = copy.deepcopy(fp)
-        report["ptbitnet"] = {"classifier": _ptbitnet(ptb, tok, "\n".join(train.texts), cfg)}
-        report["variants"]["ternary_ptbitnet"] = _evaluate_variant("ternary_ptbitnet", ptb, tok, test, cfg, targets)
-        weights_for_plot["ternary_ptbitnet"] = _plot_weight(ptb, layer)
-        del ptb
+        with _stage(stages, "2b pt-bitnet PTQ + eval"):
+            ptb = copy.deepcopy(fp)
+            report["ptbitnet"] = {"classifier": _ptbitnet(ptb, tok, "\n".join(train.texts), cfg)}
+            report["variants"]["ternary_ptbitnet"] = _evaluate_variant("ternary_ptbitnet", ptb, tok, test, cfg,
+                                                                       targets)
+            weights_for_plot["ternary_ptbitnet"] = _plot_weight(ptb, layer)
+            if qat_from != "ptbitnet":
+                ptb = None
 
-    # ---- 3. ternary QAT (several seeds when asked)
-    _log(cfg, f"3/5 ternary QAT fine-tuning ({cfg.qat_seeds} seed(s))")
+    # ---- 3. ternary QAT (several seeds when asked), from the pt-bitnet classifier or absmean
+    _log(cfg, f"3/5 ternary QAT fine-tuning from the {qat_from} classifier ({cfg.qat_seeds} seed(s))")
     seeds = [cfg.seed + i for i in range(cfg.qat_seeds)]
     qat_runs = []
-    for i, s in enumerate(seeds):
-        qat = quantize_model(copy.deepcopy(fp), _quant_config("ternary_qat", cfg))
-        hist = train_classifier(qat, tok, train.texts, train.labels, cfg.classifier_train(True, s),
-                                progress=cfg.progress, desc=f"QAT seed {s}")
-        res = _evaluate_variant(f"ternary_qat[seed {s}]", qat, tok, test, cfg, targets)
-        qat_runs.append({"seed": s, "history": hist, "metrics": res})
-        if i == 0:
-            report["variants"]["ternary_qat"] = res
-            weights_for_plot["ternary_qat"] = _plot_weight(qat, layer)
-            report["packed"] = _packed_section(qat, tok, test, cfg)
-        del qat
+    with _stage(stages, "3 ternary QAT + eval + packed eval"):
+        for i, s in enumerate(seeds):
+            if ptb is not None:  # learned-scale BitLinears starting at the calibrated codes and scales
+                qat = trainable_from_packed(copy.deepcopy(ptb))
+            else:
+                qat = quantize_model(copy.deepcopy(fp), _quant_config("ternary_qat", cfg))
+            hist = train_classifier(qat, tok, train.texts, train.labels, cfg.classifier_train(True, s),
+                                    progress=cfg.progress, desc=f"QAT seed {s}")
+            res = _evaluate_variant(f"ternary_qat[seed {s}]", qat, tok, test, cfg, targets)
+            res["init"] = qat_from
+            qat_runs.append({"seed": s, "history": hist, "metrics": res})
+            if i == 0:
+                report["variants"]["ternary_qat"] = res
+                weights_for_plot["ternary_qat"] = _plot_weight(qat, layer)
+                report["packed"] = _packed_section(qat, tok, test, cfg)
+            del qat
+        del ptb
     report["training"]["ternary_qat"] = [r["history"] for r in qat_runs]
     f1s = [r["metrics"]["f1"] for r in qat_runs]
-    report["qat_seeds"] = {"seeds": seeds, "f1": f1s, "accuracy": [r["metrics"]["accuracy"] for r in qat_runs],
+    report["qat_seeds"] = {"seeds": seeds, "init": qat_from, "f1": f1s,
+                           "accuracy": [r["metrics"]["accuracy"] for r in qat_runs],
                            "f1_mean": statistics.fmean(f1s), "f1_std": statistics.pstdev(f1s) if len(f1s) > 1 else 0.0}
 
     # ---- 4. int8 baselines
     _log(cfg, "4/5 int8 baselines")
     for name in cfg.baselines:
-        m = quantize_model(copy.deepcopy(fp), _quant_config(name, cfg))
-        report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets)
-        weights_for_plot[name] = _plot_weight(m, layer)
-        del m
+        with _stage(stages, f"4 {name} + eval"):
+            m = quantize_model(copy.deepcopy(fp), _quant_config(name, cfg))
+            report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets)
+            weights_for_plot[name] = _plot_weight(m, layer)
+            del m
     del fp
 
     # ---- 5. perplexity of the base LM
     _log(cfg, "5/5 perplexity of the base language model under each quantizer")
-    report["perplexity"], report["generation"], lm_hist, distilled = _lm_section(cfg, tok, text)
+    report["perplexity"], report["generation"], lm_hist, distilled = _lm_section(cfg, tok, text, stages)
     if lm_hist is not None:
         report["training"]["lm_qat"] = lm_hist
     if distilled is not None:
         report["distillation"] = distilled
 
-    report["peak_rss_mb"] = peak_rss_mb()
+    own = all(st["own_peak"] for st in stages)
+    report["peak_rss_mb"] = max(st["peak_rss_mb"] for st in stages) if own else peak_rss_mb()
     report["wall_seconds"] = time.perf_counter() - t_start
     write_report(report, out, weights_for_plot, layer)
-    _log(cfg, f"wrote {out / 'report.json'}, {out / 'report.md'} and plots in {report['wall_seconds']:.0f}s")
+    _log(cfg, f"wrote {out / 'report.json'}, {out / 'report.md'} and plots in {report['wall_seconds']:.0f}s; "
+              f"peak RSS {report['peak_rss_mb'] / 1024:.2f} GiB")
     return report
 
 
@@ -368,7 +423,7 @@ def _plot_weight(model, layer: str) -> torch.Tensor:
     return _effective_weight(model.get_submodule(layer)).float().clone()
 
 
-def _lm_section(cfg: PipelineConfig, tok, text: str):
+def _lm_section(cfg: PipelineConfig, tok, text: str, stages: list):
     from ternlm.data.text import load_text
     from ternlm.eval.generation import generate_samples
     from ternlm.eval.perplexity import perplexity
@@ -376,46 +431,57 @@ def _lm_section(cfg: PipelineConfig, tok, text: str):
     from ternlm.nn.surgery import quantize_model
     from ternlm.train.lm import LMTrainConfig, train_lm
 
-    base = load(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init, tokenizer=False).model
+    with _stage(stages, "5 load base LM"):
+        base = load(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init, tokenizer=False).model
     pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
                  progress=cfg.progress)
     ppl, gen = {}, {}
     distill_summary = None
     for name in ("fp32", "ternary_ptq") + cfg.baselines:
-        m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
-        ppl[name] = perplexity(m, tok, text, **pp_kw)
-        _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
-        if name in ("fp32", "ternary_ptq"):
-            gen[name] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+        with _stage(stages, f"5 perplexity {name}"):
+            m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
+            ppl[name] = perplexity(m, tok, text, **pp_kw)
+            _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
+            if name in ("fp32", "ternary_ptq"):
+                gen[name] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
+            del m
     calib = cfg.calib_text or cfg.lm_qat_text
     if not cfg.ptbitnet:
         ppl["ternary_ptbitnet"] = {"skipped": "pt-bitnet switched off"}
     elif calib is None:
         ppl["ternary_ptbitnet"] = {"skipped": "no calibration text (--calib-text or --lm-qat-text)"}
     else:
-        m = copy.deepcopy(base)
-        _ptbitnet(m, tok, load_text(calib, config=cfg.text_config, split="validation"), cfg)
-        ppl["ternary_ptbitnet"] = perplexity(m, tok, text, **pp_kw)
-        gen["ternary_ptbitnet"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
-                                                   seed=cfg.seed)
-        _log(cfg, f"perplexity ternary_ptbitnet: {ppl['ternary_ptbitnet']['perplexity']:.2f}")
+        with _stage(stages, "5 pt-bitnet LM + perplexity"):
+            m = copy.deepcopy(base)
+            _ptbitnet(m, tok, load_text(calib, config=cfg.text_config, split="validation"), cfg)
+            ppl["ternary_ptbitnet"] = perplexity(m, tok, text, **pp_kw)
+            gen["ternary_ptbitnet"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
+                                                       seed=cfg.seed)
+            _log(cfg, f"perplexity ternary_ptbitnet: {ppl['ternary_ptbitnet']['perplexity']:.2f}")
         if cfg.distill_steps:
-            ppl["ternary_ptbitnet_distilled"], gen["ternary_ptbitnet_distilled"], distill_summary = \
-                _distill_section(cfg, m, tok, text, ppl["ternary_ptbitnet"])
+            with _stage(stages, "5 distillation of the pt-bitnet LM"):
+                ppl["ternary_ptbitnet_distilled"], gen["ternary_ptbitnet_distilled"], distill_summary = \
+                    _distill_section(cfg, m, tok, text, ppl["ternary_ptbitnet"])
         del m
     lm_hist = None
     if cfg.lm_qat_text and cfg.lm_qat_steps:
-        train_text = load_text(cfg.lm_qat_text, config=cfg.text_config, split="train")
-        ids = torch.tensor(tok(train_text)["input_ids"], dtype=torch.long)
-        m = quantize_model(copy.deepcopy(base), _quant_config("ternary_qat", cfg))
-        lm_hist = train_lm(m, ids, LMTrainConfig(steps=cfg.lm_qat_steps, lr=cfg.lm_qat_lr, seed=cfg.seed,
-                                                 block_size=min(128, cfg.ppl_max_length),
-                                                 warmup_steps=min(10, cfg.lm_qat_steps),
-                                                 weight_decay=0.0),
-                           progress=cfg.progress, desc="LM QAT")
-        ppl["ternary_qat"] = perplexity(m, tok, text, **pp_kw)
-        gen["ternary_qat"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
-        _log(cfg, f"perplexity ternary_qat (LM QAT, {cfg.lm_qat_steps} steps): {ppl['ternary_qat']['perplexity']:.2f}")
+        with _stage(stages, "5 LM QAT (absmean start) + perplexity"):
+            train_text = load_text(cfg.lm_qat_text, config=cfg.text_config, split="train")
+            ids = torch.tensor(tok(train_text)["input_ids"], dtype=torch.long)
+            m = quantize_model(base, _quant_config("ternary_qat", cfg))  # the last user of base: in place
+            del base
+            lm_hist = train_lm(m, ids, LMTrainConfig(steps=cfg.lm_qat_steps, lr=cfg.lm_qat_lr, seed=cfg.seed,
+                                                     batch_size=cfg.lm_qat_batch_size,
+                                                     block_size=min(128, cfg.ppl_max_length),
+                                                     warmup_steps=min(10, cfg.lm_qat_steps),
+                                                     weight_decay=0.0),
+                               progress=cfg.progress, desc="LM QAT")
+            ppl["ternary_qat"] = perplexity(m, tok, text, **pp_kw)
+            gen["ternary_qat"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
+                                                  seed=cfg.seed)
+            _log(cfg, f"perplexity ternary_qat (LM QAT, {cfg.lm_qat_steps} steps of {cfg.lm_qat_batch_size} x "
+                      f"{min(128, cfg.ppl_max_length)} tokens): {ppl['ternary_qat']['perplexity']:.2f}")
+            del m
     else:
         ppl["ternary_qat"] = {"skipped": "no LM QAT text given (--lm-qat-text / --lm-qat-steps)"}
     return ppl, gen, lm_hist, distill_summary

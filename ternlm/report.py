@@ -45,6 +45,11 @@ def render_markdown(r: dict) -> str:
                  f"{_fmt(c.get('latency_batch1', {}).get('ms_per_message'), 2)} | "
                  f"{_fmt(c.get('latency_batch32', {}).get('ms_per_message'), 2)} |")
     q = r.get("qat_seeds")
+    if q and q.get("init"):
+        start = {"ptbitnet": "the pt-bitnet classifier (ternary_ptbitnet; learned scales from its calibrated ones)",
+                 "absmean": "absmean ternarization of the fp32 classifier"}.get(q["init"], q["init"])
+        L += ["", f"ternary_qat starts from {start} and fine-tunes {cfg['qat_epochs']:g} epoch(s) at lr "
+                  f"{cfg['qat_lr']:g} with the straight-through estimator."]
     if q and len(q["seeds"]) > 1:
         L += ["", f"QAT over seeds {q['seeds']}: F1 = {q['f1_mean']:.4f} ± {q['f1_std']:.4f} "
                   f"(per seed: {', '.join(f'{x:.4f}' for x in q['f1'])})."]
@@ -92,6 +97,12 @@ def render_markdown(r: dict) -> str:
                       f"{_fmt(pk['latency_batch1']['ms_per_message'], 2)} ms/msg at batch 1, "
                       f"{_fmt(pk['latency_batch32']['ms_per_message'], 2)} at batch 32."]
         L += ["", f"Peak RSS of the run: {r.get('peak_rss_mb', 0):.0f} MB."]
+    stages = r.get("stages")
+    if stages:
+        L += ["", "## Where the time and memory go", "", "| stage | wall (s) | peak RSS (MB) |", "|---|---|---|"]
+        L += [f"| {st['stage']} | {st['seconds']:.0f} | {st['peak_rss_mb']:.0f} |" for st in stages]
+        if not all(st.get("own_peak", True) for st in stages):
+            L += ["", "(This OS cannot reset the peak-RSS mark: each peak is the process peak so far.)"]
     rob = {n: v["robustness"] for n, v in var.items() if "robustness" in v}
     if rob:
         kinds = [k for k in next(iter(rob.values())) if k != "clean"]

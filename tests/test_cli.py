@@ -182,7 +182,19 @@ def test_quantize_generate_export(hf_dir, tmp_path, capfd):
 
     rc, out, err = cli(capfd, "export", ck, "--type", "tq1_0", "-o", tmp_path / "m.gguf")
     assert rc == 0, err
-    assert (tmp_path / "m.gguf").stat().st_size > 0
+    size = (tmp_path / "m.gguf").stat().st_size
+    assert size > 0
+    # the GGUF gets its own model card: llama.cpp usage first, sizes read from the file
+    card = (tmp_path / "README.md").read_text()
+    assert "llama-cli -m m.gguf " in card and "- gguf" in card and "TQ1_0" in card
+    assert f"| file size (MB) | {round(size / 1e6, 2):.4g} |" in card and "| 1.688 |" in card
+    assert f"and its model card {tmp_path / 'README.md'}" in out
+    # exported into the checkpoint directory: the checkpoint's own card is kept, the GGUF's goes beside it
+    before = (ck / "README.md").read_text()
+    rc, out, err = cli(capfd, "export", ck, "-o", ck / "m.gguf")
+    assert rc == 0, err
+    assert (ck / "README.md").read_text() == before
+    assert "llama-cli -m m.gguf " in (ck / "m.README.md").read_text() and "TQ2_0" in (ck / "m.README.md").read_text()
 
 
 def test_inference_commands_on_bad_input(hf_dir, tmp_path, capfd):

@@ -63,6 +63,15 @@ def test_every_variant_and_metric_is_reported(report):
     for name in ("ternary_ptq", "ternary_ptbitnet", "ternary_qat"):
         assert r["variants"][name]["verify"]["ok"] and r["variants"][name]["verify"]["ternary_share"] == 1.0
     assert "llm_int8_backend" in r["variants"]["llm_int8"]
+    # QAT starts from the calibrated classifier (pt-bitnet runs, qat_init auto)
+    assert r["qat_seeds"]["init"] == "ptbitnet" and r["variants"]["ternary_qat"]["init"] == "ptbitnet"
+    # every stage has its wall time and its own peak RSS; the run's peak is the largest of them
+    names = [st["stage"] for st in r["stages"]]
+    assert names[0] == "load data and model" and "3 ternary QAT + eval + packed eval" in names
+    assert "5 distillation of the pt-bitnet LM" in names and "5 LM QAT (absmean start) + perplexity" in names
+    assert all(st["seconds"] > 0 and st["peak_rss_mb"] > 0 for st in r["stages"])
+    assert r["peak_rss_mb"] == max(st["peak_rss_mb"] for st in r["stages"])
+    assert "## Where the time and memory go" in (out / "report.md").read_text()
     # the QAT classifier converted to packed TernaryLinear: far smaller in memory, same predictions' quality
     pk = r["packed"]
     assert pk["model_bytes_in_memory"] < pk["model_bytes_before"]
@@ -92,3 +101,21 @@ def test_markdown_and_plots_written(report):
         assert (out / png).stat().st_size > 1000
         assert png in r["plots"]
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(qat_init="fp32"), "unknown qat_init"),
+    (dict(qat_init="ptbitnet", ptbitnet=False), "qat_init ptbitnet needs the pt-bitnet variant"),
+    (dict(lm_qat_batch_size=0), "lm_qat_batch_size must be >= 1"),
+])
+def test_config_rejects_bad_qat_settings(kw, match):
+    from ternlm.errors import TernlmError
+
+    with pytest.raises(TernlmError, match=match):
+        PipelineConfig(**kw)
+
+
+def test_qat_start_follows_the_ptbitnet_switch():
+    assert PipelineConfig().qat_start() == "ptbitnet"
+    assert PipelineConfig(ptbitnet=False).qat_start() == "absmean"
+    assert PipelineConfig(qat_init="absmean").qat_start() == "absmean"

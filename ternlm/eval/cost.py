@@ -192,6 +192,18 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark to its current RSS, so that ``peak_rss_mb``
+    measures the peak of what runs next (per-stage peaks). Linux only (``/proc/self/clear_refs``);
+    returns False where the mark cannot be reset (then ``peak_rss_mb`` stays the process peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS before measuring RSS (glibc keeps them otherwise, so
     RSS would not show that a model shrank). For callers that measure memory; process-wide."""

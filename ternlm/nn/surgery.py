@@ -108,3 +108,21 @@ def ternary_linears(model: nn.Module) -> list:
     from ternlm.nn.ternary_linear import TernaryLinear
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+
+
+def trainable_from_packed(model: nn.Module, *, lambda_warmup_steps: int = 0) -> nn.Module:
+    """Swap every packed ``TernaryLinear`` for a learned-scale ``BitLinear`` starting at its codes and
+    scales (in place; returns the model), so that training (distillation, QAT from a calibrated PTQ
+    start) begins exactly where the packed model is. The model keeps its quantization record, so
+    ``ternlm.conversion.convert`` packs it back with the same layer selection."""
+    from dataclasses import replace
+
+    layers = ternary_linears(model)
+    if not layers:
+        raise TernlmError("the model holds no TernaryLinear layers")
+    qc = getattr(model, "ternlm_quant_config", None)
+    base = qc.weights if isinstance(qc, QuantConfig) and isinstance(qc.weights, TernaryConfig) else TernaryConfig()
+    for name, m in layers:
+        cfg = replace(base, act_bits=m.act_bits, lambda_warmup_steps=lambda_warmup_steps, project_after_step=False)
+        _set_module(model, name, BitLinear.from_ternary(m.ternary(), m.bias, cfg))
+    return model

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -232,25 +232,6 @@ def check_pair(teacher: nn.Module, student: nn.Module, t_tok, s_tok, hidden: boo
             if getattr(tc, k, None) != getattr(sc, k, None):
                 raise TernlmError(f"hidden-state MSE needs the same {k} (teacher {getattr(tc, k, None)}, "
                                   f"student {getattr(sc, k, None)})")
-
-
-def prepare_student(model: nn.Module, *, lambda_warmup_steps: int = 0) -> nn.Module:
-    """Swap every packed ``TernaryLinear`` for a learned-scale ``BitLinear`` starting at its codes and
-    scales (in place; returns the model). The model keeps its quantization record, so
-    ``ternlm.conversion.convert`` packs it back with the same layer selection."""
-    from ternlm.config import QuantConfig, TernaryConfig
-    from ternlm.nn.bitlinear import BitLinear
-    from ternlm.nn.surgery import _set_module, ternary_linears
-
-    layers = ternary_linears(model)
-    if not layers:
-        raise TernlmError("the student holds no TernaryLinear layers")
-    qc = getattr(model, "ternlm_quant_config", None)
-    base = qc.weights if isinstance(qc, QuantConfig) and isinstance(qc.weights, TernaryConfig) else TernaryConfig()
-    for name, m in layers:
-        cfg = replace(base, act_bits=m.act_bits, lambda_warmup_steps=lambda_warmup_steps, project_after_step=False)
-        _set_module(model, name, BitLinear.from_ternary(m.ternary(), m.bias, cfg))
-    return model
 
 
 def _groups(model: nn.Module, cfg: DistillConfig) -> tuple[list[dict], list[nn.Parameter], list[str]]:
@@ -462,7 +443,7 @@ def distill(cfg: DistillConfig) -> dict:
     from ternlm.conversion import convert
     from ternlm.fileio import atomic_write_text, save_json
     from ternlm.models.loading import load
-    from ternlm.nn.surgery import set_quant_lambda
+    from ternlm.nn.surgery import set_quant_lambda, trainable_from_packed
     from ternlm.train.common import lr_at
 
     check_inputs(cfg)
@@ -486,7 +467,7 @@ def distill(cfg: DistillConfig) -> dict:
     check_pair(teacher, student, t_tok, tokenizer, cfg.hidden_weight > 0)
     tokens, eval_text = load_tokens(tokenizer, cfg)
 
-    prepare_student(student, lambda_warmup_steps=cfg.lambda_warmup_steps)
+    trainable_from_packed(student, lambda_warmup_steps=cfg.lambda_warmup_steps)
     teacher.to(device).eval().requires_grad_(False)
     student.to(device).eval()  # eval: no dropout, so a step is a pure function of its inputs
     groups, latent, names = _groups(student, cfg)

@@ -123,3 +123,13 @@ def test_evaluate_classifier_nan_logits(classifier, gpt2_tokenizer):
 def test_evaluate_classifier_length_mismatch(classifier, gpt2_tokenizer):
     with pytest.raises(TernlmError, match="labels"):
         evaluate_classifier(classifier, gpt2_tokenizer, TEXTS, [0, 1])
+
+
+def test_predict_length_sorted_batches_keep_the_input_order(classifier, gpt2_tokenizer):
+    # Batches are formed longest-first; results must still come back in the caller's order.
+    texts = ["hi", "free prize " * 12, "call now", "ok", "win cash today " * 5, "see you at 5"]
+    preds3, prob3 = predict(classifier, gpt2_tokenizer, texts, batch_size=3)
+    for i, t in enumerate(texts):
+        p1, q1 = predict(classifier, gpt2_tokenizer, [t], batch_size=1)
+        assert preds3[i] == p1[0]
+        assert abs(prob3[i] - q1[0]) < 1e-5

@@ -127,3 +127,21 @@ def test_peak_rss_sees_a_freed_allocation():
     release_freed_memory()
     assert 0 < current_rss_mb() < peak_rss_mb()
     assert peak_rss_mb() > now + 0.9 * mb
+
+
+def test_reset_peak_rss_forgets_an_earlier_peak():
+    """After a reset the peak is the peak of what ran since (per-stage peaks in the pipeline)."""
+    import sys
+
+    from ternlm.eval.cost import release_freed_memory, reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("clear_refs is Linux-only")
+    release_freed_memory()
+    now = current_rss_mb()
+    x = torch.ones(int((peak_rss_mb() - now + 128) * 2**20) // 4)
+    del x
+    release_freed_memory()
+    high = peak_rss_mb()
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 64

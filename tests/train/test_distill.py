@@ -11,6 +11,7 @@ import ternlm.train.distill as D
 from ternlm.errors import TernlmError
 from ternlm.models.loading import load, save_model
 from ternlm.quantization import QuantizeConfig, quantize
+from ternlm.nn.surgery import trainable_from_packed
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 3 + "A stitch in time saves nine. ") * 40
 HELD = "Colourless green ideas sleep furiously while the night is young and the moon is bright. " * 12
@@ -59,7 +60,7 @@ def test_prepared_student_starts_at_the_checkpoint(pair):
     ids = torch.tensor(tok(TEXT, verbose=False).input_ids[:32])[None]
     with torch.no_grad():
         want = packed(input_ids=ids).logits
-    student = D.prepare_student(packed)
+    student = trainable_from_packed(packed)
     bits = {n: m for n, m in student.named_modules() if isinstance(m, BitLinear)}
     assert sorted(bits) == sorted(scales)
     for n, m in bits.items():
