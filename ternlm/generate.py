@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 from ternlm.config import HEADS, check_sampling
@@ -51,9 +52,13 @@ class GenerateConfig:
 
 def check_context(model, n_prompt: int, max_new_tokens: int) -> None:
     """Refuse a prompt + continuation longer than the model's position table, before any work."""
+    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    check_context_length(n_prompt, max_new_tokens, ctx)
+
+
+def check_context_length(n_prompt: int, max_new_tokens: int, ctx: int | None) -> None:
     if n_prompt < 1:
         raise TernlmError("empty prompt: give at least one token of text")
-    ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
     if ctx and n_prompt + max_new_tokens > ctx:
         raise TernlmError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                           f"context ({ctx})")
@@ -157,15 +162,30 @@ def generate(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *
 
 
 def generate_fast(model, tokenizer, prompt: str, cfg: GenerateConfig | None = None, *, stream=None) -> dict:
-    """``generate`` on ternlm's decode engine (``ternlm.runtime.DecodeEngine``); same result keys."""
-    from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
-
+    """``generate`` on ternlm's decode engine (``ternlm.runtime.DecodeEngine``); same result keys.
+    ``model`` may also be a ternlm checkpoint directory: the engine is then built straight from
+    its tensors (``DecodeEngine.from_checkpoint``: no Hugging Face model, stored dtypes kept)."""
     cfg = cfg or GenerateConfig()
     if not prompt:
         raise TernlmError("empty prompt")
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    check_context(model, ids.numel(), cfg.max_new_tokens)
-    rt = DecodeEngine(model, RuntimeConfig(head=cfg.head, max_seq_len=ids.numel() + cfg.max_new_tokens))
+    return _run_engine(_engine_for(model, ids.numel(), cfg), tokenizer, ids, cfg, stream)
+
+
+def _engine_for(model, n_prompt: int, cfg: GenerateConfig):
+    from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
+
+    rc = RuntimeConfig(head=cfg.head, max_seq_len=n_prompt + cfg.max_new_tokens)
+    if not isinstance(model, (str, Path)):
+        check_context(model, n_prompt, cfg.max_new_tokens)
+        return DecodeEngine(model, rc)
+    from ternlm.runtime.lean import arch_of_checkpoint
+
+    check_context_length(n_prompt, cfg.max_new_tokens, arch_of_checkpoint(model).max_positions)
+    return DecodeEngine.from_checkpoint(model, rc)
+
+
+def _run_engine(rt, tokenizer, ids, cfg: GenerateConfig, stream) -> dict:
     text = _TextStream(tokenizer, stream)
     r = rt.generate(ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     seed=cfg.seed, eos_token_id=tokenizer.eos_token_id, on_token=text)
@@ -198,6 +218,7 @@ def _pick_engine(model, cfg: GenerateConfig, log=None) -> str:
 
 def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=None) -> dict:
     from ternlm.models.loading import load
+    from ternlm.models.sources import light_tokenizer, load_tokenizer
 
     out = out if out is not None else sys.stdout
 
@@ -205,6 +226,23 @@ def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=N
         raise TernlmError("empty prompt")
     if cfg.engine == "hf" and cfg.head != "fp32":
         raise TernlmError("--head applies to the fast engine only")
+    lean = _lean_source(model_path, gguf_file, cfg)
+    if lean is not None:  # a ternlm checkpoint the engine reads directly: no Hugging Face model is built
+        tok = light_tokenizer(lean) or load_tokenizer(lean)
+        ids = tok(prompt, return_tensors="pt").input_ids[0]
+        from ternlm.runtime.lean import arch_of_checkpoint
+
+        check_context_length(ids.numel(), cfg.max_new_tokens, arch_of_checkpoint(lean).max_positions)
+        try:
+            rt = _engine_for(lean, ids.numel(), cfg)
+        except TernlmError:
+            rt = None  # not what the direct reader covers (or a broken file): the usual path says which
+        if rt is not None:
+            out.write(prompt)
+            out.flush()
+            res = _run_engine(rt, tok, ids, cfg, out)
+            _print_rate(res, "fast")
+            return res
     model, tok = load(model_path, gguf_file=gguf_file)
     if tok is None:
         raise TernlmError(f"no tokenizer files in {model_path}")
@@ -214,7 +252,30 @@ def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=N
     out.write(prompt)
     out.flush()
     res = (generate_fast if engine == "fast" else generate)(model, tok, prompt, cfg, stream=out)
+    _print_rate(res, engine)
+    return res
+
+
+def _print_rate(res: dict, engine: str) -> None:
     rate = f"{res['decode_tok_s']:.1f} tok/s decode" if res["decode_tok_s"] else "n/a"
     print(f"[{engine} engine; {res['n_new_tokens']} tokens; prompt {res['n_prompt_tokens']} tokens in "
           f"{res['prefill_seconds'] * 1e3:.0f} ms; {rate}]", file=sys.stderr)
-    return res
+
+
+def _lean_source(model_path, gguf_file, cfg: GenerateConfig) -> Path | None:
+    """The checkpoint directory when the fast engine can be built straight from it (a ternlm checkpoint
+    of a covered architecture, with a tokenizer), else None (the model is then loaded as usual)."""
+    from ternlm.models.loading import source_kind
+
+    if cfg.engine == "hf" or gguf_file:
+        return None
+    try:
+        if source_kind(model_path) != "ternlm":
+            return None
+        from ternlm.runtime.lean import arch_of_checkpoint
+
+        arch_of_checkpoint(model_path)
+    except TernlmError:
+        return None
+    d = Path(str(model_path)).expanduser()
+    return d if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file() else None

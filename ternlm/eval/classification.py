@@ -11,12 +11,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 from tqdm.auto import tqdm
 
 from ternlm.errors import TernlmError
@@ -124,6 +118,9 @@ def classification_metrics(y_true, y_pred, y_score=None) -> dict:
     single class or no scores are given), confusion_matrix ``[[tn, fp], [fn, tp]]``, and the
     support counts n, n_pos, n_neg.
     """
+    # scikit-learn (and SciPy under it) cost ~150 MB of RSS and a second to import: only when scoring
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:

@@ -98,3 +98,77 @@ def load_tokenizer(name_or_path: str | Path, *, gguf_file: str | None = None):
         # GPT-2 ships without a pad token; padding with eos is the standard choice and is masked out.
         tok.pad_token = tok.eos_token
     return tok
+
+
+# Tokenizer classes whose whole behaviour is the tokenizer.json pipeline (no Python-side additions).
+_LIGHT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast")
+
+
+class LightTokenizer:
+    """The slice of a Hugging Face fast tokenizer that generation uses (encode a prompt, decode ids,
+    the eos / pad ids), on the ``tokenizers`` library alone: ``AutoTokenizer`` imports enough of
+    transformers and its integrations to cost ~150 MB of RSS, more than a small ternary model.
+    Built only when the tokenizer is exactly its tokenizer.json (``light_tokenizer``)."""
+
+    def __init__(self, tok, eos_token: str | None, pad_token: str | None):
+        self._tok = tok
+        self.eos_token = eos_token
+        self.eos_token_id = tok.token_to_id(eos_token) if eos_token else None
+        self.pad_token = pad_token or eos_token
+        self.pad_token_id = tok.token_to_id(self.pad_token) if self.pad_token else None
+
+    def __call__(self, text: str, return_tensors: str | None = None) -> dict:
+        import torch
+
+        ids = self._tok.encode(text).ids
+        if return_tensors == "pt":
+            t = torch.tensor([ids], dtype=torch.long)
+            return _Encoding(input_ids=t, attention_mask=torch.ones_like(t))
+        return _Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class _Encoding(dict):
+    __getattr__ = dict.__getitem__
+
+
+def _token_str(v) -> str | None:
+    if isinstance(v, dict):  # serialized AddedToken
+        v = v.get("content")
+    return v if isinstance(v, str) else None
+
+
+def light_tokenizer(directory: str | Path) -> LightTokenizer | None:
+    """A ``LightTokenizer`` for a local directory whose tokenizer is fully described by its
+    tokenizer.json (a tokenizers-backed class, no bos/eos added on the Python side, no clean-up of
+    spaces when decoding); None otherwise (then use ``load_tokenizer``)."""
+    import json
+
+    d = Path(directory).expanduser()
+    tj, tc = d / "tokenizer.json", d / "tokenizer_config.json"
+    if not tj.is_file():
+        return None
+    try:
+        conf = json.loads(tc.read_text()) if tc.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(conf, dict) or conf.get("tokenizer_class", "PreTrainedTokenizerFast") not in _LIGHT_CLASSES:
+        return None
+    if conf.get("add_bos_token") or conf.get("add_eos_token") or conf.get("clean_up_tokenization_spaces"):
+        return None
+    if conf.get("add_prefix_space") or conf.get("errors", "replace") != "replace":
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tj))
+    except Exception:
+        return None
+    eos = _token_str(conf.get("eos_token"))
+    if eos is not None and tok.token_to_id(eos) is None:
+        return None
+    return LightTokenizer(tok, eos, _token_str(conf.get("pad_token")))

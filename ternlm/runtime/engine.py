@@ -42,7 +42,7 @@ from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
 from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, int8_row_stride, pad_int8_rows, rope
 
-__all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "describe", "HEADS"]
+__all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "Parts", "describe", "HEADS"]
 
 
 @dataclass
@@ -175,6 +175,8 @@ def _bind(*mods: nn.Module) -> Callable:
 
     if len(mods) == 1:
         m = mods[0]
+        if isinstance(m, _FloatLinear):
+            return m
         return m.bind() if isinstance(m, TernaryLinear) else _float_linear(m)
     m0 = mods[0]
     same = ("in_features", "fmt", "act_bits", "granularity", "group_size", "kernel")
@@ -211,10 +213,10 @@ def _nbytes(lin) -> int:
 # Per-architecture pieces, chosen once
 
 
-def _norm(kind: str, mod: nn.Module, eps: float) -> Callable:
-    w = mod.weight.detach().float()
+def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> Callable:
+    w = weight.detach().float()
     if kind == "layernorm":
-        b = mod.bias.detach().float()
+        b = bias.detach().float()
         return lambda x: F.layer_norm(x, (w.shape[0],), w, b, eps)
 
     def rms_norm(x):  # Hugging Face's LlamaRMSNorm, op for op (float32 hidden states)
@@ -280,50 +282,104 @@ class _Block:
     __slots__ = ("norm1", "qkv", "o", "norm2", "up", "act", "down", "scaling")
 
 
+@dataclass
+class Parts:
+    """What the engine is built from, wherever it came from (a Hugging Face model in memory, or a
+    ternlm checkpoint read tensor by tensor: ``ternlm.runtime.lean``). Norms are (weight, bias or
+    None); linears are modules ``_bind`` takes (TernaryLinear, nn.Linear, Conv1D); ``cos``/``sin``
+    are RoPE tables (max_seq_len, head_dim) or None; ``blocks`` holds per layer
+    (norm1, qkv linears, o, norm2, up linears, down, attention scaling)."""
+
+    arch: Arch
+    wte: torch.Tensor
+    head_w: torch.Tensor
+    wpe: torch.Tensor | None
+    norm_f: tuple
+    act: Callable
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    blocks: list
+
+
+def _norm_of(mod: nn.Module) -> tuple:
+    return mod.weight, getattr(mod, "bias", None)
+
+
+def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len: int) -> Parts:
+    emb = model.get_input_embeddings().weight.detach()
+    wte = emb if emb.is_contiguous() else emb.contiguous()  # stored dtype: rows widened per use
+    head_w = wte if a.tied_head else model.get_output_embeddings().weight.detach()
+    blocks = []
+    if a.model_type == "gpt2":
+        tr = model.transformer
+        wpe = tr.wpe.weight.detach().float().contiguous()
+        cos = sin = None
+        if cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
+            act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+        else:
+            act = tr.h[0].mlp.act
+        norm_f = _norm_of(tr.ln_f)
+        for blk in tr.h:
+            blocks.append((_norm_of(blk.ln_1), (blk.attn.c_attn,), blk.attn.c_proj, _norm_of(blk.ln_2),
+                           (blk.mlp.c_fc,), blk.mlp.c_proj, blk.attn.scaling))
+    else:
+        inner = model.model
+        wpe = None
+        with torch.no_grad():  # RoPE table (max_seq_len, hs) from the model's own rotary module
+            pid = torch.arange(max_seq_len).unsqueeze(0)
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
+        cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
+        norm_f = _norm_of(inner.norm)
+        act = _gated_silu(a.inner)
+        for L in inner.layers:
+            at, mlp = L.self_attn, L.mlp
+            blocks.append((_norm_of(L.input_layernorm), (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
+                           _norm_of(L.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
+                           at.scaling))
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks)
+
+
 class DecodeEngine:
     """Batch-1 prefill + decode for a GPT-2 or Llama-family HF model (see the module docstring)."""
 
     def __init__(self, model: nn.Module, config: RuntimeConfig | None = None):
         cfg = config or RuntimeConfig()
+        a = describe(model)
+        self._build(_parts_from_model(model, a, cfg, self._max_len(cfg, a)), cfg)
+
+    @classmethod
+    def from_checkpoint(cls, directory, config: RuntimeConfig | None = None) -> "DecodeEngine":
+        """The engine straight from a ternlm checkpoint directory, without building the Hugging Face
+        model: tensors are read one at a time and kept in their stored dtype (fp16 embeddings are not
+        widened), so memory stays close to the file. Same results as ``DecodeEngine(ternlm.load(dir))``.
+        A one-line TernlmError when the checkpoint is outside what this path reads
+        (``ternlm.runtime.lean``); callers then build the model and use the constructor."""
+        from ternlm.runtime.lean import arch_of_checkpoint, parts_from_checkpoint
+
+        cfg = config or RuntimeConfig()
+        self = cls.__new__(cls)
+        a = arch_of_checkpoint(directory)
+        self._build(parts_from_checkpoint(directory, cfg, self._max_len(cfg, a)), cfg)
+        return self
+
+    @staticmethod
+    def _max_len(cfg: RuntimeConfig, a: Arch) -> int:
+        n = cfg.max_seq_len or a.max_positions
+        if n > a.max_positions:
+            raise TernlmError(f"max_seq_len {n} exceeds the model's {a.max_positions} positions")
+        return n
+
+    def _build(self, parts: Parts, cfg: RuntimeConfig) -> None:
         self.config = cfg
-        self.arch = a = describe(model)
+        self.arch = a = parts.arch
         self.n_layer, self.n_head, self.n_kv_head, self.hs = a.n_layer, a.n_head, a.n_kv_head, a.head_dim
         self.C, self.vocab_size = a.hidden, a.vocab_size
-        self.max_seq_len = cfg.max_seq_len or a.max_positions
-        if self.max_seq_len > a.max_positions:
-            raise TernlmError(f"max_seq_len {self.max_seq_len} exceeds the model's {a.max_positions} positions")
-        emb = model.get_input_embeddings().weight.detach()
-        self.wte = emb if emb.is_contiguous() else emb.contiguous()  # stored dtype: rows widened per use
-        head_w = self.wte if a.tied_head else model.get_output_embeddings().weight.detach()
-        self.head = _Head(head_w, cfg.head, cfg.head_act_bits)
-
-        self.blocks = []
-        if a.model_type == "gpt2":
-            tr = model.transformer
-            self.wpe = tr.wpe.weight.detach().float().contiguous()
-            self.cos = self.sin = None
-            if cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
-                act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
-            else:
-                act = tr.h[0].mlp.act
-            self.norm_f = _norm(a.norm, tr.ln_f, a.norm_eps)
-            for blk in tr.h:
-                self.blocks.append(self._block(blk.ln_1, (blk.attn.c_attn,), blk.attn.c_proj, blk.ln_2,
-                                               (blk.mlp.c_fc,), act, blk.mlp.c_proj, blk.attn.scaling))
-        else:
-            inner = model.model
-            self.wpe = None
-            with torch.no_grad():  # RoPE table (max_seq_len, hs) from the model's own rotary module
-                pid = torch.arange(self.max_seq_len).unsqueeze(0)
-                cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
-            self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-            self.norm_f = _norm(a.norm, inner.norm, a.norm_eps)
-            act = _gated_silu(a.inner)
-            for L in inner.layers:
-                at, mlp = L.self_attn, L.mlp
-                self.blocks.append(self._block(L.input_layernorm, (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
-                                               L.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), act,
-                                               mlp.down_proj, at.scaling))
+        self.max_seq_len = self._max_len(cfg, a)
+        self.wte = parts.wte
+        self.head = _Head(parts.head_w, cfg.head, cfg.head_act_bits)
+        self.wpe, self.cos, self.sin = parts.wpe, parts.cos, parts.sin
+        self.norm_f = _norm(a.norm, *parts.norm_f, a.norm_eps)
+        self.blocks = [self._block(*blk[:5], parts.act, *blk[5:]) for blk in parts.blocks]
 
         # static state: KV cache (n_layer, n_kv_head, max_seq_len, head_dim) and the decode step's buffers
         shape = (self.n_layer, self.n_kv_head, self.max_seq_len, self.hs)
@@ -341,7 +397,7 @@ class DecodeEngine:
     def _block(self, norm1, qkv, o, norm2, up, act, down, scaling) -> _Block:
         b = _Block()
         eps = self.arch.norm_eps
-        b.norm1, b.norm2 = _norm(self.arch.norm, norm1, eps), _norm(self.arch.norm, norm2, eps)
+        b.norm1, b.norm2 = _norm(self.arch.norm, *norm1, eps), _norm(self.arch.norm, *norm2, eps)
         b.qkv, b.o, b.up, b.down = _bind(*qkv), _bind(o), _bind(*up), _bind(down)
         b.act, b.scaling = act, scaling
         return b
