@@ -19,12 +19,22 @@ def _load_model(spec: dict):
     return model.eval()
 
 
+def _engine_from_files(directory, rc):
+    """The engine read straight from a ternlm checkpoint (no HF model; what ``ternlm generate`` runs),
+    or None when the directory is not one the direct reader covers."""
+    from ternlm.errors import TernlmError
+    from ternlm.models.loading import source_kind
+    from ternlm.runtime.engine import DecodeEngine
+
+    try:
+        return DecodeEngine.from_checkpoint(directory, rc) if source_kind(directory) == "ternlm" else None
+    except TernlmError:
+        return None
+
+
 def _worker_ternlm(spec: dict) -> dict:
     import torch
-    from transformers import GPT2LMHeadModel
 
-    from ternlm.config import TernaryConfig
-    from ternlm.conversion import convert
     from ternlm.kernels import get_level, set_num_threads
     from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
 
@@ -32,19 +42,27 @@ def _worker_ternlm(spec: dict) -> dict:
     set_num_threads(spec["threads"])
     base = peak_rss_mb()
     if spec.get("model_dir"):  # the checkpoint decides the linears; the row's variant is the head
-        head = spec["head"]
-        model = _load_model(spec)
+        head, src = spec["head"], spec["model_dir"]
     elif spec.get("ckpt_dir") and parse_variant(spec["variant"])[0] == 8:
-        from ternlm.checkpoint import from_pretrained
-
-        head = parse_variant(spec["variant"])[2]
-        model = from_pretrained(spec["ckpt_dir"])
+        head, src = parse_variant(spec["variant"])[2], spec["ckpt_dir"]
     else:
-        act, fmt, head = parse_variant(spec["variant"])
-        model = convert(GPT2LMHeadModel.from_pretrained(spec["hf_dir"]).eval(), TernaryConfig(act_bits=act), fmt=fmt)
-    rt = DecodeEngine(model, RuntimeConfig(head=head, gelu=spec["gelu"],
-                                          max_seq_len=spec["prompt_tokens"] + spec["new_tokens"]))
-    del model  # the runtime holds what it needs
+        head, src = parse_variant(spec["variant"])[2], None
+    rc = RuntimeConfig(head=head, gelu=spec["gelu"], max_seq_len=spec["prompt_tokens"] + spec["new_tokens"])
+    rt = _engine_from_files(src, rc) if src else None
+    if rt is None:
+        if spec.get("model_dir"):
+            model = _load_model(spec)
+        else:
+            from transformers import GPT2LMHeadModel
+
+            from ternlm.config import TernaryConfig
+            from ternlm.conversion import convert
+
+            act, fmt, head = parse_variant(spec["variant"])
+            model = convert(GPT2LMHeadModel.from_pretrained(spec["hf_dir"]).eval(), TernaryConfig(act_bits=act),
+                            fmt=fmt)
+        rt = DecodeEngine(model, rc)
+        del model  # the runtime holds what it needs
     ids = prompt_ids(spec)
     rt.generate(ids, 4)  # warm-up: thread pool, allocator, first-touch of every weight page
     runs = [rt.generate(ids, spec["new_tokens"]) for _ in range(spec["repeats"])]

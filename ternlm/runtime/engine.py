@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
 from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, int8_row_stride, pad_int8_rows, rope
+from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, gated_silu
 
 __all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "Parts", "describe", "HEADS"]
 
@@ -77,32 +78,6 @@ class RuntimeConfig:
 # Architecture description
 
 
-ARCHS = ("gpt2", "llama")  # Hugging Face model_type values the engine runs
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the block step needs to know about a model, read once from its Hugging Face config."""
-
-    model_type: str
-    n_layer: int
-    hidden: int
-    n_head: int
-    n_kv_head: int       # < n_head: grouped-query attention
-    head_dim: int
-    inner: int           # MLP width
-    vocab_size: int
-    max_positions: int
-    norm: str            # "layernorm" | "rmsnorm"
-    norm_eps: float
-    positions: str       # "learned" | "rope" (theta and scaling live in the model's rotary module)
-    mlp: str             # "gelu" | "gated_silu"
-    tied_head: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def describe(model: nn.Module) -> Arch:
     """The model's ``Arch``; a one-line TernlmError when the engine does not cover it."""
     hc = getattr(model, "config", None)
@@ -133,28 +108,13 @@ def _tied(model) -> bool:
 # Linear layers as plain callables: lin(x (M, K), out (M, N) or None) -> (M, N) float32
 
 
-class _FloatLinear:
-    """Dense float rows (N, K) (nn.Linear layout), optionally with a bias; F.linear per call."""
-
-    __slots__ = ("w", "b", "conv1d")
-
-    def __init__(self, w, b, conv1d=False):
-        self.w, self.b, self.conv1d = w, b, conv1d
-
-    def __call__(self, x, out=None):
-        if self.conv1d:  # weight (in, out): Conv1D's own addmm, so results match HF bit for bit
-            return torch.addmm(self.b, x, self.w) if out is None else torch.addmm(self.b, x, self.w, out=out)
-        y = F.linear(x, self.w, self.b)
-        return y if out is None else out.copy_(y)
-
-
-def _float_linear(m: nn.Module) -> _FloatLinear:
+def _float_linear(m: nn.Module) -> FloatLinear:
     if isinstance(m, nn.Linear):
-        return _FloatLinear(m.weight.detach().float(), None if m.bias is None else m.bias.detach().float())
+        return FloatLinear(m.weight.detach().float(), None if m.bias is None else m.bias.detach().float())
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(m, Conv1D):
-        return _FloatLinear(m.weight.detach().float(), m.bias.detach().float(), conv1d=True)
+        return FloatLinear(m.weight.detach().float(), m.bias.detach().float(), conv1d=True)
     raise TernlmError(f"the decode engine cannot bind a {type(m).__name__} linear")
 
 
@@ -175,7 +135,7 @@ def _bind(*mods: nn.Module) -> Callable:
 
     if len(mods) == 1:
         m = mods[0]
-        if isinstance(m, _FloatLinear):
+        if isinstance(m, FloatLinear):
             return m
         return m.bind() if isinstance(m, TernaryLinear) else _float_linear(m)
     m0 = mods[0]
@@ -198,7 +158,7 @@ def _bind(*mods: nn.Module) -> Callable:
         if any(m.bias is not None for m in mods):
             b = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
                            for m in mods])
-        return _FloatLinear(w, b)
+        return FloatLinear(w, b)
     parts = [_bind(m) for m in mods]
     return lambda x, out=None: torch.cat([f(x) for f in parts], dim=1, out=out) if out is not None else \
         torch.cat([f(x) for f in parts], dim=1)
@@ -222,12 +182,6 @@ def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
     def rms_norm(x):  # Hugging Face's LlamaRMSNorm, op for op (float32 hidden states)
         return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     return rms_norm
-
-
-def _gated_silu(inner: int) -> Callable:
-    def act(u):  # u = [gate | up] (M, 2 * inner) -> silu(gate) * up (M, inner)
-        return F.silu(u[:, :inner]).mul_(u[:, inner:])
-    return act
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,25 +236,6 @@ class _Block:
     __slots__ = ("norm1", "qkv", "o", "norm2", "up", "act", "down", "scaling")
 
 
-@dataclass
-class Parts:
-    """What the engine is built from, wherever it came from (a Hugging Face model in memory, or a
-    ternlm checkpoint read tensor by tensor: ``ternlm.runtime.lean``). Norms are (weight, bias or
-    None); linears are modules ``_bind`` takes (TernaryLinear, nn.Linear, Conv1D); ``cos``/``sin``
-    are RoPE tables (max_seq_len, head_dim) or None; ``blocks`` holds per layer
-    (norm1, qkv linears, o, norm2, up linears, down, attention scaling)."""
-
-    arch: Arch
-    wte: torch.Tensor
-    head_w: torch.Tensor
-    wpe: torch.Tensor | None
-    norm_f: tuple
-    act: Callable
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
-    blocks: list
-
-
 def _norm_of(mod: nn.Module) -> tuple:
     return mod.weight, getattr(mod, "bias", None)
 
@@ -330,7 +265,7 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         norm_f = _norm_of(inner.norm)
-        act = _gated_silu(a.inner)
+        act = gated_silu(a.inner)
         for L in inner.layers:
             at, mlp = L.self_attn, L.mlp
             blocks.append((_norm_of(L.input_layernorm), (at.q_proj, at.k_proj, at.v_proj), at.o_proj,

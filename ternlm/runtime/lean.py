@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
-from ternlm.runtime.engine import ARCHS, Arch, Parts, RuntimeConfig, _FloatLinear, _gated_silu
+from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, gated_silu
 
 GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 
@@ -162,7 +162,7 @@ def _linear(ts: _Tensors, name: str, in_f: int, out_f: int, rec: dict, conv1d: b
         return m.eval()
     w, b = _float(ts.get(f"{name}.weight")), _float(ts.opt(f"{name}.bias"))
     if conv1d:
-        return _FloatLinear(w, b if b is not None else torch.zeros(out_f), conv1d=True)
+        return FloatLinear(w, b if b is not None else torch.zeros(out_f), conv1d=True)
     with torch.device("meta"):
         m = nn.Linear(in_f, out_f, bias=b is not None)
     m.weight = nn.Parameter(w, requires_grad=False)
@@ -180,7 +180,7 @@ def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def _gpt2_act(kind: str, cfg: RuntimeConfig):
+def _gpt2_act(kind: str, cfg):
     if cfg.gelu == "tanh" and kind in ("gelu_new", "gelu_pytorch_tanh"):
         return lambda x: F.gelu(x, approximate="tanh")
     return {"gelu_new": _gelu_new, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -195,8 +195,9 @@ def _rope_tables(theta: float, head_dim: int, n: int) -> tuple[torch.Tensor, tor
     return (emb.cos() * 1.0).contiguous(), (emb.sin() * 1.0).contiguous()
 
 
-def parts_from_checkpoint(directory, cfg: RuntimeConfig, max_seq_len: int) -> Parts:
-    """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint."""
+def parts_from_checkpoint(directory, cfg, max_seq_len: int) -> Parts:
+    """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint
+    (``cfg``: the engine's ``RuntimeConfig``)."""
     from ternlm.checkpoint import read_record
 
     d = Path(directory).expanduser()
@@ -224,7 +225,7 @@ def parts_from_checkpoint(directory, cfg: RuntimeConfig, max_seq_len: int) -> Pa
         wte = ts.get("model.embed_tokens.weight").contiguous()
         wpe = None
         cos, sin = _rope_tables(_rope_theta(conf), a.head_dim, max_seq_len)
-        act = _gated_silu(inner)
+        act = gated_silu(inner)
         for i in range(a.n_layer):
             p = f"model.layers.{i}"
             at, mlp = f"{p}.self_attn", f"{p}.mlp"

@@ -1,0 +1,76 @@
+"""What the decode engine is built from: the architecture description (``Arch``), the parts of one
+model (``Parts``), and the small pieces shared by the two ways of gathering them (from a Hugging Face
+model in ``ternlm.runtime.engine``, from checkpoint files in ``ternlm.runtime.lean``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ARCHS = ("gpt2", "llama")  # Hugging Face model_type values the engine runs
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the block step needs to know about a model, read once from its Hugging Face config."""
+
+    model_type: str
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv_head: int       # < n_head: grouped-query attention
+    head_dim: int
+    inner: int           # MLP width
+    vocab_size: int
+    max_positions: int
+    norm: str            # "layernorm" | "rmsnorm"
+    norm_eps: float
+    positions: str       # "learned" | "rope" (theta and scaling live in the model's rotary module)
+    mlp: str             # "gelu" | "gated_silu"
+    tied_head: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Parts:
+    """What the engine is built from, wherever it came from (a Hugging Face model in memory, or a
+    ternlm checkpoint read tensor by tensor: ``ternlm.runtime.lean``). Norms are (weight, bias or
+    None); linears are modules ``_bind`` takes (TernaryLinear, nn.Linear, Conv1D); ``cos``/``sin``
+    are RoPE tables (max_seq_len, head_dim) or None; ``blocks`` holds per layer
+    (norm1, qkv linears, o, norm2, up linears, down, attention scaling)."""
+
+    arch: Arch
+    wte: torch.Tensor
+    head_w: torch.Tensor
+    wpe: torch.Tensor | None
+    norm_f: tuple
+    act: Callable
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    blocks: list
+
+
+class FloatLinear:
+    """Dense float rows (N, K) (nn.Linear layout), optionally with a bias; F.linear per call."""
+
+    __slots__ = ("w", "b", "conv1d")
+
+    def __init__(self, w, b, conv1d=False):
+        self.w, self.b, self.conv1d = w, b, conv1d
+
+    def __call__(self, x, out=None):
+        if self.conv1d:  # weight (in, out): Conv1D's own addmm, so results match HF bit for bit
+            return torch.addmm(self.b, x, self.w) if out is None else torch.addmm(self.b, x, self.w, out=out)
+        y = F.linear(x, self.w, self.b)
+        return y if out is None else out.copy_(y)
+
+
+def gated_silu(inner: int) -> Callable:
+    def act(u):  # u = [gate | up] (M, 2 * inner) -> silu(gate) * up (M, inner)
+        return F.silu(u[:, :inner]).mul_(u[:, inner:])
+    return act
