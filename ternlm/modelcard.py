@@ -198,6 +198,18 @@ def render_model_card(*, model_type: str, record: dict, totals: dict | None, met
     return "\n".join(lines) + "\n"
 
 
+def _checkpoint_facts(d: Path) -> tuple[dict, str]:
+    """A checkpoint directory's quantization record and model type."""
+    from ternlm.checkpoint import read_record
+
+    rec = read_record(d)
+    try:
+        model_type = json.loads((d / "config.json").read_text()).get("model_type", "?")
+    except (OSError, json.JSONDecodeError):
+        raise TernlmError(f"cannot read {d / 'config.json'}") from None
+    return rec, model_type
+
+
 def write_model_card(directory, *, method: str, settings: dict | None = None, metrics: dict | None = None,
                      base_model: str | None = None, license: str | None = None, tags=(), name: str | None = None,
                      extra_files: dict | None = None, limitations=(), verify: bool = True) -> Path:
@@ -207,15 +219,11 @@ def write_model_card(directory, *, method: str, settings: dict | None = None, me
     saved model is loaded and checked (``ternlm.nn.verify``) for the ternary and zeros shares and
     the bits per weight counting scales.
     """
-    from ternlm.checkpoint import from_pretrained, read_record
+    from ternlm.checkpoint import from_pretrained
     from ternlm.fileio import atomic_write_text
 
     d = Path(directory).expanduser()
-    rec = read_record(d)
-    try:
-        model_type = json.loads((d / "config.json").read_text()).get("model_type", "?")
-    except (OSError, json.JSONDecodeError):
-        raise TernlmError(f"cannot read {d / 'config.json'}") from None
+    rec, model_type = _checkpoint_facts(d)
     totals = None
     if verify:
         from ternlm.nn.verify import verify as verify_model
@@ -249,16 +257,11 @@ def write_gguf_card(gguf_path, source_dir, *, qtype: str, head_dtype: str) -> Pa
     (atomically; see ``gguf_card_path`` for where). Sizes and bits per weight are read from the file."""
     import gguf
 
-    from ternlm.checkpoint import read_record
     from ternlm.fileio import atomic_write_text
 
     g = Path(gguf_path)
     d = Path(source_dir).expanduser()
-    rec = read_record(d)
-    try:
-        model_type = json.loads((d / "config.json").read_text()).get("model_type", "?")
-    except (OSError, json.JSONDecodeError):
-        raise TernlmError(f"cannot read {d / 'config.json'}") from None
+    rec, model_type = _checkpoint_facts(d)
     reader = gguf.GGUFReader(str(g))
     qt = gguf.GGMLQuantizationType[qtype.upper()]
     block, type_size = gguf.GGML_QUANT_SIZES[qt]
