@@ -158,6 +158,10 @@ class BitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.act_bits is not None:
             x = ste(x, fake_quantize_activations(x, self.config.act_bits))
+        if self.learned_scale and self.quant_lambda >= 1.0 and torch.is_grad_enabled():
+            c = self.config
+            return _LearnedScaleLinear.apply(x, self._weight_out_in(), self.scale, self.bias, c.granularity,
+                                             c.group_size, c.eps)
         return F.linear(x, self.effective_weight(), self.bias)
 
     @torch.no_grad()
@@ -172,3 +176,37 @@ class BitLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, W1.58{a}, {c.granularity}, transposed={self.transposed}"
                 + (", learned scale" if self.learned_scale else ""))
+
+
+class _LearnedScaleLinear(torch.autograd.Function):
+    """``F.linear(x, effective_weight(), bias)`` for a learned-scale BitLinear at full quantization,
+    with the gradients autograd gives that expression, but saving only x, the int8 codes and the
+    scale: the (out, in) float weight is recomputed in the backward pass instead of being held from
+    forward to backward for every layer (several float copies of the model during training).
+
+    Gradients (codes held fixed): dL/dx = g @ (codes * s); dL/dW = g^T x (straight-through);
+    dL/ds = the group sums of (g^T x) * codes, through the same clamp and broadcast as the forward."""
+
+    @staticmethod
+    def forward(ctx, x, w, scale, bias, granularity, group_size, eps):
+        s = expand_scale(scale.clamp_min(eps), w.shape, granularity, group_size).to(w.dtype)
+        codes = torch.round(w / s).clamp_(-1, 1)
+        y = F.linear(x, codes * s, bias)
+        ctx.save_for_backward(x, codes.to(torch.int8), scale)
+        ctx.conf = (granularity, group_size, eps, w.dtype, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, codes, scale = ctx.saved_tensors
+        granularity, group_size, eps, dtype, has_bias = ctx.conf
+        with torch.enable_grad():
+            sp = scale.detach().requires_grad_(True)
+            s = expand_scale(sp.clamp_min(eps), codes.shape, granularity, group_size).to(dtype)
+        c = codes.to(dtype)
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = (g2 @ (c * s.detach())).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        gw = g2.t() @ x2
+        gs = torch.autograd.grad(s, sp, gw * c)[0] if ctx.needs_input_grad[2] else None
+        gb = g2.sum(0) if has_bias and ctx.needs_input_grad[3] else None
+        return gx, (gw if ctx.needs_input_grad[1] else None), gs, gb, None, None, None

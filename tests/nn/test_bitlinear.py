@@ -121,6 +121,49 @@ def test_learned_scale_gradients():
     assert torch.allclose(b.scale.grad, expect, atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", LEARNED_CFGS, ids=lambda c: f"{c.granularity}{c.group_size}")
+@pytest.mark.parametrize("shape", [(5, 80), (2, 3, 80)])
+def test_learned_scale_training_path_saves_codes_and_matches_the_autograd_expression(cfg, shape):
+    """The training forward (a custom autograd function that keeps int8 codes, not float weights,
+    for the backward pass) gives bitwise the output and gradients of F.linear over effective_weight()."""
+    from ternlm.quant.activations import fake_quantize_activations
+    from ternlm.quant.ste import ste
+
+    t = _packed(cfg)
+    b = BitLinear.from_ternary(t.ternary(), t.bias, TernaryConfig(**{**cfg.__dict__, "act_bits": 8}))
+    with torch.no_grad():
+        b.weight.add_(0.01 * torch.randn_like(b.weight))  # latent weights off the grid
+    x = torch.randn(*shape, requires_grad=True)
+    y = b(x)
+    assert "LearnedScaleLinear" in type(y.grad_fn).__name__
+    ref = torch.nn.functional.linear(ste(x, fake_quantize_activations(x, 8)), b.effective_weight(), b.bias)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, b.weight, b.scale, b.bias), g)
+    want = torch.autograd.grad(ref, (x, b.weight, b.scale, b.bias), g)
+    for a, e in zip(got, want):
+        assert torch.equal(a, e)
+
+
+def test_learned_scale_on_conv1d_layout_uses_the_training_path_too():
+    t = _packed(TernaryConfig(granularity="per_channel"))
+    conv = Conv1D(24, 80)
+    b = BitLinear.from_module(conv, TernaryConfig(granularity="per_channel", act_bits=None))
+    with torch.no_grad():
+        b.weight.copy_(t.dequantize_weight().t())
+    b.scale = nn.Parameter(t.scale.clone())
+    x = torch.randn(3, 80, requires_grad=True)
+    y = b(x)
+    ref = torch.nn.functional.linear(x, b.effective_weight(), b.bias)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, b.weight, b.scale), g)
+    want = torch.autograd.grad(ref, (x, b.weight, b.scale), g)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # the scale's row sums run over a transposed layout in the expression: same sums, other order
+    assert torch.allclose(got[2], want[2], rtol=1e-6, atol=1e-5)
+
+
 def test_learned_scale_moves_the_codes_threshold():
     t = _packed(TernaryConfig(granularity="per_channel"))
     b = BitLinear.from_ternary(t.ternary(), t.bias)
