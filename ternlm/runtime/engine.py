@@ -294,7 +294,7 @@ class DecodeEngine:
         cfg = config or RuntimeConfig()
         self = cls.__new__(cls)
         a = arch_of_checkpoint(directory)
-        self._build(parts_from_checkpoint(directory, cfg, self._max_len(cfg, a)), cfg)
+        self._build(parts_from_checkpoint(directory, cfg, self._max_len(cfg, a), a), cfg)
         return self
 
     @staticmethod

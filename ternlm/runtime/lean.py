@@ -192,16 +192,16 @@ def _rope_tables(theta: float, head_dim: int, n: int) -> tuple[torch.Tensor, tor
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
     freqs = torch.arange(n)[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * 1.0).contiguous(), (emb.sin() * 1.0).contiguous()
+    return emb.cos().contiguous(), emb.sin().contiguous()  # HF scales by attention_scaling = 1.0 here
 
 
-def parts_from_checkpoint(directory, cfg, max_seq_len: int) -> Parts:
+def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = None) -> Parts:
     """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint
     (``cfg``: the engine's ``RuntimeConfig``)."""
     from ternlm.checkpoint import read_record
 
     d = Path(directory).expanduser()
-    a = arch_of_checkpoint(d)
+    a = arch or arch_of_checkpoint(d)
     rec = read_record(d)
     conf = _read_config(d)
     ts = _Tensors(d)
