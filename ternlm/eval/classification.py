@@ -89,15 +89,16 @@ def predict(
     device = model_device(model)
     # Batches of similar length (longest first): padding costs compute, and SMS lengths vary 10x.
     # Right padding and causal attention make each row's logits independent of its batch mates.
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]  # once; padded per batch
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     spam_prob = np.zeros(len(texts), dtype=np.float64)
     pred = np.zeros(len(texts), dtype=np.int64)
     starts = range(0, len(texts), batch_size)
     with eval_mode(model), torch.inference_mode():
         for start in tqdm(starts, desc="predict", disable=not progress):
             idx = order[start : start + batch_size]
-            batch = encode_batch(tokenizer, [texts[i] for i in idx], max_length, device)
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="right",
+                                  return_tensors="pt").to(device)
             logits = model(**batch).logits.float()  # (B, num_labels)
             if logits.shape[-1] != 2:
                 raise TernlmError(f"expected a binary classifier (2 logits), got {logits.shape[-1]}")
