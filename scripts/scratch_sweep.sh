@@ -12,7 +12,7 @@ SEQ=${SEQ:-128}
 DATA_DIR=${DATA_DIR:-${TERNLM_DATA_DIR:-../shared/data}}
 T="python -m ternlm.cli"
 mkdir -p "$OUT"
-TEXTS=("$DATA_DIR/tinyshakespeare/input.txt" "$DATA_DIR/wikitext-2/wiki.test.raw")
+TEXTS=("$DATA_DIR/tinyshakespeare/input.txt" "$DATA_DIR/wikitext-2/wiki.test.raw" "$DATA_DIR/wikitext-2/tokens.valid.txt")
 # A 4,096-entry byte-level BPE trained on the two texts: with GPT-2's 50,257 entries the tied
 # embedding/head would be 80% of a 4 x 256 model's compute, and this sweep runs on 2 shared cores.
 [ -f "$OUT/tokenizer/tokenizer.json" ] || python - "$OUT/tokenizer" "${TEXTS[@]}" <<'PY'

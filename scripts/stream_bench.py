@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python scripts/stream_bench.py --work /tmp/ternlm-stream-bench
     PYTHONPATH=. python scripts/stream_bench.py --hidden 512 --layers 4 --inter 1408 --vocab 4096   # quick
+    PYTHONPATH=. python scripts/stream_bench.py --method pt-bitnet --work /tmp/ternlm-stream-ptb \
+        --hidden 1024 --layers 8 --inter 2816 --calib ../shared/data/wikitext-2/tokens.valid.txt
 
 Makes a synthetic Llama-architecture model with random fp32 weights as sharded safetensors (one
 shard per block, written tensor by tensor so the script itself never holds the model), then in
@@ -10,7 +12,9 @@ separate processes (each measured with ``ternlm.eval.cost.peak_rss_mb``):
   stream   ternlm.quantization.quantize(..., stream=True)    block by block
   memory   ternlm.quantization.quantize(..., stream=False)   load everything, convert, save
 
-and compares every output tensor byte for byte. Prints a table and writes ``stream_bench.json``.
+and compares every output tensor byte for byte. ``--method pt-bitnet`` (calibrated, one block in
+memory) copies a tokenizer (``--tokenizer``, default the GPT-2 one in ../shared/data) beside the
+weights and widens the vocabulary to hold it. Prints a table and writes ``stream_bench.json``.
 Also prints the size plan of GPT-OSS-20B from its published config (``--gpt-oss-config``).
 """
 
@@ -29,9 +33,9 @@ CHILD = """
 import json, sys, time
 from ternlm.eval.cost import peak_rss_mb
 from ternlm.quantization import QuantizeConfig, quantize
-src, out, stream = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+src, out, stream, cfg = sys.argv[1], sys.argv[2], sys.argv[3] == "1", json.loads(sys.argv[4])
 t = time.perf_counter()
-quantize(src, out, QuantizeConfig(), stream=stream, progress=False)
+quantize(src, out, QuantizeConfig(**cfg), stream=stream, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
 """
 
@@ -79,13 +83,14 @@ def make_model(d: Path, hidden: int, layers: int, inter: int, vocab: int, seed: 
     return total
 
 
-def run_child(src: Path, out: Path, stream: bool) -> dict:
+def run_child(src: Path, out: Path, stream: bool, cfg: dict) -> dict:
     import os
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), "1" if stream else "0"], env=env,
+    r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), "1" if stream else "0",
+                        json.dumps(cfg)], env=env,
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"quantize ({'stream' if stream else 'memory'}) failed:\n{r.stderr[-3000:]}")
@@ -123,6 +128,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--inter", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--method", default="absmean", choices=("absmean", "pt-bitnet"))
+    ap.add_argument("--calib", default=str(REPO.parent / "shared" / "data" / "wikitext-2" / "tokens.valid.txt"),
+                    help="calibration text (pt-bitnet)")
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "gpt2-tokenizer"),
+                    help="tokenizer copied beside the synthetic weights (pt-bitnet)")
     ap.add_argument("--skip-memory", action="store_true", help="only the streaming run (no identity check)")
     ap.add_argument("--gpt-oss-config", default=str(REPO / "tests" / "streaming" / "gpt_oss_20b_config.json"))
     ap.add_argument("--json", default=None, help="where to write the results (default: WORK/stream_bench.json)")
@@ -131,19 +141,31 @@ def main() -> int:
     work = Path(a.work)
     src = work / "src"
     t = time.perf_counter()
+    cfg = {} if a.method == "absmean" else {"method": "pt-bitnet", "calib": a.calib}
     if not (src / "model.safetensors.index.json").is_file():
-        size = make_model(src, a.hidden, a.layers, a.inter, a.vocab)
+        vocab = a.vocab
+        if a.method == "pt-bitnet":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(a.tokenizer)
+            vocab = max(vocab, len(tok))
+            tok.save_pretrained(src)
+        size = make_model(src, a.hidden, a.layers, a.inter, vocab)
     else:
         size = json.loads((src / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(f"synthetic Llama: {size / 2**30:.2f} GiB fp32 in {src} (made in {time.perf_counter() - t:.0f} s)")
 
     from ternlm.quantization import plan
 
-    print(plan(src).table())
-    res = {"file_bytes": size, "shape": dict(hidden=a.hidden, layers=a.layers, inter=a.inter, vocab=a.vocab)}
-    res["stream"] = run_child(src, work / "stream", True)
+    from ternlm.quantization import QuantizeConfig
+
+    pl = plan(src, QuantizeConfig(**cfg))
+    print(pl.table())
+    res = {"file_bytes": size, "method": a.method, "plan_peak_ram": pl.peak_ram,
+           "shape": dict(hidden=a.hidden, layers=a.layers, inter=a.inter, vocab=a.vocab)}
+    res["stream"] = run_child(src, work / "stream", True, cfg)
     if not a.skip_memory:
-        res["memory"] = run_child(src, work / "memory", False)
+        res["memory"] = run_child(src, work / "memory", False, cfg)
         res["identical"], res["tensors"] = identical(work / "stream", work / "memory")
     rows = [("path", "seconds", "peak RSS MiB", "peak / file size")]
     for k in ("stream", "memory"):

@@ -209,20 +209,21 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
     model.load_state_dict(state, strict=False, assign=True)
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
-    _rebuild_nonpersistent_buffers(model)
+    rebuild_nonpersistent_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise TernlmError(f"{where}: {len(left)} tensors were not loaded (e.g. {left[0]})")
     return model.eval()
 
 
-def _rebuild_nonpersistent_buffers(model: nn.Module) -> None:
-    """Recompute buffers that are not saved (rotary ``inv_freq``) and so are still on meta.
+def rebuild_nonpersistent_buffers(model: nn.Module, root: nn.Module | None = None) -> None:
+    """Recompute buffers that are not saved (rotary ``inv_freq``) and so are still on meta, in
+    ``root`` (default: the whole model) with the model's own initialiser.
 
     Only modules without parameters of their own are re-initialised, so no loaded weight can be
     overwritten by the architecture's random init.
     """
-    for mod in model.modules():
+    for mod in (root if root is not None else model).modules():
         names = [n for n in getattr(mod, "_non_persistent_buffers_set", ()) if
                  getattr(mod, n, None) is not None and getattr(mod, n).is_meta]
         if not names or any(True for _ in mod.parameters(recurse=False)):

@@ -113,7 +113,7 @@ def _should_stream(source, cfg: QuantizeConfig, gguf_file, random_init: bool) ->
     """Auto mode: a local safetensors directory whose float32 model would take over half the free memory,
     or a GPT-OSS one (MXFP4 experts: the in-memory loader would widen them all at once)."""
     p = Path(str(source)).expanduser()
-    if cfg.method != "absmean" or gguf_file or random_init or not p.is_dir() or not any(p.glob("*.safetensors")):
+    if gguf_file or random_init or not p.is_dir() or not any(p.glob("*.safetensors")):
         return False
     pl = plan(p, cfg)
     return pl.params * 4 > _available_memory() / 2 or (pl.rows["experts"].params > 0 and pl.model_type == "gpt_oss")
@@ -139,7 +139,7 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
     """Load ``source`` (directory, GGUF or hub id), convert it to packed ternary, save it to ``out_dir``.
 
     The tokenizer is saved beside the weights when the source has one. Returns the output path.
-    stream: True quantizes a local safetensors directory block by block in bounded memory (absmean),
+    stream: True quantizes a local safetensors directory block by block in bounded memory,
     False loads the whole model, None (default) streams when the model is big or has experts.
     resume: continue a streaming run that was killed (implies stream).
     """

@@ -82,6 +82,6 @@ def test_stream_options_checked(tmp_path, monkeypatch):
     assert not quantization._should_stream(src, QuantizeConfig(), None, False)
     monkeypatch.setattr(quantization, "_available_memory", lambda: 1000)
     assert quantization._should_stream(src, QuantizeConfig(), None, False)
-    assert not quantization._should_stream(src, QuantizeConfig(method="pt-bitnet", calib="x"), None, False)
+    assert quantization._should_stream(src, QuantizeConfig(method="pt-bitnet", calib="x"), None, False)
     out = quantization.quantize(src, tmp_path / "o", QuantizeConfig(), progress=False)
     assert (out / "model.safetensors.index.json").is_file()  # streamed

@@ -130,8 +130,6 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
         for layers the packed format cannot hold yet (a partial last group).
     Returns a record: wall time, peak RSS, per-block losses and layer errors, bits/weight, config.
     """
-    from ternlm.eval.cost import peak_rss_mb
-
     cfg = cfg or PTBitNetConfig()
     t0 = time.perf_counter()
     targets, stack_name, blocks, ids = _prepare(model, calib_ids, cfg)
@@ -145,33 +143,11 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
     bar = tqdm(list(enumerate(blocks)), desc="pt-bitnet", disable=not progress)
     for bi, block in bar:
         prefix = f"{stack_name}.{bi}."
-        names = _block_targets(targets, prefix)
-        if not names:
-            x_q, x_fp = run_block_batched(block, x_q, kw, _BATCH), run_block_batched(block, x_fp, kw, _BATCH)
-            continue
-        spec = _spec_for(block, names)
-        y_fp = run_block_batched(block, x_fp, kw, _BATCH)
-        _check_finite(y_fp, f"the full-precision output of block {prefix.rstrip('.')}")
-        hs = collect_hessians(block, names, x_q, kw, cfg.act_bits)
-        rec = {"block": bi, "kind": spec.kind, "layers": {}}
-        if cfg.transform and spec.migrations:
-            rec["transform"] = transform_block(block, spec, hs, cfg.group_size)
-        for gi, group in enumerate(spec.groups):
-            if gi > 0 and cfg.sequential:
-                hs.update(collect_hessians(block, group, x_q, kw, cfg.act_bits))
-            _quantize_group(block, group, hs, cfg, rec["layers"])
-        if cfg.reconstruct and cfg.reconstruct_steps > 0:
-            losses, x_q = reconstruct_block(block, x_q, y_fp, kw, steps=cfg.reconstruct_steps, lr=cfg.lr,
-                                            batch=cfg.reconstruct_batch, generator=gen)
-        else:
-            loss, x_q = block_loss(block, x_q, y_fp, kw, _BATCH)
-            losses = {"loss_before": loss, "loss_after": loss}
-        rec.update(losses)
-        rec["rel_loss"] = losses["loss_after"] / max(float(y_fp.pow(2).mean()), 1e-30)
-        _check_finite(x_q, f"the quantized output of block {prefix.rstrip('.')}")
-        x_fp = y_fp
-        records.append(rec)
-        bar.set_postfix(rel_loss=f"{rec['rel_loss']:.3g}")
+        rec, x_q, x_fp = quantize_block(block, bi, _block_targets(targets, prefix), x_q, x_fp, kw, cfg, gen,
+                                        prefix.rstrip("."))
+        if rec is not None:
+            records.append(rec)
+            bar.set_postfix(rel_loss=f"{rec['rel_loss']:.3g}")
     del x_q, x_fp
 
     n_w = n_s = 0
@@ -179,26 +155,79 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
         m = model.get_submodule(t)
         n_w += m.in_features * m.out_features
         n_s += m.out_features * n_groups(m.in_features, cfg.group_size)
-        m.requires_grad_(False)
         if pack:
-            try:
-                new = TernaryLinear.from_ternary(m.ternary(), m.bias, cfg.act_bits, cfg.fmt, kernel)
-            except TernlmError as e:
-                raise TernlmError(f"cannot pack {t} as TernaryLinear ({e}); use pack=False for the float "
-                                  "fake-quantized layers") from None
-            _set_module(model, t, new)
-    model.ternlm_quant_config = QuantConfig(weights=TernaryConfig(granularity="per_group", group_size=cfg.group_size,
-                                                                  scale_mode="fit", act_bits=cfg.act_bits))
+            pack_layer(model, t, cfg, kernel)
+        else:
+            m.requires_grad_(False)
+    model.ternlm_quant_config = ptbitnet_quant_config(cfg)
     model.ternlm_targets = list(targets)
     model.ternlm_format = cfg.fmt
     model.ternlm_ptq_config = cfg.to_dict()
+    return ptq_log(t0, len(targets), n_w, n_s, pack, records, cfg)
+
+
+def ptq_log(t0: float, n_targets: int, n_w: int, n_s: int, packed: bool, records: list, cfg: PTBitNetConfig) -> dict:
+    """The record of a pt-bitnet run (saved as ``ternlm_ptq.json`` beside the checkpoint)."""
+    from ternlm.eval.cost import peak_rss_mb
+
     return {
         "wall_s": time.perf_counter() - t0,
         "peak_rss_mb": peak_rss_mb(),
-        "n_targets": len(targets),
+        "n_targets": n_targets,
         "n_weights": n_w,
         "bits_per_weight": {"fp32_scales": (2 * n_w + 32 * n_s) / n_w, "fp16_scales": (2 * n_w + 16 * n_s) / n_w},
-        "packed": pack,
+        "packed": packed,
         "blocks": records,
         "config": cfg.to_dict(),
     }
+
+
+def ptbitnet_quant_config(cfg: PTBitNetConfig) -> QuantConfig:
+    """The quantization config a pt-bitnet checkpoint records (group scales fitted, every block linear)."""
+    return QuantConfig(weights=TernaryConfig(granularity="per_group", group_size=cfg.group_size, scale_mode="fit",
+                                             act_bits=cfg.act_bits))
+
+
+def pack_layer(root: nn.Module, name: str, cfg: PTBitNetConfig, kernel: str = "auto") -> None:
+    """Replace the calibrated ``FakeTernaryLinear`` ``name`` under ``root`` by a packed ``TernaryLinear``."""
+    m = root.get_submodule(name)
+    m.requires_grad_(False)
+    try:
+        new = TernaryLinear.from_ternary(m.ternary(), m.bias, cfg.act_bits, cfg.fmt, kernel)
+    except TernlmError as e:
+        raise TernlmError(f"cannot pack {name} as TernaryLinear ({e}); use pack=False for the float "
+                          "fake-quantized layers") from None
+    _set_module(root, name, new)
+
+
+def quantize_block(block: nn.Module, bi: int, names: list[str], x_q: torch.Tensor, x_fp: torch.Tensor, kw: dict,
+                   cfg: PTBitNetConfig, gen: torch.Generator, where: str):
+    """Stage 1 + 2 on one block (its linears ``names``, relative to the block) in place.
+
+    x_q / x_fp: the quantized and full-precision streams entering the block. Returns
+    (record or None when the block has no targets, x_q, x_fp) for the next block. The in-memory
+    and the streaming runs both go through here, so they compute the same numbers.
+    """
+    if not names:
+        return None, run_block_batched(block, x_q, kw, _BATCH), run_block_batched(block, x_fp, kw, _BATCH)
+    spec = _spec_for(block, names)
+    y_fp = run_block_batched(block, x_fp, kw, _BATCH)
+    _check_finite(y_fp, f"the full-precision output of block {where}")
+    hs = collect_hessians(block, names, x_q, kw, cfg.act_bits)
+    rec = {"block": bi, "kind": spec.kind, "layers": {}}
+    if cfg.transform and spec.migrations:
+        rec["transform"] = transform_block(block, spec, hs, cfg.group_size)
+    for gi, group in enumerate(spec.groups):
+        if gi > 0 and cfg.sequential:
+            hs.update(collect_hessians(block, group, x_q, kw, cfg.act_bits))
+        _quantize_group(block, group, hs, cfg, rec["layers"])
+    if cfg.reconstruct and cfg.reconstruct_steps > 0:
+        losses, x_q = reconstruct_block(block, x_q, y_fp, kw, steps=cfg.reconstruct_steps, lr=cfg.lr,
+                                        batch=cfg.reconstruct_batch, generator=gen)
+    else:
+        loss, x_q = block_loss(block, x_q, y_fp, kw, _BATCH)
+        losses = {"loss_before": loss, "loss_after": loss}
+    rec.update(losses)
+    rec["rel_loss"] = losses["loss_after"] / max(float(y_fp.pow(2).mean()), 1e-30)
+    _check_finite(x_q, f"the quantized output of block {where}")
+    return rec, x_q, y_fp

@@ -13,7 +13,9 @@ embeddings, head, norms and router at ``float_dtype``; biases of ternary layers 
 The peak RAM line estimates the streaming run (``ternlm.streaming.quantize``): the interpreter
 with torch and transformers loaded (``BASE_RSS``), the largest tensor read whole (float tensors
 outside the blocks are cast in row chunks), three float32 copies of the largest matrix being quantized (the weight, |W|/gamma, the rounded codes), and the
-largest block of packed output waiting to be written.
+largest block of packed output waiting to be written. For ``pt-bitnet`` (``ternlm.streaming.ptbitnet``):
+one block in float32 with its float64 input Hessians, or the float32 layers in front of the blocks,
+plus three float32 activation streams of the calibration tokens.
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ def make_plan(source, cfg=None) -> SizePlan:
     seen = set()
     largest_read = largest_matrix = float_peak = 0
     unit_out: dict[str, int] = {}
+    unit_fp32: dict[str, int] = {}  # a block's parameters in float32 (pt-bitnet holds one block whole)
+    unit_hess: dict[str, int] = {}  # its linears' float64 input Hessians
+    front = 0                       # float32 layers in front of the blocks (pt-bitnet's calibration pass)
     for name, prm in model.named_parameters(remove_duplicate=True):
         if id(prm) in seen:
             continue
@@ -240,10 +245,24 @@ def make_plan(source, cfg=None) -> SizePlan:
         key = next((".".join(unit[:i + 1]) for i, s in enumerate(unit) if s.isdigit()), None)
         if key is not None:
             unit_out[key] = unit_out.get(key, 0) + (n // 4 if r.ternary else n * fb)
+            unit_fp32[key] = unit_fp32.get(key, 0) + 4 * n
+            if comp in ("attention", "mlp") and name.endswith(".weight"):
+                in_f = linear_weight_out_in(model.get_submodule(module)).shape[1]
+                unit_hess[key] = unit_hess.get(key, 0) + 8 * in_f * in_f
+        elif comp != "lm_head":
+            front += 4 * n
     if headers is None:
         largest_read = max(largest_read, int(largest_matrix * (MXFP4_BYTES_PER_WEIGHT * 32 if mxfp4 else now_bytes)))
     # a block: its largest source tensor, three float32 copies of one matrix, its packed output;
     # a tensor outside the blocks: its cast copy plus one chunk
     block_peak = largest_read + 3 * 4 * largest_matrix + max(unit_out.values(), default=0)
     peak = int(BASE_RSS + max(block_peak, float_peak))
+    if getattr(cfg, "method", "absmean") == "pt-bitnet":
+        # one float32 block + its Hessians + three activation streams (x_q, x_fp, y_fp) of the
+        # calibration tokens; before the blocks: the float32 front layers + the streams
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+        tokens = cfg.calib_tokens // cfg.seq_len * cfg.seq_len
+        streams = 3 * 4 * tokens * hidden
+        block = max((unit_fp32[k] + unit_hess.get(k, 0) + unit_out[k] for k in unit_fp32), default=0)
+        peak = int(BASE_RSS + streams + max(block, front, float_peak))
     return SizePlan(getattr(config, "model_type", "?"), rows, peak, "headers" if headers else "config dtype")

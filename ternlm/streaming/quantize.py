@@ -63,10 +63,19 @@ def layout(config, cfg) -> dict:
     from ternlm.streaming.plan import meta_model
 
     model = meta_model(config)
-    tcfg = replace(cfg.ternary(), act_bits=cfg.act_bits)
-    qc = QuantConfig(weights=tcfg, include=cfg.include, exclude=cfg.exclude)
+    if cfg.method == "pt-bitnet":  # every block linear, fitted group scales (what ptbitnet_quantize records)
+        from ternlm.ptq.quantize import ptbitnet_quant_config
+
+        qc = ptbitnet_quant_config(cfg.ptbitnet())
+        tcfg = qc.weights
+    else:
+        tcfg = replace(cfg.ternary(), act_bits=cfg.act_bits)
+        qc = QuantConfig(weights=tcfg, include=cfg.include, exclude=cfg.exclude)
     targets = select_targets(model, qc)
     experts = expert_modules(model)
+    if experts and cfg.method == "pt-bitnet":
+        raise TernlmError("pt-bitnet does not quantize mixture-of-experts layers yet; use --method absmean "
+                          "for this model")
     if not targets and not experts:
         raise TernlmError(f"no linear layers to convert in {type(model).__name__}")
     conv = conv1d_class()
@@ -165,8 +174,8 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
     return out
 
 
-def _fingerprint(files: SourceFiles, cfg, rec: dict) -> str:
-    h = hashlib.sha256()
+def _fingerprint(files: SourceFiles, cfg, rec: dict, extra: bytes = b"") -> str:
+    h = hashlib.sha256(extra)
     for name, e in sorted(files.entries.items()):
         h.update(f"{name}|{e.file.name}|{e.dtype}|{e.shape}|{e.start}|{e.end}|{e.file.stat().st_size}\n".encode())
     h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
@@ -184,120 +193,162 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
                     progress: bool = True, check_disk: bool = True) -> Path:
     """Quantize the safetensors model directory ``source`` into ``out_dir`` one block at a time.
 
-    cfg: a ``ternlm.quantization.QuantizeConfig``; only ``method='absmean'``. ``resume``: continue a run killed earlier (its ``.<out>.partial``
+    cfg: a ``ternlm.quantization.QuantizeConfig``. ``absmean`` reads one tensor at a time;
+    ``pt-bitnet`` goes through ``ternlm.streaming.ptbitnet`` (one block in float32 plus the
+    calibration activations). ``resume``: continue a run killed earlier (its ``.<out>.partial``
     directory); without it an existing partial run is an error rather than silently discarded.
     Returns the output path.
     """
-    from safetensors.torch import save_file
-    from transformers import AutoConfig
+    if cfg.method == "pt-bitnet":
+        from ternlm.streaming.ptbitnet import stream_ptbitnet
 
-    from ternlm.checkpoint import QUANT_FILE, _META_KEY
-    from ternlm.fileio import atomic_dir, check_output_dir
-
+        return stream_ptbitnet(source, out_dir, cfg, resume=resume, progress=progress, check_disk=check_disk)
     if cfg.method != "absmean":
-        raise TernlmError("streaming quantization supports --method absmean only (pt-bitnet runs in memory)")
-    src = Path(source).expanduser()
-    if not src.is_dir():
-        raise TernlmError(f"streaming quantization reads a local model directory; {source} is not one")
-    out = check_output_dir(out_dir).resolve()
-    files = SourceFiles(src)  # every header read and checked: truncated shards fail here
-    try:
-        config = AutoConfig.from_pretrained(str(src))
-    except Exception as e:
-        raise TernlmError(f"cannot read the model config in {src}: {type(e).__name__}") from None
-    lay = layout(config, cfg)
-    rec = lay["rec"]
-    reader = _Reader(files, getattr(lay["model"], "base_model_prefix", ""))
-    expected = lay["packed"].state_dict()
-    keys = [k for k in expected if k not in lay["tied"]]
-    if lay["experts"]:
-        from ternlm.moe.experts import check_expert_sources
-
-        check_expert_sources(lay, reader)
-    for k in keys:  # every tensor the output needs must be readable, before any work
-        module = k.rpartition(".")[0]
-        if module in lay["targets"]:
-            k = module + ".weight" if not k.endswith(".bias") else k
-        elif module in lay["experts"]:
-            continue  # checked by the expert converter's names below
-        if not reader.has(k):
-            raise TernlmError(f"tensor {k} is not in the source files of {src}")
-    units = _units(keys)
-    names = list(units)
-    if check_disk:
-        from ternlm.streaming.plan import make_plan
-
-        need = make_plan(src, cfg).bytes_after(cfg.fmt)
-        free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
-        if need * 1.05 + (1 << 20) > free:
-            raise TernlmError(f"not enough disk for {out}: the plan needs {need / 1e9:.2f} GB, "
-                              f"{free / 1e9:.2f} GB free")
-
-    part = partial_dir(out)
-    fp = _fingerprint(files, cfg, rec)
-    done: list[str] = []
-    if part.exists():
-        if not resume:
-            raise TernlmError(f"an unfinished run is in {part}; pass --resume to continue it or remove it")
-        try:
-            prog = json.loads((part / PROGRESS_FILE).read_text())
-        except (OSError, ValueError):
-            prog = None
-        if prog is None or prog.get("fingerprint") != fp:
-            raise TernlmError(f"{part} was started from a different source or settings; remove it to start over")
-        done = [u for u in prog.get("done", []) if u in units and (part / prog["shards"][u]).is_file()]
-    else:
-        part.mkdir(parents=True)
-        (part / INCOMPLETE).write_text("this directory is an unfinished ternlm quantization; "
-                                       "rerun it with --resume\n")
-    shards = {u: shard_name(i, len(names)) for i, u in enumerate(names)}
-    text = json.dumps(rec, indent=2, sort_keys=True)
+        raise TernlmError(f"streaming quantization does not support --method {cfg.method}")
+    job = Job(source, out_dir, cfg, check_disk=check_disk)
+    job.start(resume)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(names, desc="quantize (streaming)", unit="block", disable=not progress)
-    for u in bar:
-        if u in done:
+    for u in tqdm(job.names, desc="quantize (streaming)", unit="block", disable=not progress):
+        if u in job.done:
             continue
-        tensors = _convert_unit(units[u], lay, reader, cfg)
-        tmp = part / f".{shards[u]}.tmp"
+        job.write_unit(u, _convert_unit(job.units[u], job.lay, job.reader, cfg))
+    return job.finish()
+
+
+class Job:
+    """One streaming quantization: the checked source, the output layout, the partial directory.
+
+    Everything that can be checked is checked in the constructor, before any work: the source's
+    headers and shard lengths, that every tensor the output needs is readable, the free disk.
+    """
+
+    def __init__(self, source: str | Path, out_dir: str | Path, cfg, *, check_disk: bool = True):
+        from transformers import AutoConfig
+
+        from ternlm.fileio import check_output_dir
+
+        src = Path(source).expanduser()
+        if not src.is_dir():
+            raise TernlmError(f"streaming quantization reads a local model directory; {source} is not one")
+        self.src, self.cfg = src, cfg
+        self.out = check_output_dir(out_dir).resolve()
+        self.files = SourceFiles(src)  # every header read and checked: truncated shards fail here
+        try:
+            config = AutoConfig.from_pretrained(str(src))
+        except Exception as e:
+            raise TernlmError(f"cannot read the model config in {src}: {type(e).__name__}") from None
+        self.lay = lay = layout(config, cfg)
+        self.rec = lay["rec"]
+        self.reader = _Reader(self.files, getattr(lay["model"], "base_model_prefix", ""))
+        expected = lay["packed"].state_dict()
+        self.keys = keys = [k for k in expected if k not in lay["tied"]]
+        if lay["experts"]:
+            from ternlm.moe.experts import check_expert_sources
+
+            check_expert_sources(lay, self.reader)
+        for k in keys:  # every tensor the output needs must be readable, before any work
+            module = k.rpartition(".")[0]
+            if module in lay["targets"]:
+                k = module + ".weight" if not k.endswith(".bias") else k
+            elif module in lay["experts"]:
+                continue  # checked by the expert converter's names below
+            if not self.reader.has(k):
+                raise TernlmError(f"tensor {k} is not in the source files of {src}")
+        self.units = _units(keys)
+        self.names = list(self.units)
+        self.shards = {u: shard_name(i, len(self.names)) for i, u in enumerate(self.names)}
+        if check_disk:
+            from ternlm.streaming.plan import make_plan
+
+            need = make_plan(src, cfg).bytes_after(cfg.fmt)
+            out = self.out
+            free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+            if need * 1.05 + (1 << 20) > free:
+                raise TernlmError(f"not enough disk for {out}: the plan needs {need / 1e9:.2f} GB, "
+                                  f"{free / 1e9:.2f} GB free")
+        self.part = partial_dir(self.out)
+        self.done: list[str] = []
+        self.state: dict = {}
+
+    def start(self, resume: bool, extra: bytes = b"") -> None:
+        """Open the partial directory: a fresh one, or (``resume``) the finished units of a killed
+        run with the same source and settings (``extra``: more bytes the run depends on)."""
+        part = self.part
+        self.fingerprint = fp = _fingerprint(self.files, self.cfg, self.rec, extra)
+        if part.exists():
+            if not resume:
+                raise TernlmError(f"an unfinished run is in {part}; pass --resume to continue it or remove it")
+            try:
+                prog = json.loads((part / PROGRESS_FILE).read_text())
+            except (OSError, ValueError):
+                prog = None
+            if prog is None or prog.get("fingerprint") != fp:
+                raise TernlmError(f"{part} was started from a different source or settings; remove it to start over")
+            self.done = [u for u in prog.get("done", []) if u in self.units and (part / prog["shards"][u]).is_file()]
+            self.state = prog.get("state", {})
+        else:
+            part.mkdir(parents=True)
+            (part / INCOMPLETE).write_text("this directory is an unfinished ternlm quantization; "
+                                           "rerun it with --resume\n")
+
+    def write_unit(self, u: str, tensors: dict[str, torch.Tensor], state: dict | None = None) -> None:
+        """Write unit ``u``'s output shard, then record it (and ``state``) as done."""
+        from safetensors.torch import save_file
+
+        want = set(self.units[u])
+        if set(tensors) != want:
+            extra = sorted(set(tensors) ^ want)
+            raise TernlmError(f"internal: unit {u} does not produce exactly its tensors ({extra[0]})")
+        tmp = self.part / f".{self.shards[u]}.tmp"
         # NOTE: one metadata key only: safetensors writes metadata from a hash map, so two keys come
         # out in a per-process order and a resumed run would differ from an unbroken one. The record
         # goes into the index instead.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        del tensors
-        os.replace(tmp, part / shards[u])
-        done.append(u)
-        _write_json(part / PROGRESS_FILE, {"fingerprint": fp, "done": done, "shards": shards})
+        os.replace(tmp, self.part / self.shards[u])
+        self.done.append(u)
+        if state is not None:
+            self.state = state
+        _write_json(self.part / PROGRESS_FILE, {"fingerprint": self.fingerprint, "done": self.done,
+                                                "shards": self.shards, "state": self.state})
 
-    # the index, config and record, then the finished directory swapped in by rename
-    from ternlm.streaming.files import read_header
+    def finish(self, extra_files: dict[str, str] | None = None) -> Path:
+        """The index, config, tokenizer and record, then the finished directory swapped in by rename."""
+        from ternlm.checkpoint import QUANT_FILE, _META_KEY
+        from ternlm.fileio import atomic_dir
+        from ternlm.streaming.files import read_header
 
-    weight_map, total = {}, 0
-    for u in names:
-        for name, e in read_header(part / shards[u]).items():
-            weight_map[name] = shards[u]
-            total += e.nbytes
-    index = {"metadata": {"total_size": total, _META_KEY: rec}, "weight_map": dict(sorted(weight_map.items()))}
-
-    def write(tmp: Path) -> None:
-        lay["model"].config.save_pretrained(tmp)
-        gen = getattr(lay["model"], "generation_config", None)
-        if (src / "generation_config.json").is_file():  # what from_pretrained would have read
-            from transformers import GenerationConfig
-
-            gen = GenerationConfig.from_pretrained(str(src))
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        _copy_tokenizer(src, tmp)
-        (tmp / QUANT_FILE).write_text(text + "\n")
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        part, names, shards, src, lay = self.part, self.names, self.shards, self.src, self.lay
+        weight_map, total = {}, 0
         for u in names:
-            os.replace(part / shards[u], tmp / shards[u])
+            for name, e in read_header(part / shards[u]).items():
+                weight_map[name] = shards[u]
+                total += e.nbytes
+        index = {"metadata": {"total_size": total, _META_KEY: self.rec},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        text = json.dumps(self.rec, indent=2, sort_keys=True)
 
-    result = atomic_dir(out, write)
-    shutil.rmtree(part, ignore_errors=True)
-    return result
+        def write(tmp: Path) -> None:
+            lay["model"].config.save_pretrained(tmp)
+            gen = getattr(lay["model"], "generation_config", None)
+            if (src / "generation_config.json").is_file():  # what from_pretrained would have read
+                from transformers import GenerationConfig
+
+                gen = GenerationConfig.from_pretrained(str(src))
+            if gen is not None:
+                gen.save_pretrained(tmp)
+            _copy_tokenizer(src, tmp)
+            (tmp / QUANT_FILE).write_text(text + "\n")
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            for name, body in (extra_files or {}).items():
+                (tmp / name).write_text(body)
+            for u in names:
+                os.replace(part / shards[u], tmp / shards[u])
+
+        result = atomic_dir(self.out, write)
+        shutil.rmtree(part, ignore_errors=True)
+        return result
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
