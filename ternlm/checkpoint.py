@@ -262,6 +262,20 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def plain_config(config):
+    """The config without the GGUF loader's ``quantization_config`` (a model read from a GGUF file is
+    float once loaded; that record would send a reader of the checkpoint to the GGUF loader)."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return config
+    import copy
+
+    config = copy.deepcopy(config)
+    del config.quantization_config
+    return config
+
+
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -289,7 +303,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
     text = json.dumps(rec, indent=2, sort_keys=True)
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
+        plain_config(model.config).save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)

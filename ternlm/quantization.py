@@ -155,11 +155,11 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
     if stream is None:
         stream = resume or _should_stream(source, cfg, gguf_file, random_init)
     if stream:
-        if gguf_file or random_init:
-            raise TernlmError("streaming reads a local safetensors directory (no --gguf-file / --random-init)")
+        if random_init:
+            raise TernlmError("streaming reads a local model directory or GGUF file (no --random-init)")
         from ternlm.streaming.quantize import stream_quantize
 
-        return stream_quantize(source, out_dir, cfg, resume=resume, progress=progress)
+        return stream_quantize(source, out_dir, cfg, resume=resume, progress=progress, gguf_file=gguf_file)
     if cfg.method == "pt-bitnet":
         from ternlm.data.text import check_source
 

@@ -79,14 +79,14 @@ def _read_float32(job: Job, keys: list[str], strip: str = "") -> dict[str, torch
     return out
 
 
-def _calibration_ids(src: Path, cfg, pcfg):
+def _calibration_ids(src: Path, cfg, pcfg, gguf_file: str | None = None):
     from ternlm.data.text import check_source, load_text
     from ternlm.models.sources import load_tokenizer
     from ternlm.ptq import calibration_ids
 
     check_source(cfg.calib, "calibration text")
     try:
-        tokenizer = load_tokenizer(str(src))
+        tokenizer = load_tokenizer(str(src), gguf_file=gguf_file)
     except TernlmError:
         raise TernlmError(f"no tokenizer files in {src}: pt-bitnet needs one to read the calibration text") from None
     text = load_text(cfg.calib, split=cfg.calib_split)
@@ -126,7 +126,7 @@ def _block_inputs(job: Job, model, blocks, stack: str, state_keys: list[str], id
 
 
 def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: bool = False, progress: bool = True,
-                    check_disk: bool = True) -> Path:
+                    check_disk: bool = True, gguf_file: str | None = None) -> Path:
     """pt-bitnet of the safetensors model directory ``source`` into ``out_dir``, one block in memory.
 
     cfg: a ``QuantizeConfig`` with ``method='pt-bitnet'``. Same output tensors as the in-memory
@@ -142,8 +142,8 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
 
     t0 = time.perf_counter()
     pcfg = cfg.ptbitnet()
-    job = Job(source, out_dir, cfg, check_disk=check_disk)  # every header and tensor checked first
-    ids = _calibration_ids(job.src, cfg, pcfg)
+    job = Job(source, out_dir, cfg, check_disk=check_disk, gguf_file=gguf_file)  # every header checked first
+    ids = _calibration_ids(job.src, cfg, pcfg, job.gguf_file)
     lay = job.lay
     model, targets = lay["model"], lay["targets"]
     stack, blocks = block_stack(model, targets)

@@ -190,7 +190,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: bool = False,
-                    progress: bool = True, check_disk: bool = True) -> Path:
+                    progress: bool = True, check_disk: bool = True, gguf_file: str | None = None) -> Path:
     """Quantize the safetensors model directory ``source`` into ``out_dir`` one block at a time.
 
     cfg: a ``ternlm.quantization.QuantizeConfig``. ``absmean`` reads one tensor at a time;
@@ -202,10 +202,11 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     if cfg.method == "pt-bitnet":
         from ternlm.streaming.ptbitnet import stream_ptbitnet
 
-        return stream_ptbitnet(source, out_dir, cfg, resume=resume, progress=progress, check_disk=check_disk)
+        return stream_ptbitnet(source, out_dir, cfg, resume=resume, progress=progress, check_disk=check_disk,
+                               gguf_file=gguf_file)
     if cfg.method != "absmean":
         raise TernlmError(f"streaming quantization does not support --method {cfg.method}")
-    job = Job(source, out_dir, cfg, check_disk=check_disk)
+    job = Job(source, out_dir, cfg, check_disk=check_disk, gguf_file=gguf_file)
     job.start(resume)
 
     from tqdm.auto import tqdm
@@ -224,22 +225,35 @@ class Job:
     headers and shard lengths, that every tensor the output needs is readable, the free disk.
     """
 
-    def __init__(self, source: str | Path, out_dir: str | Path, cfg, *, check_disk: bool = True):
+    def __init__(self, source: str | Path, out_dir: str | Path, cfg, *, check_disk: bool = True,
+                 gguf_file: str | None = None):
         from transformers import AutoConfig
 
         from ternlm.fileio import check_output_dir
+        from ternlm.models.sources import resolve_source
 
-        src = Path(source).expanduser()
-        if not src.is_dir():
-            raise TernlmError(f"streaming quantization reads a local model directory; {source} is not one")
-        self.src, self.cfg = src, cfg
+        s = resolve_source(source, gguf_file)
+        src = Path(s.ref).expanduser()
+        if not s.local or not src.is_dir():
+            raise TernlmError(f"streaming quantization reads a local model directory or GGUF file; {source} is not one")
+        self.src, self.cfg, self.gguf_file = src, cfg, s.gguf_file
         self.out = check_output_dir(out_dir).resolve()
-        self.files = SourceFiles(src)  # every header read and checked: truncated shards fail here
         try:
-            config = AutoConfig.from_pretrained(str(src))
+            config = AutoConfig.from_pretrained(str(src), **({"gguf_file": s.gguf_file} if s.gguf_file else {}))
         except Exception as e:
+            if s.gguf_file:
+                raise TernlmError(f"cannot read {src / s.gguf_file} (truncated or corrupt GGUF?): "
+                                  f"{type(e).__name__}") from None
             raise TernlmError(f"cannot read the model config in {src}: {type(e).__name__}") from None
-        self.lay = lay = layout(config, cfg)
+        if s.gguf_file:
+            from ternlm.streaming.gguf_source import GGUFFiles
+
+            self.lay = layout(config, cfg)
+            self.files = GGUFFiles(src / s.gguf_file, self.lay["model"])
+        else:
+            self.files = SourceFiles(src)  # every header read and checked: truncated shards fail here
+            self.lay = layout(config, cfg)
+        lay = self.lay
         self.rec = lay["rec"]
         self.reader = _Reader(self.files, getattr(lay["model"], "base_model_prefix", ""))
         expected = lay["packed"].state_dict()
@@ -262,7 +276,7 @@ class Job:
         if check_disk:
             from ternlm.streaming.plan import make_plan
 
-            need = make_plan(src, cfg).bytes_after(cfg.fmt)
+            need = make_plan(config.to_dict() if s.gguf_file else src, cfg).bytes_after(cfg.fmt)
             out = self.out
             free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
             if need * 1.05 + (1 << 20) > free:
@@ -338,7 +352,7 @@ class Job:
                 gen = GenerationConfig.from_pretrained(str(src))
             if gen is not None:
                 gen.save_pretrained(tmp)
-            _copy_tokenizer(src, tmp)
+            _copy_tokenizer(src, tmp, self.gguf_file)
             (tmp / QUANT_FILE).write_text(text + "\n")
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
             for name, body in (extra_files or {}).items():
@@ -351,12 +365,12 @@ class Job:
         return result
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def _copy_tokenizer(src: Path, dst: Path, gguf_file: str | None = None) -> None:
     """The tokenizer, re-saved the way ``save_pretrained`` does (none when the source has none)."""
     from ternlm.models.sources import load_tokenizer
 
     try:
-        tok = load_tokenizer(str(src))
+        tok = load_tokenizer(str(src), gguf_file=gguf_file)
     except TernlmError:
         return
     tok.save_pretrained(dst)
