@@ -8,8 +8,7 @@ accumulated over calibration batches, then damped (``damp`` x mean diagonal). An
 fewer than ``min_tokens`` tokens has no usable Hessian: ``finalize`` returns None for it and the
 caller falls back to plain absmean rounding.
 
-NOTE: this is the building block; the block-wise pt-bitnet pipeline (``ternlm.ptq``) does not call
-it yet, so pt-bitnet on GPT-OSS is not available.
+``ternlm.ptq.experts`` uses it for pt-bitnet on mixture-of-experts blocks.
 """
 
 from __future__ import annotations
@@ -37,6 +36,13 @@ class RoutedHessian:
             self.h[e] += (xs * w[:, None]).T @ xs
             self.tokens[e] += tok.numel()
             self.weight[e] += w.sum()
+
+    def add_expert(self, e: int, xs: torch.Tensor, w: torch.Tensor) -> None:
+        """Tokens xs (n, in) already routed to expert e, with their routing scores w (n,)."""
+        xs, w = xs.reshape(-1, xs.shape[-1]).double(), w.reshape(-1).double()
+        self.h[e] += (xs * w[:, None]).T @ xs
+        self.tokens[e] += xs.shape[0]
+        self.weight[e] += w.sum()
 
     def finalize(self, damp: float = 0.01, min_tokens: int = 16) -> list[torch.Tensor | None]:
         """Per expert: the damped, score-normalised Hessian (float32), or None (absmean fallback)."""

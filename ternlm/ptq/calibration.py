@@ -97,3 +97,44 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 @torch.no_grad()
 def run_block_batched(block: nn.Module, x: torch.Tensor, kwargs: dict, batch: int = 4) -> torch.Tensor:
     return torch.cat([run_block(block, x[i:i + batch], kwargs) for i in range(0, x.shape[0], batch)], 0)
+
+
+@torch.no_grad()
+def block_kwargs(model: nn.Module, blocks: nn.ModuleList, ids: torch.LongTensor, first: dict) -> list[dict]:
+    """The arguments each block receives. ``first``: block 0's, from ``capture_block_inputs``.
+
+    Models whose layers differ in kind (``config.layer_types``: sliding-window and full attention,
+    as in GPT-OSS) give each kind its own mask, so every block's arguments are captured from one
+    forward of ``ids[:1]`` in which every block returns its input unchanged: no block weight is
+    read, so this also runs while the blocks are still on the meta device. Other models pass every
+    block the same arguments; block 0's are reused.
+    """
+    kinds = getattr(model.config, "layer_types", None)
+    if not kinds or len(set(kinds)) < 2:
+        return [first] * len(blocks)
+    kws: list = [None] * len(blocks)
+
+    def make(i):
+        def forward(*args, **kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            kw = clean_kwargs({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            kw["_args"] = tuple(args[1:])
+            kws[i] = kw
+            if i == len(blocks) - 1:
+                raise _Stop
+            return hs
+        return forward
+
+    for i, b in enumerate(blocks):
+        b.forward = make(i)
+    try:
+        try:
+            model(input_ids=ids[:1], use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for b in blocks:
+            del b.forward
+    if any(k is None for k in kws):
+        raise TernlmError("could not capture the arguments of every transformer block")
+    return kws

@@ -25,7 +25,7 @@ from ternlm.errors import TernlmError
 from ternlm.nn.surgery import _set_module, select_targets
 from ternlm.nn.ternary_linear import TernaryLinear
 from ternlm.ptq.arch import BlockSpec, block_spec, get_weight
-from ternlm.ptq.calibration import block_stack, capture_block_inputs, run_block_batched
+from ternlm.ptq.calibration import block_kwargs, block_stack, capture_block_inputs, run_block_batched
 from ternlm.ptq.config import PTBitNetConfig
 from ternlm.ptq.reconstruct import FakeTernaryLinear, block_loss, reconstruct_block
 from ternlm.ptq.rounding import n_groups, quantize_layer
@@ -99,14 +99,15 @@ def apply_transform(model: nn.Module, calib_ids: torch.Tensor, cfg: PTBitNetConf
     cfg = cfg or PTBitNetConfig()
     targets, stack_name, blocks, ids = _prepare(model, calib_ids, cfg)
     x, kw = capture_block_inputs(model.eval(), blocks, ids)
+    kws = block_kwargs(model, blocks, ids, kw)
     info = {}
     for bi, block in enumerate(blocks):
         names = _block_targets(targets, f"{stack_name}.{bi}.")
         spec = _spec_for(block, names)
         if spec.migrations:
-            hs = collect_hessians(block, names, x, kw)
+            hs = collect_hessians(block, names, x, kws[bi])
             info[bi] = transform_block(block, spec, hs, cfg.group_size)
-        x = run_block_batched(block, x, kw, _BATCH)
+        x = run_block_batched(block, x, kws[bi], _BATCH)
     return info
 
 
@@ -137,13 +138,14 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_q, kw = capture_block_inputs(model, blocks, ids)
+    kws = block_kwargs(model, blocks, ids, kw)
     _check_finite(x_q, "the activations entering the first transformer block")
     x_fp = x_q.clone()
     records = []
     bar = tqdm(list(enumerate(blocks)), desc="pt-bitnet", disable=not progress)
     for bi, block in bar:
         prefix = f"{stack_name}.{bi}."
-        rec, x_q, x_fp = quantize_block(block, bi, _block_targets(targets, prefix), x_q, x_fp, kw, cfg, gen,
+        rec, x_q, x_fp = quantize_block(block, bi, _block_targets(targets, prefix), x_q, x_fp, kws[bi], cfg, gen,
                                         prefix.rstrip("."))
         if rec is not None:
             records.append(rec)
@@ -159,6 +161,18 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
             pack_layer(model, t, cfg, kernel)
         else:
             m.requires_grad_(False)
+    from ternlm.moe.experts import expert_modules
+
+    experts = expert_modules(model)
+    for name in experts:
+        w, s = expert_counts(model.get_submodule(name), cfg.group_size)
+        n_w, n_s = n_w + w, n_s + s
+        if pack:
+            from ternlm.ptq.experts import pack_experts
+
+            pack_experts(model, name, cfg, kernel)
+    if experts:
+        model.ternlm_experts = experts
     model.ternlm_quant_config = ptbitnet_quant_config(cfg)
     model.ternlm_targets = list(targets)
     model.ternlm_format = cfg.fmt
@@ -180,6 +194,18 @@ def ptq_log(t0: float, n_targets: int, n_w: int, n_s: int, packed: bool, records
         "blocks": records,
         "config": cfg.to_dict(),
     }
+
+
+def expert_counts(experts: nn.Module, group_size: int) -> tuple[int, int]:
+    """(weights, group scales) of a 3-D expert module (float or ``TernaryExperts``)."""
+    from ternlm.ptq.experts import _dims
+
+    hidden, inter = _dims(experts)
+    n_w = n_s = 0
+    for out_f, in_f in ((2 * inter, hidden), (hidden, inter)):
+        n_w += experts.num_experts * out_f * in_f
+        n_s += experts.num_experts * out_f * n_groups(in_f, group_size)
+    return n_w, n_s
 
 
 def ptbitnet_quant_config(cfg: PTBitNetConfig) -> QuantConfig:
@@ -221,6 +247,12 @@ def quantize_block(block: nn.Module, bi: int, names: list[str], x_q: torch.Tenso
         if gi > 0 and cfg.sequential:
             hs.update(collect_hessians(block, group, x_q, kw, cfg.act_bits))
         _quantize_group(block, group, hs, cfg, rec["layers"])
+    from ternlm.moe.experts import expert_modules
+
+    for name in expert_modules(block):  # mixture of experts: routed-token Hessians per expert
+        from ternlm.ptq.experts import quantize_experts
+
+        quantize_experts(block, name, x_q, kw, cfg, rec.setdefault("experts", {}))
     if cfg.reconstruct and cfg.reconstruct_steps > 0:
         losses, x_q = reconstruct_block(block, x_q, y_fp, kw, steps=cfg.reconstruct_steps, lr=cfg.lr,
                                         batch=cfg.reconstruct_batch, generator=gen)

@@ -70,6 +70,9 @@ def _read_float32(job: Job, keys: list[str], strip: str = "") -> dict[str, torch
     out = {}
     for k in keys:
         name = job.reader.name(k)
+        if name is None and job.reader.has(k + "_blocks"):  # MXFP4 experts, decoded one expert at a time
+            out[k[len(strip):]] = _mxfp4_experts(job, k)
+            continue
         if name is None:
             raise TernlmError(f"tensor {k} is not in the source files of {job.src}")
         if job.files.entries[name].dtype in ("F64", "F32", "F16", "BF16"):
@@ -77,6 +80,16 @@ def _read_float32(job: Job, keys: list[str], strip: str = "") -> dict[str, torch
         else:
             out[k[len(strip):]] = job.reader.get(k)
     return out
+
+
+def _mxfp4_experts(job: Job, k: str) -> torch.Tensor:
+    """A 3-D expert parameter stored as MXFP4 blocks + scales, in the Hugging Face layout, float32."""
+    from ternlm.moe.experts import _expert_mats, _style
+
+    module, _, leaf = k.rpartition(".")
+    style = _style(job.lay["model"].get_submodule(module))
+    mats = torch.stack(list(_expert_mats(module, leaf[: -len("_proj")], job.reader, style)))
+    return (mats.transpose(1, 2) if style == "gpt_oss" else mats).contiguous()
 
 
 def _calibration_ids(src: Path, cfg, pcfg, gguf_file: str | None = None):
@@ -97,7 +110,7 @@ def _block_inputs(job: Job, model, blocks, stack: str, state_keys: list[str], id
     """The activations entering block 0 (and the arguments blocks get), from the layers in front
     of the blocks alone; those layers are read for this and dropped again."""
     from ternlm.checkpoint import rebuild_nonpersistent_buffers
-    from ternlm.ptq.calibration import capture_block_inputs
+    from ternlm.ptq.calibration import block_kwargs, capture_block_inputs
 
     head = model.get_output_embeddings()
     head_names = {f"{n}." for n, m in model.named_modules() if head is not None and m is head}
@@ -106,6 +119,7 @@ def _block_inputs(job: Job, model, blocks, stack: str, state_keys: list[str], id
     rebuild_nonpersistent_buffers(model)
     try:
         x, kw = capture_block_inputs(model.eval(), blocks, ids)
+        kws = block_kwargs(model, blocks, ids, kw)
     except TernlmError:
         raise
     except Exception as e:
@@ -122,7 +136,7 @@ def _block_inputs(job: Job, model, blocks, stack: str, state_keys: list[str], id
                 m._parameters[leaf] = torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
             elif isinstance(t, torch.Tensor):
                 m._buffers[leaf] = torch.empty_like(t, device="meta")
-    return x, kw
+    return x, kws
 
 
 def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: bool = False, progress: bool = True,
@@ -136,7 +150,9 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
 
     from ternlm.checkpoint import TORCH_DTYPES, rebuild_nonpersistent_buffers
     from ternlm.ptq.calibration import block_stack
-    from ternlm.ptq.quantize import _block_targets, pack_layer, ptq_log, quantize_block
+    from ternlm.moe.experts import expert_modules
+    from ternlm.ptq.experts import pack_experts
+    from ternlm.ptq.quantize import _block_targets, expert_counts, pack_layer, ptq_log, quantize_block
     from ternlm.ptq.rounding import n_groups
     from ternlm.quantization import PTQ_LOG
 
@@ -152,7 +168,7 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
 
     torch.manual_seed(pcfg.seed)
     gen = torch.Generator().manual_seed(pcfg.seed)
-    x_q, kw = _block_inputs(job, model, blocks, stack, state_keys, ids)
+    x_q, kws = _block_inputs(job, model, blocks, stack, state_keys, ids)
     x_fp = x_q.clone()
     state = job.state or {"records": [], "calib_state": None}
     if state.get("calib_state"):
@@ -173,10 +189,13 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
         block.load_state_dict(_read_float32(job, [k for k in state_keys if k.startswith(prefix + ".")],
                                             strip=prefix + "."), strict=True, assign=True)
         rebuild_nonpersistent_buffers(model, block)
-        rec, x_q, x_fp = quantize_block(block, bi, names, x_q, x_fp, kw, pcfg, gen, prefix)
+        rec, x_q, x_fp = quantize_block(block, bi, names, x_q, x_fp, kws[bi], pcfg, gen, prefix)
         for n in names:
             pack_layer(block, n, pcfg)
-        keep = tuple(f"{n}." for n in names)  # packed codes, scales, biases stay as they are
+        experts = expert_modules(block)
+        for n in experts:
+            pack_experts(block, n, pcfg)
+        keep = tuple(f"{n}." for n in names + experts)  # packed codes, scales, biases stay as they are
         tensors = {f"{prefix}.{k}": (v.to(want) if v.is_floating_point() and not k.startswith(keep) else v)
                    .detach().contiguous() for k, v in block.state_dict().items()}
         blocks[bi] = torch.nn.Identity()
@@ -197,6 +216,9 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
         out_f, in_f = lay["packed"].get_submodule(t).out_features, lay["packed"].get_submodule(t).in_features
         n_w += in_f * out_f
         n_s += out_f * n_groups(in_f, pcfg.group_size)
+    for name in lay["experts"]:
+        w, s = expert_counts(lay["packed"].get_submodule(name), pcfg.group_size)
+        n_w, n_s = n_w + w, n_s + s
     log = ptq_log(t0, len(targets), n_w, n_s, True, state["records"], pcfg)
     log.update(source=str(source), calib=str(cfg.calib), quantize_config=cfg.to_dict(), streaming=True)
     for f in job.part.glob("calib_state_*.safetensors"):

@@ -73,9 +73,6 @@ def layout(config, cfg) -> dict:
         qc = QuantConfig(weights=tcfg, include=cfg.include, exclude=cfg.exclude)
     targets = select_targets(model, qc)
     experts = expert_modules(model)
-    if experts and cfg.method == "pt-bitnet":
-        raise TernlmError("pt-bitnet does not quantize mixture-of-experts layers yet; use --method absmean "
-                          "for this model")
     if not targets and not experts:
         raise TernlmError(f"no linear layers to convert in {type(model).__name__}")
     conv = conv1d_class()
