@@ -549,8 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("-o", "--out", default=None, help="checkpoint directory to write (required unless --plan)")
     z.add_argument("--plan", action="store_true", help="print the size plan (config + tensor headers) and stop")
     z.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize a local safetensors directory block by block in bounded memory (default: "
-                        "when the model is large or has experts)")
+                   help="quantize a local safetensors directory or GGUF file block by block in bounded memory, "
+                        "absmean or pt-bitnet (default: when the model is large or has experts)")
     z.add_argument("--resume", action="store_true", help="continue a killed streaming run from its last block")
     z.add_argument("--method", default=d["method"], choices=METHODS,
                    help=f"absmean = BitNet b1.58 round-to-nearest, no data; pt-bitnet = calibrated: transform + "
