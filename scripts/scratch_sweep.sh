@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# CPU-scale sweep of training from scratch: fp, W1.58A16, W1.58A8, W1.58A4, W1.58A16 + 4 knowledge tokens.
+# CPU-scale sweep of training from scratch: fp, W1.58A16, W1.58A8, W1.58A4, W1.58A16 + 4 knowledge tokens,
+# W1.58A16 + 1 (a learned attention sink).
 # Same model (gpt2-mini: GPT-2 architecture, 4 layers x 256 wide, GPT-2 BPE), same data order, same
 # tokens per run (STEPS x BATCH x SEQ). Then one comparison table + loss plot, and the W1.58A8 model
 # converted to packed 2-bit and generating text.
 #   usage: scripts/scratch_sweep.sh [OUT_DIR]     (env: STEPS, BATCH, SEQ, DATA_DIR)
 set -euo pipefail
 OUT=${1:-runs/scratch-sweep}
-STEPS=${STEPS:-150}
-BATCH=${BATCH:-8}
+STEPS=${STEPS:-1002}
+BATCH=${BATCH:-16}
 SEQ=${SEQ:-128}
 DATA_DIR=${DATA_DIR:-${TERNLM_DATA_DIR:-../shared/data}}
 T="python -m ternlm.cli"
@@ -39,7 +40,8 @@ run w158a16 --variant w158a16
 run w158a8 --variant w158a8
 run w158a4 --variant w158a4
 run w158a16-k4 --variant w158a16 --knowledge-tokens 4
-$T compare "$OUT"/fp "$OUT"/w158a16 "$OUT"/w158a8 "$OUT"/w158a4 "$OUT"/w158a16-k4 -o "$OUT/compare"
+run w158a16-k1 --variant w158a16 --knowledge-tokens 1   # a learned attention sink: the baseline for K = 4
+$T compare "$OUT"/fp "$OUT"/w158a16 "$OUT"/w158a8 "$OUT"/w158a4 "$OUT"/w158a16-k4 "$OUT"/w158a16-k1 -o "$OUT/compare"
 # One trained ternary model, packed and generating.
 python - "$OUT" <<'PY'
 import sys
