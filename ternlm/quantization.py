@@ -27,7 +27,7 @@ from ternlm.config import ACT_BITS, FLOAT_DTYPES, FORMATS, GRANULARITIES, SCALE_
 from ternlm.errors import TernlmError
 
 METHODS = ("absmean", "pt-bitnet")
-PTQ_LOG = "ternlm_ptq.json"
+from ternlm.ptq.config import PTQ_LOG  # noqa: E402,F401 (re-exported)
 
 
 @dataclass

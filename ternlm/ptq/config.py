@@ -8,6 +8,8 @@ from typing import ClassVar, Union
 from ternlm.config import FORMATS
 from ternlm.errors import TernlmError
 
+PTQ_LOG = "ternlm_ptq.json"  # the record of a pt-bitnet run, saved beside its checkpoint
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ternlm.errors import TernlmError
-from ternlm.streaming.quantize import Job, _convert_unit
+from ternlm.streaming.job import Job, _convert_unit
 
 
 def _state_name(bi: int) -> str:
@@ -154,7 +154,7 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     from ternlm.ptq.experts import pack_experts
     from ternlm.ptq.quantize import _block_targets, expert_counts, pack_layer, ptq_log, quantize_block
     from ternlm.ptq.rounding import n_groups
-    from ternlm.quantization import PTQ_LOG
+    from ternlm.ptq.config import PTQ_LOG
 
     t0 = time.perf_counter()
     pcfg = cfg.ptbitnet()

@@ -14,6 +14,7 @@ from ternlm.errors import TernlmError
 from ternlm.quantization import QuantizeConfig, quantize
 from ternlm.streaming import make_plan, stream_quantize
 from ternlm.streaming import quantize as sq
+from ternlm.streaming.files import SourceFiles
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,7 +186,7 @@ def test_plan_predicts_the_output_size(tmp_path, fmt, gran):
     cfg = QuantizeConfig(fmt=fmt, granularity=gran, group_size=32)
     p = make_plan(src, cfg)
     assert p.now_from == "headers"
-    assert p.bytes_now() == sum(e.nbytes for e in sq.SourceFiles(src).entries.values())
+    assert p.bytes_now() == sum(e.nbytes for e in SourceFiles(src).entries.values())
     out = stream_quantize(src, tmp_path / "o", cfg, progress=False)
     assert p.bytes_after(fmt) == sum(t.numel() * t.element_size() for t in tensors(out).values())
 
