@@ -162,7 +162,8 @@ def main() -> int:
     pl = plan(src, QuantizeConfig(**cfg))
     print(pl.table())
     res = {"file_bytes": size, "method": a.method, "plan_peak_ram": pl.peak_ram,
-           "shape": dict(hidden=a.hidden, layers=a.layers, inter=a.inter, vocab=a.vocab)}
+           "shape": dict(hidden=a.hidden, layers=a.layers, inter=a.inter,
+                         vocab=json.loads((src / "config.json").read_text())["vocab_size"])}
     res["stream"] = run_child(src, work / "stream", True, cfg)
     if not a.skip_memory:
         res["memory"] = run_child(src, work / "memory", False, cfg)

@@ -15,7 +15,10 @@ with torch and transformers loaded (``BASE_RSS``), the largest tensor read whole
 outside the blocks are cast in row chunks), three float32 copies of the largest matrix being quantized (the weight, |W|/gamma, the rounded codes), and the
 largest block of packed output waiting to be written. For ``pt-bitnet`` (``ternlm.streaming.ptbitnet``):
 one block in float32 with its float64 input Hessians, or the float32 layers in front of the blocks,
-plus three float32 activation streams of the calibration tokens.
+plus three float32 activation streams of the calibration tokens. That pt-bitnet figure is a lower
+bound: on a 360 MB synthetic Llama (``scripts/stream_bench.py --method pt-bitnet``) it said 0.73 GB
+where 1.27 GB was measured (the calibration text and tokenizer, the reconstruction's autograd and
+the allocator's slack are not modelled).
 """
 
 from __future__ import annotations
