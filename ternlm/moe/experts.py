@@ -43,6 +43,13 @@ def _style(experts: nn.Module) -> str:
     return "gpt_oss" if type(experts).__name__ == "GptOssExperts" else "mixtral"
 
 
+def expert_dims(experts: nn.Module) -> tuple[int, int]:
+    """(hidden, intermediate) of an expert module, whichever naming its class uses."""
+    hidden = getattr(experts, "hidden_size", None) or experts.hidden_dim
+    inter = getattr(experts, "intermediate_size", None) or experts.intermediate_dim
+    return hidden, inter
+
+
 def expert_modules(model: nn.Module) -> list[str]:
     """Names of the 3-D expert modules ternlm turns into ``TernaryExperts``.
 
@@ -98,8 +105,7 @@ class TernaryExperts(KernelChoice, nn.Module):
     @classmethod
     def empty_like(cls, experts: nn.Module, act_bits=8, fmt="2bit", granularity="per_tensor",
                    group_size=128) -> "TernaryExperts":
-        hidden = getattr(experts, "hidden_size", None) or experts.hidden_dim
-        inter = getattr(experts, "intermediate_size", None) or experts.intermediate_dim
+        hidden, inter = expert_dims(experts)
         return cls(experts.num_experts, hidden, inter, act_bits, fmt, granularity, group_size,
                    getattr(experts, "alpha", 1.702), getattr(experts, "limit", 7.0), style=_style(experts),
                    act_fn=getattr(experts, "act_fn", None))

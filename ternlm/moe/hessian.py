@@ -31,11 +31,7 @@ class RoutedHessian:
             if e >= self.h.shape[0]:
                 continue
             tok, pos = torch.where(router_indices == e)
-            w = routing_weights[tok, pos].double()
-            xs = x[tok]
-            self.h[e] += (xs * w[:, None]).T @ xs
-            self.tokens[e] += tok.numel()
-            self.weight[e] += w.sum()
+            self.add_expert(e, x[tok], routing_weights[tok, pos])
 
     def add_expert(self, e: int, xs: torch.Tensor, w: torch.Tensor) -> None:
         """Tokens xs (n, in) already routed to expert e, with their routing scores w (n,)."""

@@ -24,18 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ternlm.moe.experts import MATRICES, TernaryExperts, _style
+from ternlm.moe.experts import MATRICES, TernaryExperts, _style, expert_dims
 from ternlm.moe.hessian import RoutedHessian
+from ternlm.ptq.rounding import expand_groups
 from ternlm.quant.activations import fake_quantize_activations
 
 MIN_TOKENS = 16  # fewer routed calibration tokens than this: absmean rounding for that expert
 _ATTR = "_ternlm_ptq"
-
-
-def _dims(experts: nn.Module) -> tuple[int, int]:
-    hidden = getattr(experts, "hidden_size", None) or experts.hidden_dim
-    inter = getattr(experts, "intermediate_size", None) or experts.intermediate_dim
-    return hidden, inter
 
 
 def _matrix(experts: nn.Module, which: str, e: int) -> torch.Tensor:
@@ -52,12 +47,10 @@ def _set_matrix(experts: nn.Module, which: str, e: int, w: torch.Tensor) -> None
 
 def _gated(experts: nn.Module, e: int, xs: torch.Tensor) -> torch.Tensor:
     """Expert e's activation between its two matrices for tokens xs (n, hidden)."""
-    w = _matrix(experts, "gate_up", e)
-    gu = xs @ w.t()
-    if _style(experts) == "gpt_oss":
-        gu = gu + experts.gate_up_proj_bias[e].detach().float()
-        return experts._apply_gate(gu)
-    gate, up = gu.chunk(2, dim=-1)
+    w = experts.gate_up_proj[e].detach().float()  # the stored layout, no copy per call
+    if _style(experts) == "gpt_oss":  # (in, out)
+        return experts._apply_gate(xs @ w + experts.gate_up_proj_bias[e].detach().float())
+    gate, up = (xs @ w.t()).chunk(2, dim=-1)  # (out, in)
     return experts.act_fn(gate) * up
 
 
@@ -67,7 +60,7 @@ def routed_hessians(block: nn.Module, name: str, x: torch.Tensor, kw: dict, act_
     from ternlm.ptq.calibration import run_block_batched
 
     experts = block.get_submodule(name)
-    hidden, inter = _dims(experts)
+    hidden, inter = expert_dims(experts)
     hg, hd = RoutedHessian(experts.num_experts, hidden), RoutedHessian(experts.num_experts, inter)
 
     def hook(module, args, kwargs):
@@ -121,8 +114,6 @@ def quantize_experts(block: nn.Module, name: str, x_q: torch.Tensor, kw: dict, c
                                                 block_cols=cfg.block_cols, error_feedback=cfg.error_feedback,
                                                 refit_iters=cfg.refit_iters, name=f"{name}[{e}].{which}")
                 errs.append(lay_info["rel_err"])
-            from ternlm.ptq.rounding import expand_groups
-
             _set_matrix(experts, which, e, c * expand_groups(s, w.shape[1], cfg.group_size))
             codes.append(c.to(torch.int8))
             scales.append(s.float().contiguous())

@@ -198,9 +198,9 @@ def ptq_log(t0: float, n_targets: int, n_w: int, n_s: int, packed: bool, records
 
 def expert_counts(experts: nn.Module, group_size: int) -> tuple[int, int]:
     """(weights, group scales) of a 3-D expert module (float or ``TernaryExperts``)."""
-    from ternlm.ptq.experts import _dims
+    from ternlm.moe.experts import expert_dims
 
-    hidden, inter = _dims(experts)
+    hidden, inter = expert_dims(experts)
     n_w = n_s = 0
     for out_f, in_f in ((2 * inter, hidden), (hidden, inter)):
         n_w += experts.num_experts * out_f * in_f

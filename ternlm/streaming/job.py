@@ -198,15 +198,13 @@ class Job:
                 raise TernlmError(f"cannot read {src / s.gguf_file} (truncated or corrupt GGUF?): "
                                   f"{type(e).__name__}") from None
             raise TernlmError(f"cannot read the model config in {src}: {type(e).__name__}") from None
+        self.lay = lay = layout(config, cfg)  # the meta model: nothing allocated
         if s.gguf_file:
             from ternlm.streaming.gguf_source import GGUFFiles
 
-            self.lay = layout(config, cfg)
-            self.files = GGUFFiles(src / s.gguf_file, self.lay["model"])
+            self.files = GGUFFiles(src / s.gguf_file, lay["model"])  # names mapped onto the model's
         else:
             self.files = SourceFiles(src)  # every header read and checked: truncated shards fail here
-            self.lay = layout(config, cfg)
-        lay = self.lay
         self.rec = lay["rec"]
         self.reader = _Reader(self.files, getattr(lay["model"], "base_model_prefix", ""))
         expected = lay["packed"].state_dict()
