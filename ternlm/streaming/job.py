@@ -105,6 +105,12 @@ class _Reader:
     def get_cast(self, k: str, dtype: torch.dtype) -> torch.Tensor:
         return self.files.get_cast(self.name(k), dtype)
 
+    def get_as(self, k: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``k``: cast to ``dtype`` when it is a float tensor, as stored otherwise."""
+        if self.files.entries[self.name(k)].dtype in ("F64", "F32", "F16", "BF16"):
+            return self.get_cast(k, dtype)
+        return self.get(k)
+
     def get(self, k: str) -> torch.Tensor:
         n = self.name(k)
         if n is None:
@@ -145,11 +151,7 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
             done_modules.add(module)
             out.update(convert_expert_tensors(module, reader, lay, cfg))
             continue
-        src_dtype = reader.files.entries[reader.name(k)].dtype
-        if src_dtype in ("F64", "F32", "F16", "BF16"):
-            out[k] = reader.get_cast(k, want).contiguous()
-        else:
-            out[k] = reader.get(k).contiguous()
+        out[k] = reader.get_as(k, want).contiguous()
     missing = sorted(set(keys) - set(out))
     if missing:
         raise TernlmError(f"internal: unit left {missing[0]} unwritten")

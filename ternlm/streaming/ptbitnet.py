@@ -75,10 +75,7 @@ def _read_float32(job: Job, keys: list[str], strip: str = "") -> dict[str, torch
             continue
         if name is None:
             raise TernlmError(f"tensor {k} is not in the source files of {job.src}")
-        if job.files.entries[name].dtype in ("F64", "F32", "F16", "BF16"):
-            out[k[len(strip):]] = job.reader.get_cast(k, torch.float32)
-        else:
-            out[k[len(strip):]] = job.reader.get(k)
+        out[k[len(strip):]] = job.reader.get_as(k, torch.float32)
     return out
 
 
