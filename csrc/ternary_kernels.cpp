@@ -46,11 +46,17 @@ typedef void (*TileI)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs,
 // out[r] for one token x NR rows.
 typedef void (*TileF)(const uint8_t* w, int64_t ws, const float* x, int64_t n, float* out);
 typedef void (*DecodeFn)(const uint8_t* src, int64_t Kp, uint8_t* dst, int64_t Kx, int off);
+// One token x 4 rows with per-group scales, groups of ppg whole 64-weight planes: y[r] = sum over
+// groups gi < G, in order, of (float)(acc[r][gi] - xgsum[gi]) * sc[r * G + gi] (float32, no FMA).
+typedef void (*TileG)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t nblk, int64_t ppg, int64_t G,
+                      const int32_t* xgsum, const float* sc, float* y);
 typedef void (*QuantFn)(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, float* scale,
                         int32_t* sum);
 
 struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
+  TileI pl[4][4];   // the same, one sum per 64-weight plane: out[(b * 4 + s) * 16 + m * 4 + r]
+  TileG pg1;        // the same with the per-group float epilogue, one token x 4 rows
   TileI u8[4][4];   // decoded u8 weights, int8 activations
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
@@ -100,6 +106,39 @@ static void tile_p2(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, i
     }
 }
 
+// Per-plane sums: plane s of block b holds weights b * 256 + s * 64 .. + 63 (2-bit field s of the
+// block's 64 bytes), so with groups of 64 (or any multiple) each plane lies in one group.
+template <int MR, int NR>
+static void tile_pl(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk, int32_t* out) {
+  for (int64_t b = 0; b < nblk; b++)
+    for (int s = 0; s < 4; s++)
+      for (int m = 0; m < MR; m++)
+        for (int r = 0; r < NR; r++) {
+          int32_t acc = 0;
+          const uint8_t* wr = w + r * ws + b * 64;
+          const int8_t* xb = x + m * xs + b * 256 + s * 64;
+          for (int j = 0; j < 64; j++) acc += (int32_t)((wr[j] >> (2 * s)) & 3) * xb[j];
+          out[(b * 4 + s) * 16 + m * 4 + r] = acc;
+        }
+}
+
+static void tile_pg1(const uint8_t* w, int64_t ws, const int8_t* x, int64_t nblk, int64_t ppg, int64_t G,
+                     const int32_t* xgsum, const float* sc, float* y) {
+  for (int r = 0; r < 4; r++) {
+    float acc = 0.0f;
+    for (int64_t gi = 0; gi < G; gi++) {
+      int32_t t = 0;
+      for (int64_t p = gi * ppg; p < std::min(nblk * 4, (gi + 1) * ppg); p++) {
+        const uint8_t* wr = w + r * ws + (p / 4) * 64;
+        const int8_t* xb = x + p * 64;
+        for (int j = 0; j < 64; j++) t += (int32_t)((wr[j] >> (2 * (p % 4))) & 3) * xb[j];
+      }
+      acc = acc + (float)(t - xgsum[gi]) * sc[r * G + gi];
+    }
+    y[r] = acc;
+  }
+}
+
 template <int NR>
 static void tile_f_s8(const uint8_t* w, int64_t ws, const float* x, int64_t nvec, float* out) {
   for (int r = 0; r < NR; r++) {
@@ -122,6 +161,8 @@ static void quant(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, 
 
 static void fill(Isa& I) {
   FILL_TABLE(I.p2, tile_p2);
+  FILL_TABLE(I.pl, tile_pl);
+  I.pg1 = tile_pg1;
   FILL_TABLE(I.u8, tile_u8_generic);
   FILL_ROW1(I.fs8, tile_f_s8);
   I.dec2 = dec2;
@@ -170,6 +211,10 @@ static void init_isas() {
   avx2_ns::fill(g_isa[LV_AVX2]);
   avx512_ns::fill(g_isa[LV_AVX512]);
   vnni_ns::fill(g_isa[LV_VNNI]);
+  // the plane tiles read 32-byte halves: the AVX2 ones serve the AVX-512 levels too
+  memcpy(g_isa[LV_AVX512].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
+  memcpy(g_isa[LV_VNNI].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
+  g_isa[LV_AVX512].pg1 = g_isa[LV_VNNI].pg1 = g_isa[LV_AVX2].pg1;
   g_have[LV_AVX2] = avx2;
   g_have[LV_AVX512] = bw;
   g_have[LV_VNNI] = vnni;
@@ -509,7 +554,7 @@ static inline void a8g_store(const A8GroupJob& j, int64_t m0, int64_t n0, int mr
 static int a8_group_run(const A8GroupJob& j, int nth) {
   const Groups& gp = j.gp;
   const int64_t ntile = cdiv(j.N, 4), R = gp.R;
-  if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M && gp.g % 256 == 0) {
+  if (j.fmt == FMT_2BIT && j.M > 1 && j.M < DIRECT_MAX_M && gp.g % 256 == 0) {
     // groups of whole 256-weight blocks: the packed rows are read directly, one tile call per group
     const int64_t bpg = gp.g / 256, nblk = j.Kp / 256;
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
@@ -531,6 +576,45 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
       }
     });
     return 0;
+  }
+  if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M && gp.g % 64 == 0) {
+    // groups of whole 64-weight planes (64, 128, 192, ...): one plane-sum tile call per 4 rows, planes
+    // summed into their group's exact int32 accumulator, then the float epilogue as above
+    const int64_t nblk = j.Kp / 256, ppg = gp.g / 64, G = gp.G;
+    const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
+    int failed = 0;
+    parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
+      int32_t* pl = (int32_t*)calloc((size_t)(nblk * 64), sizeof(int32_t));
+      if (!pl) {
+        failed = 1;
+        return;
+      }
+      for (int64_t nt = c * chunk; nt < std::min(ntile, (c + 1) * chunk); nt++) {
+        const int64_t n0 = nt * 4;
+        const int nr = (int)std::min<int64_t>(4, j.N - n0);
+        if (j.M == 1 && nr == 4) {  // decode: the epilogue in the tile
+          float y[16];
+          j.I->pg1(j.w + n0 * j.wrow, j.wrow, j.xq, nblk, ppg, G, j.xgsum, j.ws + n0 * G, y);
+          a8g_store(j, 0, n0, 1, 4, y);
+          continue;
+        }
+        for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
+          const int mr = (int)std::min<int64_t>(4, j.M - m0);
+          j.I->pl[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * R, R, nblk, pl);
+          float y[16] = {0};
+          for (int64_t gi = 0; gi < G; gi++) {
+            int32_t t[16] = {0};
+            const int64_t p1 = std::min(nblk * 4, (gi + 1) * ppg);
+            for (int64_t p = gi * ppg; p < p1; p++)
+              for (int i = 0; i < 16; i++) t[i] += pl[p * 16 + i];
+            a8g_acc(j, gi, m0, n0, mr, nr, t, y);
+          }
+          a8g_store(j, m0, n0, mr, nr, y);
+        }
+      }
+      free(pl);
+    });
+    return failed;
   }
   const DecodeFn dec = j.fmt == FMT_2BIT ? j.I->dec2 : j.I->dec3;
   int failed = 0;

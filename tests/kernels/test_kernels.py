@@ -165,10 +165,10 @@ def test_kernels_work_in_a_forked_child():
 
 
 # (M, N, K): per-group shapes with K off every group size (a partial last group), GEMV (M < 8,
-# the direct 2-bit path for groups of 256) and GEMM (M >= 8) tiles, and GPT-2's 576-wide case
+# the direct 2-bit paths for groups of 256 and of whole 64-weight planes) and GEMM (M >= 8) tiles, and GPT-2's 576-wide case
 GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (2, 5, 257), (3, 33, 576), (5, 13, 777), (9, 9, 300),
                 (17, 6, 513), (70, 37, 640)]
-GROUP_SIZES = [32, 64, 128, 256]
+GROUP_SIZES = [32, 64, 128, 192, 256]
 
 
 def _group_scale(N, K, g, seed=0):
