@@ -30,7 +30,8 @@ setup(
         Extension(
             "ternlm._C",
             sources=["csrc/ternary_kernels.cpp"],
-            depends=["csrc/isa_common.inc", "csrc/isa_avx2.inc", "csrc/isa_avx512.inc", "csrc/int8_gemv.inc", "csrc/attn_decode.inc"],
+            depends=["csrc/isa_common.inc", "csrc/isa_avx2.inc", "csrc/isa_avx512.inc", "csrc/int8_gemv.inc", "csrc/attn_decode.inc",
+                     "csrc/decode_step.inc"],
             include_dirs=["csrc"],
             language="c++",
             optional=True,

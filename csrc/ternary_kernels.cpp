@@ -967,6 +967,7 @@ static PyObject* py_levels(PyObject*, PyObject*) {
 
 #include "int8_gemv.inc"
 #include "attn_decode.inc"
+#include "decode_step.inc"
 
 static PyMethodDef methods[] = {
     {"quantize_act", py_quantize, METH_VARARGS,
@@ -982,6 +983,7 @@ static PyMethodDef methods[] = {
     {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
     INT8_GEMV_METHODS
     ATTN_DECODE_METHODS
+    STEP_METHODS
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ternlm CPU kernels for packed ternary weights",

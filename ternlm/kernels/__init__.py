@@ -35,6 +35,8 @@ _LAZY = {
     "use_level": "ternlm.kernels._ext",
     "set_num_threads": "ternlm.kernels._ext",
     "get_num_threads": "ternlm.kernels._ext",
+    "pin_num_threads": "ternlm.kernels._ext",
+    "CompiledStep": "ternlm.kernels.ops",
     "is_available": "ternlm.kernels._ext",
     "disable_extension": "ternlm.kernels._ext",
 }

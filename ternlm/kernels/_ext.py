@@ -104,6 +104,18 @@ def set_num_threads(n: int | None) -> None:
     _num_threads = n
 
 
+@contextlib.contextmanager
+def pin_num_threads():
+    """Keep the kernels' thread count where it is now while torch's own count changes inside."""
+    global _num_threads
+    prev = _num_threads
+    _num_threads = get_num_threads()
+    try:
+        yield _num_threads
+    finally:
+        _num_threads = prev
+
+
 def get_num_threads() -> int:
     if _num_threads is not None:
         return _num_threads

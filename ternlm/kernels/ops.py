@@ -241,6 +241,14 @@ class BoundLinear:
             y = reference.linear_a8(*args, self.act_bits, self.bias, group_size=self.group_size)
         return y if out is None else out.copy_(y)
 
+    def step_args(self) -> tuple | None:
+        """This binding as one linear of the compiled decode step (``csrc/decode_step.inc``): W1.58A8 on
+        the compiled kernels, per tensor, per row or groups of a multiple of 64; None otherwise."""
+        if self.backend != "native" or self.act_bits is None or (self.group_size or 0) % 64:
+            return None
+        fmt_id, K, wp, N, kp, sp, stride, g, bp = self._args
+        return (fmt_id, K, N, kp, wp, sp, stride, g, bp, float(_QMAX[self.act_bits]))
+
     def dequantize(self) -> torch.Tensor:
         """Dense float32 (out, in) weight codes * scale (bitwise equal to the reference's)."""
         if self.backend != "native":
@@ -522,6 +530,66 @@ def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backen
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, in) float32 against fp32/fp16/bf16 rows w (N, Kx) (padded like pad_int8_rows), no bias."""
     return BoundFloatRows(w, in_features, backend)(x, out)
+
+
+# ---- a whole decode step in one compiled call ----
+
+_WT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_NORMS = {"layernorm": 0, "rmsnorm": 1}
+_ACTS = {"gelu_tanh": 0, "gelu_erf": 1, "gated_silu": 2}
+
+
+class CompiledStep:
+    """One token through every layer and the LM head in one call of the compiled kernels
+    (``csrc/decode_step.inc``): ``step(token, pos, logits)``. Built from the decode engine's own
+    tensors, whose pointers it keeps: the caller keeps the tensors alive (the engine owns both).
+
+    Layers are (norm1 weight, norm1 bias or None, norm2 weight, norm2 bias or None, attention scaling,
+    qkv, o, up, down) with each linear a ``BoundLinear``; the head is a ``BoundInt8Linear`` or a
+    ``BoundFloatRows``. ``CompiledStep.why_not(...)`` says why a model cannot run here (None: it can).
+    """
+
+    def __init__(self, *, hidden: int, n_head: int, n_kv_head: int, head_dim: int, inner: int, max_len: int,
+                 norm: str, eps: float, act: str, wte: torch.Tensor, wpe, cos, sin, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, norm_f: tuple, head, layers: list):
+        why = self.why_not(act, wte, head, layers)
+        if why:
+            raise TernlmError(f"the compiled decode step cannot run this model: {why}")
+        self._mod = _ext.extension()
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        for t in (wte, wpe, cos, sin, k_cache, v_cache, *norm_f):
+            if t is not None and not t.is_contiguous():
+                raise TernlmError("the compiled decode step needs contiguous tensors")
+        if isinstance(head, BoundInt8Linear):
+            hk, hw, hs = (1 if head.act_bits == 8 else 2), 0, head.scale.data_ptr()
+        else:
+            hk, hw, hs = 0, _WT[head.w.dtype], 0
+        self._cap = self._mod.step_new(
+            _ext.level_id(), hidden, n_head, n_kv_head, head_dim, inner, wte.shape[0], max_len, _NORMS[norm],
+            _ACTS[act], float(eps), wte.data_ptr(), _WT[wte.dtype], ptr(wpe), ptr(cos), ptr(sin), k_cache.data_ptr(),
+            v_cache.data_ptr(), ptr(norm_f[0]), ptr(norm_f[1]), hk, hw, head.w.data_ptr(), hs, head.w.shape[1])
+        for n1w, n1b, n2w, n2b, scaling, *lins in layers:
+            self._mod.step_layer(self._cap, ptr(n1w), ptr(n1b), ptr(n2w), ptr(n2b), float(scaling),
+                                 *[f.step_args() for f in lins])
+
+    @staticmethod
+    def why_not(act: str, wte: torch.Tensor, head, layers: list) -> str | None:
+        if _ext.extension() is None:
+            return "the compiled kernels are not available"
+        if act not in _ACTS:
+            return "its MLP activation has no compiled twin"
+        if wte.dtype not in _WT:
+            return f"its token embedding is {wte.dtype}"
+        if not isinstance(head, (BoundInt8Linear, BoundFloatRows)) or head.backend != "native":
+            return "its LM head is not on the compiled kernels"
+        for *_, q, o, u, d in layers:
+            if any(not isinstance(f, BoundLinear) or f.step_args() is None for f in (q, o, u, d)):
+                return "a block linear is not a packed W1.58A8 layer on the compiled kernels"
+        return None
+
+    def __call__(self, token: int, pos: int, logits: torch.Tensor) -> torch.Tensor:
+        self._mod.step_run(self._cap, token, pos, logits.data_ptr(), _ext.get_num_threads())
+        return logits
 
 
 # ---- one-token attention over the KV cache (decode) ----

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 ARCHS = ("gpt2", "llama")  # Hugging Face model_type values the engine runs
+# MLP activations the compiled decode step computes, by the config's name for them
+ACT_KINDS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "silu": "gated_silu"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Parts:
     ternlm checkpoint read tensor by tensor: ``ternlm.runtime.lean``). Norms are (weight, bias or
     None); linears are modules ``_bind`` takes (TernaryLinear, nn.Linear, Conv1D); ``cos``/``sin``
     are RoPE tables (max_seq_len, head_dim) or None; ``blocks`` holds per layer
-    (norm1, qkv linears, o, norm2, up linears, down, attention scaling)."""
+    (norm1, qkv linears, o, norm2, up linears, down, attention scaling). ``act_kind`` names ``act`` for the
+    compiled decode step (``ACT_KINDS``; "" when it has no compiled twin)."""
 
     arch: Arch
     wte: torch.Tensor
@@ -53,6 +56,7 @@ class Parts:
     cos: torch.Tensor | None
     sin: torch.Tensor | None
     blocks: list
+    act_kind: str = ""
 
 
 class FloatLinear:

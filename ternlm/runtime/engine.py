@@ -41,9 +41,12 @@ import torch.nn.functional as F
 from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
 from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, int8_row_stride, pad_int8_rows, rope
-from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, gated_silu
+from ternlm.runtime.arch import ACT_KINDS, ARCHS, Arch, FloatLinear, Parts, gated_silu
 
 __all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "Parts", "describe", "HEADS"]
+
+
+STEPS = ("auto", "compiled", "python")
 
 
 @dataclass
@@ -53,12 +56,18 @@ class RuntimeConfig:
     max_seq_len: KV-cache length (default: the model's n_positions).
     gelu: ``model`` calls the model's own activation module (HF's gelu_new, seven elementwise ops,
     bitwise what HF computes); ``tanh`` is the same formula as one fused op (rounding differs by
-    ~1 ulp, four times faster on a 3072-wide row)."""
+    ~1 ulp, four times faster on a 3072-wide row).
+    step: how a decode step runs. ``compiled``: the whole token (every layer and the head) in one call
+    of the compiled kernels (``csrc/decode_step.inc``), no Python between the kernels; ``python``: the
+    same kernels called op by op from Python, with torch's norms and activations (the reference twin);
+    ``auto``: compiled when every piece has a compiled twin (packed W1.58A8 linears, compiled kernels
+    available), else python."""
 
     head: str = "fp32"
     head_act_bits: Optional[int] = 8
     max_seq_len: Optional[int] = None
     gelu: str = "model"
+    step: str = "auto"
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -69,6 +78,8 @@ class RuntimeConfig:
             raise TernlmError(f"gelu must be 'model' or 'tanh', got {self.gelu!r}")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise TernlmError("max_seq_len must be >= 1")
+        if self.step not in STEPS:
+            raise TernlmError(f"step must be one of {', '.join(STEPS)}, got {self.step!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,15 +184,25 @@ def _nbytes(lin) -> int:
 # Per-architecture pieces, chosen once
 
 
-def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> Callable:
-    w = weight.detach().float()
-    if kind == "layernorm":
-        b = bias.detach().float()
-        return lambda x: F.layer_norm(x, (w.shape[0],), w, b, eps)
+class _Norm:
+    """LayerNorm (weight, bias) or Hugging Face's LlamaRMSNorm (weight), float32, as a callable."""
 
-    def rms_norm(x):  # Hugging Face's LlamaRMSNorm, op for op (float32 hidden states)
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-    return rms_norm
+    __slots__ = ("w", "b", "eps", "rms")
+
+    def __init__(self, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        self.w = weight.detach().float().contiguous()
+        self.rms = kind != "layernorm"
+        self.b = None if self.rms else bias.detach().float().contiguous()
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:  # op for op what LlamaRMSNorm computes on float32 hidden states
+            return self.w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.layer_norm(x, (self.w.shape[0],), self.w, self.b, self.eps)
+
+
+def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> _Norm:
+    return _Norm(kind, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,11 +232,11 @@ class _Head:
                 t = quantize_int8(wte[r:r + _HEAD_ROWS], cfg)
                 self.w[r:r + _HEAD_ROWS, :self.C] = t.q
                 self.scale[r:r + _HEAD_ROWS] = t.scale.float()
-            self._call = bind_int8_linear(self.w, self.scale, self.C, act_bits)
+            self.bound = bind_int8_linear(self.w, self.scale, self.C, act_bits)
         else:
             dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kind]
             self.w, self.scale = pad_int8_rows(wte.to(dtype)), None
-            self._call = bind_float_rows(self.w, self.C)
+            self.bound = bind_float_rows(self.w, self.C)
 
     @property
     def nbytes(self) -> int:
@@ -223,7 +244,7 @@ class _Head:
         return n + (self.scale.numel() * 4 if self.scale is not None else 0)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._call(x, out)
+        return self.bound(x, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +270,8 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
         tr = model.transformer
         wpe = tr.wpe.weight.detach().float().contiguous()
         cos = sin = None
-        if cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
+        act_name = model.config.activation_function
+        if cfg.gelu == "tanh" and act_name in ("gelu_new", "gelu_pytorch_tanh"):
             act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
         else:
             act = tr.h[0].mlp.act
@@ -260,6 +282,7 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
     else:
         inner = model.model
         wpe = None
+        act_name = "silu"
         with torch.no_grad():  # RoPE table (max_seq_len, hs) from the model's own rotary module
             pid = torch.arange(max_seq_len).unsqueeze(0)
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
@@ -271,7 +294,7 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
             blocks.append((_norm_of(L.input_layernorm), (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
                            _norm_of(L.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
                            at.scaling))
-    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks)
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, ACT_KINDS.get(act_name, ""))
 
 
 class DecodeEngine:
@@ -328,6 +351,32 @@ class DecodeEngine:
         self._y = torch.empty(self._qdim)
         self._up = torch.empty(1, a.inner * (2 if a.mlp == "gated_silu" else 1))
         self._logits = torch.empty(1, self.vocab_size)
+        self._compiled = None
+        if cfg.step != "python":
+            why = self._compile_step(parts)
+            if why and cfg.step == "compiled":
+                raise TernlmError(f"the compiled decode step cannot run this model: {why}")
+        self.step = "compiled" if self._compiled is not None else "python"
+
+    def _compile_step(self, parts: Parts) -> str | None:
+        """Build the compiled decode step over this engine's bindings and buffers (it keeps their
+        pointers; the engine keeps the tensors). Returns why not, or None when built."""
+        from ternlm.kernels import CompiledStep
+
+        if parts.act_kind and (parts.act_kind == "gated_silu") != (self.arch.mlp == "gated_silu"):
+            return "its MLP activation has no compiled twin"
+        layers = [(b.norm1.w, b.norm1.b, b.norm2.w, b.norm2.b, b.scaling, b.qkv, b.o, b.up, b.down)
+                  for b in self.blocks]
+        why = CompiledStep.why_not(parts.act_kind, self.wte, self.head.bound, layers)
+        if why:
+            return why
+        a = self.arch
+        self._compiled = CompiledStep(
+            hidden=self.C, n_head=self.n_head, n_kv_head=self.n_kv_head, head_dim=self.hs, inner=a.inner,
+            max_len=self.max_seq_len, norm=a.norm, eps=a.norm_eps, act=parts.act_kind, wte=self.wte, wpe=self.wpe,
+            cos=self.cos, sin=self.sin, k_cache=self.k_cache, v_cache=self.v_cache,
+            norm_f=(self.norm_f.w, self.norm_f.b), head=self.head.bound, layers=layers)
+        return None
 
     def _block(self, norm1, qkv, o, norm2, up, act, down, scaling) -> _Block:
         b = _Block()
@@ -382,9 +431,15 @@ class DecodeEngine:
     @torch.inference_mode()
     def decode_step(self, token: int) -> torch.Tensor:
         """Append one token at the current position; its next-token logits (V,) (a reused buffer)."""
-        pos = self.pos
+        pos, token = self.pos, int(token)
         if pos >= self.max_seq_len:
             raise TernlmError(f"KV cache full ({self.max_seq_len} positions)")
+        if not 0 <= token < self.vocab_size:
+            raise TernlmError(f"token id {token} outside the vocabulary ({self.vocab_size})")
+        if self._compiled is not None:
+            self._compiled(token, pos, self._logits)
+            self.pos = pos + 1
+            return self._logits[0]
         h = self._h
         if self.wpe is not None:
             torch.add(self.wte[token], self.wpe[pos], out=h[0])
@@ -413,12 +468,15 @@ class DecodeEngine:
         The GEMVs -- nearly all of a step's time, head included -- keep the kernels' pool and thread
         count.
         """
+        from ternlm.kernels import pin_num_threads
+
         prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield self
-        finally:
-            torch.set_num_threads(prev)
+        with pin_num_threads():  # the kernels keep the thread count they had
+            torch.set_num_threads(1)
+            try:
+                yield self
+            finally:
+                torch.set_num_threads(prev)
 
     # -- generation ----------------------------------------------------------------------------
 
