@@ -41,14 +41,16 @@
 enum { LV_SCALAR = 0, LV_AVX2 = 1, LV_AVX512 = 2, LV_VNNI = 3, LV_COUNT = 4 };
 enum { FMT_2BIT = 0, FMT_BASE3 = 1 };
 
-// out[m * 4 + r] for an MR x NR tile (MR tokens, NR weight rows).
+// out[m * 4 + r] for an MR x NR tile (MR tokens, NR weight rows). n: for the packed 2-bit tiles the
+// number of 64-weight planes of a row (np / 4 full blocks, then np % 4 tail planes), for the decoded
+// ones the number of 64-byte vectors.
 typedef void (*TileI)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t n, int32_t* out);
 // out[r] for one token x NR rows.
 typedef void (*TileF)(const uint8_t* w, int64_t ws, const float* x, int64_t n, float* out);
 typedef void (*DecodeFn)(const uint8_t* src, int64_t Kp, uint8_t* dst, int64_t Kx, int off);
 // One token x 4 rows with per-group scales, groups of ppg whole 64-weight planes: y[r] = sum over
 // groups gi < G, in order, of (float)(acc[r][gi] - xgsum[gi]) * sc[r * G + gi] (float32, no FMA).
-typedef void (*TileG)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t nblk, int64_t ppg, int64_t G,
+typedef void (*TileG)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t np, int64_t ppg, int64_t G,
                       const int32_t* xgsum, const float* sc, float* y);
 typedef void (*QuantFn)(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, float* scale,
                         int32_t* sum);
@@ -88,51 +90,64 @@ namespace scalar_ns {
 #include "isa_common.inc"
 #undef TL_TARGET
 
+// One 64-weight plane p of a 2-bit row (full-block planes first, then the tail planes; see
+// ternlm/quant/pack.py) dotted with its 64 activations.
+static int32_t plane_dot(const uint8_t* wr, const int8_t* x, int64_t p, int64_t nb) {
+  int32_t acc = 0;
+  if (p < nb * 4) {
+    const uint8_t* wb = wr + (p / 4) * 64;
+    const int sh = 2 * (int)(p % 4);
+    for (int j = 0; j < 64; j++) acc += (int32_t)((wb[j] >> sh) & 3) * x[p * 64 + j];
+    return acc;
+  }
+  const uint8_t* wt = wr + nb * 64 + (p - nb * 4) * 16;
+  const int8_t* xt = x + p * 64;
+  for (int j = 0; j < 16; j++) {
+    const uint8_t byte = wt[j];
+    acc += (int32_t)(byte & 3) * xt[j] + (int32_t)((byte >> 2) & 3) * xt[16 + j] +
+           (int32_t)((byte >> 4) & 3) * xt[32 + j] + (int32_t)(byte >> 6) * xt[48 + j];
+  }
+  return acc;
+}
+
+// MR tokens x NR rows over np 64-weight planes of packed 2-bit rows.
 template <int MR, int NR>
-static void tile_p2(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk, int32_t* out) {
+static void tile_p2(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t np, int32_t* out) {
+  const int64_t nb = np / 4;
   for (int m = 0; m < MR; m++)
     for (int r = 0; r < NR; r++) {
       int32_t acc = 0;
       const uint8_t* wr = w + r * ws;
       const int8_t* xm = x + m * xs;
-      for (int64_t b = 0; b < nblk; b++)
+      for (int64_t b = 0; b < nb; b++)
         for (int j = 0; j < 64; j++) {
           const uint8_t byte = wr[b * 64 + j];
           const int8_t* xb = xm + b * 256 + j;
           acc += (int32_t)(byte & 3) * xb[0] + (int32_t)((byte >> 2) & 3) * xb[64] +
                  (int32_t)((byte >> 4) & 3) * xb[128] + (int32_t)(byte >> 6) * xb[192];
         }
+      for (int64_t p = nb * 4; p < np; p++) acc += plane_dot(wr, xm, p, nb);
       out[m * 4 + r] = acc;
     }
 }
 
 // Per-plane sums: plane s of block b holds weights b * 256 + s * 64 .. + 63 (2-bit field s of the
-// block's 64 bytes), so with groups of 64 (or any multiple) each plane lies in one group.
+// block's 64 bytes), tail plane t weights nb * 256 + t * 64 .. + 63, so with groups of 64 (or any
+// multiple) each plane lies in one group. out[p * 16 + m * 4 + r], p = 0 .. np - 1.
 template <int MR, int NR>
-static void tile_pl(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk, int32_t* out) {
-  for (int64_t b = 0; b < nblk; b++)
-    for (int s = 0; s < 4; s++)
-      for (int m = 0; m < MR; m++)
-        for (int r = 0; r < NR; r++) {
-          int32_t acc = 0;
-          const uint8_t* wr = w + r * ws + b * 64;
-          const int8_t* xb = x + m * xs + b * 256 + s * 64;
-          for (int j = 0; j < 64; j++) acc += (int32_t)((wr[j] >> (2 * s)) & 3) * xb[j];
-          out[(b * 4 + s) * 16 + m * 4 + r] = acc;
-        }
+static void tile_pl(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t np, int32_t* out) {
+  for (int64_t p = 0; p < np; p++)
+    for (int m = 0; m < MR; m++)
+      for (int r = 0; r < NR; r++) out[p * 16 + m * 4 + r] = plane_dot(w + r * ws, x + m * xs, p, np / 4);
 }
 
-static void tile_pg1(const uint8_t* w, int64_t ws, const int8_t* x, int64_t nblk, int64_t ppg, int64_t G,
+static void tile_pg1(const uint8_t* w, int64_t ws, const int8_t* x, int64_t np, int64_t ppg, int64_t G,
                      const int32_t* xgsum, const float* sc, float* y) {
   for (int r = 0; r < 4; r++) {
     float acc = 0.0f;
     for (int64_t gi = 0; gi < G; gi++) {
       int32_t t = 0;
-      for (int64_t p = gi * ppg; p < std::min(nblk * 4, (gi + 1) * ppg); p++) {
-        const uint8_t* wr = w + r * ws + (p / 4) * 64;
-        const int8_t* xb = x + p * 64;
-        for (int j = 0; j < 64; j++) t += (int32_t)((wr[j] >> (2 * (p % 4))) & 3) * xb[j];
-      }
+      for (int64_t p = gi * ppg; p < std::min(np, (gi + 1) * ppg); p++) t += plane_dot(w + r * ws, x, p, np / 4);
       acc = acc + (float)(t - xgsum[gi]) * sc[r * G + gi];
     }
     y[r] = acc;
@@ -416,7 +431,7 @@ static int a8_run(const A8Job& j, int nth) {
         for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
           const int mr = (int)std::min<int64_t>(4, j.M - m0);
           int32_t tmp[16];
-          j.I->p2[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * j.Kx, j.Kx, j.Kp / 256, tmp);
+          j.I->p2[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * j.Kx, j.Kx, j.Kp / 64, tmp);
           a8_store(j, m0, n0, mr, nr, tmp);
         }
       }
@@ -556,7 +571,7 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
   const int64_t ntile = cdiv(j.N, 4), R = gp.R;
   if (j.fmt == FMT_2BIT && j.M > 1 && j.M < DIRECT_MAX_M && gp.g % 256 == 0) {
     // groups of whole 256-weight blocks: the packed rows are read directly, one tile call per group
-    const int64_t bpg = gp.g / 256, nblk = j.Kp / 256;
+    const int64_t bpg = gp.g / 256, np = j.Kp / 64;
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
     parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
       for (int64_t nt = c * chunk; nt < std::min(ntile, (c + 1) * chunk); nt++) {
@@ -568,7 +583,7 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
           for (int64_t gi = 0; gi < gp.G; gi++) {
             int32_t tmp[16];
             j.I->p2[mr - 1][nr - 1](j.w + n0 * j.wrow + gi * bpg * 64, j.wrow, j.xq + m0 * R + gi * gp.g, R,
-                                    std::min(bpg, nblk - gi * bpg), tmp);
+                                    std::min(bpg * 4, np - gi * bpg * 4), tmp);
             a8g_acc(j, gi, m0, n0, mr, nr, tmp, y);
           }
           a8g_store(j, m0, n0, mr, nr, y);
@@ -580,11 +595,11 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
   if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M && gp.g % 64 == 0) {
     // groups of whole 64-weight planes (64, 128, 192, ...): one plane-sum tile call per 4 rows, planes
     // summed into their group's exact int32 accumulator, then the float epilogue as above
-    const int64_t nblk = j.Kp / 256, ppg = gp.g / 64, G = gp.G;
+    const int64_t np = j.Kp / 64, ppg = gp.g / 64, G = gp.G;
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
     int failed = 0;
     parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
-      int32_t* pl = (int32_t*)calloc((size_t)(nblk * 64), sizeof(int32_t));
+      int32_t* pl = (int32_t*)calloc((size_t)(np * 16), sizeof(int32_t));
       if (!pl) {
         failed = 1;
         return;
@@ -594,17 +609,17 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
         const int nr = (int)std::min<int64_t>(4, j.N - n0);
         if (j.M == 1 && nr == 4) {  // decode: the epilogue in the tile
           float y[16];
-          j.I->pg1(j.w + n0 * j.wrow, j.wrow, j.xq, nblk, ppg, G, j.xgsum, j.ws + n0 * G, y);
+          j.I->pg1(j.w + n0 * j.wrow, j.wrow, j.xq, np, ppg, G, j.xgsum, j.ws + n0 * G, y);
           a8g_store(j, 0, n0, 1, 4, y);
           continue;
         }
         for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
           const int mr = (int)std::min<int64_t>(4, j.M - m0);
-          j.I->pl[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * R, R, nblk, pl);
+          j.I->pl[mr - 1][nr - 1](j.w + n0 * j.wrow, j.wrow, j.xq + m0 * R, R, np, pl);
           float y[16] = {0};
           for (int64_t gi = 0; gi < G; gi++) {
             int32_t t[16] = {0};
-            const int64_t p1 = std::min(nblk * 4, (gi + 1) * ppg);
+            const int64_t p1 = std::min(np, (gi + 1) * ppg);
             for (int64_t p = gi * ppg; p < p1; p++)
               for (int i = 0; i < 16; i++) t[i] += pl[p * 16 + i];
             a8g_acc(j, gi, m0, n0, mr, nr, t, y);
@@ -698,7 +713,7 @@ static const Isa* pick_isa(int level) {
 }
 
 static int check_fmt(int fmt, int64_t K, int64_t Kp) {
-  const int64_t qk = fmt == FMT_2BIT ? 256 : 160;
+  const int64_t qk = fmt == FMT_2BIT ? 64 : 160;  // 2-bit rows: whole planes (full blocks + tail)
   if ((fmt != FMT_2BIT && fmt != FMT_BASE3) || Kp % qk || K > Kp || K < 0) {
     PyErr_Format(PyExc_ValueError, "bad format/shape: fmt=%d K=%lld Kp=%lld", fmt, (long long)K, (long long)Kp);
     return -1;

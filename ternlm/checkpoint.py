@@ -27,6 +27,7 @@ import torch.nn as nn
 from ternlm.config import QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.fileio import atomic_dir
+from ternlm.quant.pack import upgrade_2bit
 
 FORMAT_VERSION = 1
 QUANT_FILE = "ternlm_quantization.json"
@@ -198,6 +199,8 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
         raise TernlmError(f"{where}: {len(missing)} tensors missing (e.g. {missing[0]})")
     for k, v in state.items():
         want = expected[k]
+        if k.endswith("packed") and v.shape[:-1] == want.shape[:-1]:  # 2-bit rows of the earlier layout
+            state[k] = v = upgrade_2bit(v, want.shape[-1])
         if tuple(v.shape) != tuple(want.shape):
             raise TernlmError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want.shape)}")
         if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):

@@ -9,7 +9,7 @@ arguments (less ``fmt``) and the same float32 (M, out_features) result:
 The weight stays packed in GPU memory: each program loads the uint8 bytes of one 256-weight block
 (64 bytes per row) and unpacks the codes in registers (shift, mask, subtract 1) right before
 ``tl.dot`` -- the dense weight is never built. Programs tile M (tokens) x N (out features) and
-walk K (in features) one packed block at a time.
+walk K (in features) one 64-weight plane at a time (full blocks, then the row's tail planes).
 
 Scales: per tensor (0-d), per channel (out,) and per group (out, ceil(in / g)) when g is a
 multiple of 64 (one 64-weight slice of a block then never straddles two groups; the last group
@@ -92,11 +92,13 @@ def _kernels(interpret: bool):
     #                  s=3  | s=2 | s=1 | s=0      -> weights j+192 | j+128 | j+64 | j
     #
     # So a (64, BLOCK_N) tile of block b's bytes, shifted right by 2s and masked with 3, is the
-    # (64, BLOCK_N) slice of codes + 1 for inputs b*256 + 64*s + (0..63), in order: it lines up
-    # with a plain (BLOCK_M, 64) load of the activations, no gather or shuffle. One byte load
-    # feeds four dots. Row padding past in_features stores 1 (code 0) and the activations there
-    # load as 0, so the tail block needs no special case. Rows past N load 0x55 = 01 01 01 01
-    # (four code-0 weights); their outputs are masked off anyway.
+    # (64, BLOCK_N) slice of codes + 1 for inputs b*256 + 64*s + (0..63) ("plane" 4b + s), in order:
+    # it lines up with a plain (BLOCK_M, 64) load of the activations, no gather or shuffle. A row
+    # whose width is not a multiple of 256 ends in 1-3 tail planes of 16 bytes, byte j holding
+    # weights j + 16*s: the plane's 64 byte offsets then repeat each byte four times, with the shift
+    # 2 * (j // 16) per weight. Row padding past in_features stores 1 (code 0) and the activations
+    # there load as 0. Rows past N load 0x55 = 01 01 01 01 (four code-0 weights); their outputs are
+    # masked off anyway.
     @triton.jit
     def w2a8_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
                     stride_qm, stride_qk, stride_wn, stride_ym,
@@ -115,23 +117,26 @@ def _kernels(interpret: bool):
         w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: |acc| <= 127 * K
         accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per group: sum of scaled groups
-        for blk in range(0, tl.cdiv(K, 256)):
-            wb = tl.load(w_rows + (blk * 64 + rj)[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
-            for s in tl.static_range(4):
-                k0 = blk * 256 + s * 64
-                kk = k0 + rj
-                xq = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
-                w = ((wb >> (2 * s)) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes of slice s
-                acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
-                if SCALE_MODE == 2:
-                    # a group ends after this slice: fold its exact accumulator in, scaled
-                    # (slices in the padding past K hold 0 and flush 0 * the last group's scale)
-                    grp = tl.minimum(k0 // GS, G - 1)
-                    # flush at a group's end, and at the row's last slice (a partial last group)
-                    flush = ((k0 + 64) % GS == 0) | (k0 + 64 >= tl.cdiv(K, 256) * 256)
-                    gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
-                    accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
-                    acc = tl.where(flush, 0, acc)
+        NP = tl.cdiv(K, 64)  # 64-weight planes of a row: NP // 4 full blocks, then NP % 4 tail planes
+        for p in range(0, NP):
+            full = p < NP // 4 * 4
+            boff = tl.where(full, (p // 4) * 64 + rj, NP // 4 * 64 + (p - NP // 4 * 4) * 16 + rj % 16)
+            shift = tl.where(full, 2 * (p % 4) + rj * 0, 2 * (rj // 16)).to(tl.uint8)
+            wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
+            k0 = p * 64
+            kk = k0 + rj
+            xq = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
+            w = ((wb >> shift[:, None]) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes of plane p
+            acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
+            if SCALE_MODE == 2:
+                # a group ends after this plane: fold its exact accumulator in, scaled
+                # (planes in the padding past K hold 0 and flush 0 * the last group's scale)
+                grp = tl.minimum(k0 // GS, G - 1)
+                # flush at a group's end, and at the row's last plane (a partial last group)
+                flush = ((k0 + 64) % GS == 0) | (p == NP - 1)
+                gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+                accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
+                acc = tl.where(flush, 0, acc)
         xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
         # same float32 ops, same order as the reference: (acc * act_scale) * w_scale (+ bias)
         if SCALE_MODE == 0:
@@ -164,23 +169,26 @@ def _kernels(interpret: bool):
         w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for blk in range(0, tl.cdiv(K, 256)):
-            wb = tl.load(w_rows + (blk * 64 + rj)[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
-            for s in tl.static_range(4):
-                k0 = blk * 256 + s * 64
-                kk = k0 + rj
-                xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-                w = ((wb >> (2 * s)) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes, as in w2a8
-                if DOT_F32:
-                    acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xt, w.to(xt.dtype), acc)
-                if SCALE_MODE == 2:
-                    grp = tl.minimum(k0 // GS, G - 1)
-                    flush = ((k0 + 64) % GS == 0) | (k0 + 64 >= tl.cdiv(K, 256) * 256)
-                    gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
-                    accf = tl.where(flush, accf + acc * gs[None, :], accf)
-                    acc = tl.where(flush, 0.0, acc)
+        NP = tl.cdiv(K, 64)
+        for p in range(0, NP):
+            full = p < NP // 4 * 4
+            boff = tl.where(full, (p // 4) * 64 + rj, NP // 4 * 64 + (p - NP // 4 * 4) * 16 + rj % 16)
+            shift = tl.where(full, 2 * (p % 4) + rj * 0, 2 * (rj // 16)).to(tl.uint8)
+            wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
+            k0 = p * 64
+            kk = k0 + rj
+            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+            w = ((wb >> shift[:, None]) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes, as in w2a8
+            if DOT_F32:
+                acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, w.to(xt.dtype), acc)
+            if SCALE_MODE == 2:
+                grp = tl.minimum(k0 // GS, G - 1)
+                flush = ((k0 + 64) % GS == 0) | (p == NP - 1)
+                gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+                accf = tl.where(flush, accf + acc * gs[None, :], accf)
+                acc = tl.where(flush, 0.0, acc)
         if SCALE_MODE == 0:
             y = acc * tl.load(s_ptr)
         elif SCALE_MODE == 1:

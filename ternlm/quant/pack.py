@@ -2,8 +2,9 @@
 
 Both formats pack each output row independently along the input dimension, so a kernel streams
 one row's bytes and the matching activations side by side. Rows are padded to a whole number of
-blocks; the padding holds code 0, which contributes nothing to a dot product, and the true
-``(out_features, in_features)`` shape travels next to the packed tensor (``unpack_*`` take it).
+blocks (2-bit: of 64-weight planes, see below); the padding holds code 0, which contributes
+nothing to a dot product, and the true ``(out_features, in_features)`` shape travels next to the
+packed tensor (``unpack_*`` take it).
 
 Stored values are ``code + 1`` in {0, 1, 2}, never the signed code: the kernels multiply the
 unsigned value by signed int8 activations (``vpdpbusd`` / ``pmaddubsw`` want u8 x s8) and subtract
@@ -22,14 +23,15 @@ from ternlm.errors import TernlmError
 # Weights per block and bytes per block, per format.
 QK_2BIT = 256
 BLOCK_BYTES_2BIT = 64
+PLANE_2BIT = 64  # 2-bit rows are padded to whole 64-weight planes: full blocks, then a tail of 1-3 planes
 QK_BASE3 = 160
 
 _POW3 = (81, 27, 9, 3, 1)  # trit i of a byte has weight 3**(4 - i): trit 0 is the most significant
 
 
 def block_size(fmt: str) -> int:
-    """Weights per block: rows are padded to a multiple of this."""
-    return {"2bit": QK_2BIT, "base3": QK_BASE3}[_check_fmt(fmt)]
+    """Rows are padded to a multiple of this many weights (2-bit: one plane; base-3: one block)."""
+    return {"2bit": PLANE_2BIT, "base3": QK_BASE3}[_check_fmt(fmt)]
 
 
 def padded_in_features(in_features: int, fmt: str) -> int:
@@ -59,6 +61,27 @@ def _check_codes(codes: torch.Tensor) -> torch.Tensor:
     return codes
 
 
+def legacy_row_bytes_2bit(in_features: int) -> int:
+    """Row bytes of the earlier 2-bit layout, which padded every row to whole 256-weight blocks
+    (``upgrade_2bit`` converts such rows; widths that are a multiple of 256 never differed)."""
+    return -(-in_features // QK_2BIT) * BLOCK_BYTES_2BIT
+
+
+def upgrade_2bit(packed: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """2-bit rows (any leading dims) of ``row_bytes`` bytes in the current layout: ``packed`` as it
+    is, or converted from the earlier layout that padded rows to whole 256-weight blocks (told
+    apart by the width; only widths that are not a multiple of 64 bytes ever differed)."""
+    kp = row_bytes * 4
+    if packed.dtype != torch.uint8 or packed.dim() < 2 or packed.shape[-1] == row_bytes or \
+            packed.shape[-1] != legacy_row_bytes_2bit(kp):
+        return packed
+    lead = packed.shape[:-1]
+    p = packed.reshape(-1, packed.shape[-1], 1).reshape(-1, packed.shape[-1] // 64, 1, 64)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).reshape(1, 1, 4, 1)
+    u = ((p >> shifts) & 3).reshape(p.shape[0], -1)[:, :kp]
+    return pack_2bit(u.to(torch.int8) - 1).reshape(*lead, row_bytes)
+
+
 def _padded_unsigned(codes: torch.Tensor, qk: int) -> torch.Tensor:
     """(out, in) int8 codes -> (out, in_padded) uint8 values code + 1, padding = 1 (code 0)."""
     out_f, in_f = codes.shape
@@ -84,30 +107,41 @@ def _check_packed(packed: torch.Tensor, shape, fmt: str) -> tuple[int, int]:
 #                  s=3  | s=2 | s=1 | s=0      -> weights j+192 | j+128 | j+64 | j
 #
 #     packed block:  [ byte 0 | byte 1 | ... | byte 63 ]
-#     (v >> 2s) & 3  over all 64 bytes = weights 64*s .. 64*s+63, in order
+#     (v >> 2s) & 3  over all 64 bytes = weights 64*s .. 64*s+63, in order ("plane" s)
 #
 # Why: one 512-bit load of a block, then ``(v >> 2s) & 3`` for s = 0..3, gives four vectors of 64
 # consecutive weights that line up byte-for-byte with four consecutive 64-byte loads of int8
 # activations -- no shuffles. The 16-bit shift leaks bits across byte boundaries, but the mask
 # keeps only the low two bits of each byte. A 256-bit machine splits the block into two halves
 # (bytes 0-31, 32-63) and gets 32 consecutive weights per shift the same way.
+#
+# Tail: a row whose padded width is not a multiple of 256 (SmolLM2's 576 = 2 blocks + 64) ends with
+# 1-3 tail planes of 64 weights in 16 bytes each, after its full blocks. Byte j of tail plane t holds
+# weights t*64 + j + 16*s, s = 0..3, in the same 2-bit fields. A 128-bit load, shifted by 0, 2, 4, 6
+# and masked, is 4 x 16 consecutive weights: [v | v >> 2] on 256 bits lines up with 32 consecutive
+# activations, [v | v >> 2 | v >> 4 | v >> 6] on 512 bits with 64. Rows thus pad to whole planes
+# (576 -> 576, not 768: 2.0 bits per weight instead of 2.67).
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes (out, in) in {-1, 0, 1} -> uint8 (out, ceil(in / 256) * 64)."""
+    """int8 codes (out, in) in {-1, 0, 1} -> uint8 (out, ceil(in / 64) * 16)."""
     codes = _check_codes(codes)
     out_f = codes.shape[0]
-    u = _padded_unsigned(codes, QK_2BIT)
-    u = u.reshape(out_f, -1, 4, 64)  # (out, blocks, s, j)
-    packed = u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)
-    return packed.reshape(out_f, -1).contiguous()
+    u = _padded_unsigned(codes, PLANE_2BIT)
+    kb = u.shape[1] // QK_2BIT * QK_2BIT
+    full = u[:, :kb].reshape(out_f, -1, 4, 64)  # (out, blocks, s, j)
+    tail = u[:, kb:].reshape(out_f, -1, 4, 16)  # (out, planes, s, j)
+    parts = [t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6) for t in (full, tail)]
+    return torch.cat([p.reshape(out_f, -1) for p in parts], dim=1).contiguous()
 
 
 def unpack_2bit(packed: torch.Tensor, shape) -> torch.Tensor:
     """uint8 from ``pack_2bit`` -> int8 codes of the true ``shape`` (out, in)."""
     out_f, in_f = _check_packed(packed, shape, "2bit")
-    p = packed.reshape(out_f, -1, 1, 64)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).reshape(1, 1, 4, 1)
-    u = (p >> shifts) & 3  # (out, blocks, s, j)
-    return (u.reshape(out_f, -1)[:, :in_f].to(torch.int8) - 1).contiguous()
+    bb = packed.shape[1] // BLOCK_BYTES_2BIT * BLOCK_BYTES_2BIT
+    full = (packed[:, :bb].reshape(out_f, -1, 1, 64) >> shifts) & 3  # (out, blocks, s, j)
+    tail = (packed[:, bb:].reshape(out_f, -1, 1, 16) >> shifts) & 3  # (out, planes, s, j)
+    u = torch.cat([full.reshape(out_f, -1), tail.reshape(out_f, -1)], dim=1)
+    return (u[:, :in_f].to(torch.int8) - 1).contiguous()
 
 
 # Base-3 layout: one block = 160 weights of a row in 32 bytes, 5 trits per byte (1.6 bits/weight).

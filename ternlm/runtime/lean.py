@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
+from ternlm.quant.pack import upgrade_2bit
 from ternlm.runtime.arch import ACT_KINDS, ARCHS, Arch, FloatLinear, Parts, gated_silu
 
 GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
@@ -150,7 +151,10 @@ def _linear(ts: _Tensors, name: str, in_f: int, out_f: int, rec: dict, conv1d: b
         with torch.device("meta"):
             m = TernaryLinear(in_f, out_f, bias is not None, rec["act_bits"], rec["fmt"], rec["granularity"],
                               rec["group_size"])
-        state = {"packed": ts.get(f"{name}.packed"), "scale": ts.get(f"{name}.scale")}
+        packed = ts.get(f"{name}.packed")
+        if rec["fmt"] == "2bit":  # rows of the earlier layout (padded to whole 256-weight blocks)
+            packed = upgrade_2bit(packed, m.packed.shape[-1])
+        state = {"packed": packed, "scale": ts.get(f"{name}.scale")}
         if bias is not None:
             state["bias"] = bias.float()
         for k, v in state.items():

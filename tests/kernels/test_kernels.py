@@ -26,8 +26,9 @@ if not _ext.is_available():  # pragma: no cover - only on machines where the bui
 
 LEVELS = _ext.available_levels()
 FMTS = ["2bit", "base3"]
-# (M tokens, N rows, K inputs): batch 1 and > 1, widths off every block/SIMD multiple, tile tails
-SHAPES = [(1, 1, 1), (1, 7, 100), (1, 64, 768), (2, 5, 257), (3, 33, 300), (4, 8, 320),
+# (M tokens, N rows, K inputs): batch 1 and > 1, widths off every block/SIMD multiple (2-bit rows
+# with 1-3 tail planes after their full blocks: 100, 257, 300, 576, 777, ...), tile tails
+SHAPES = [(1, 1, 1), (1, 7, 100), (1, 64, 768), (1, 12, 576), (2, 5, 257), (3, 33, 300), (4, 8, 320),
           (5, 13, 777), (8, 9, 64), (17, 6, 513), (70, 37, 160)]
 
 
@@ -166,7 +167,7 @@ def test_kernels_work_in_a_forked_child():
 
 # (M, N, K): per-group shapes with K off every group size (a partial last group), GEMV (M < 8,
 # the direct 2-bit paths for groups of 256 and of whole 64-weight planes) and GEMM (M >= 8) tiles, and GPT-2's 576-wide case
-GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (2, 5, 257), (3, 33, 576), (5, 13, 777), (9, 9, 300),
+GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (1, 12, 576), (1, 16, 960), (2, 5, 257), (3, 33, 576), (5, 13, 777), (9, 9, 300),
                 (17, 6, 513), (70, 37, 640)]
 GROUP_SIZES = [32, 64, 128, 192, 256]
 
@@ -256,11 +257,11 @@ def test_per_group_size_is_validated():
 
 
 def test_shape_errors_are_clear():
-    _, packed, x = _problem(2, 4, 100, "2bit")
+    _, packed, x = _problem(2, 4, 300, "2bit")  # 80 bytes per 2-bit row, base-3 would take 64
     with pytest.raises(TernlmError):
-        ops.linear_a8(x[:, :99], packed, torch.tensor(1.0), 100)
+        ops.linear_a8(x[:, :299], packed, torch.tensor(1.0), 300)
     with pytest.raises(TernlmError):
-        ops.linear_a8(x, packed, torch.tensor(1.0), 100, fmt="base3")
+        ops.linear_a8(x, packed, torch.tensor(1.0), 300, fmt="base3")
     with pytest.raises(TernlmError):
         _ext.set_level("avx9000")
 
