@@ -220,3 +220,35 @@ def test_sharded_checkpoint_errors_name_the_file(tmp_path):
     shard.unlink()
     with pytest.raises(TernlmError, match=f"names {shard.name}, which does not exist"):
         from_pretrained(out)
+
+
+def test_checkpoint_of_the_earlier_2bit_layout_loads(tmp_path, gpt2_tokenizer):
+    """Checkpoints written when 2-bit rows were padded to whole 256-weight blocks (64-wide rows took
+    64 bytes, not 16) load into the current layout, through both the HF model and the lean engine."""
+    from safetensors.torch import load_file, save_file
+
+    from ternlm.quant.pack import unpack_2bit
+    from ternlm.runtime import DecodeEngine
+
+    model = convert(llama(), TernaryConfig(act_bits=8))
+    out = save_pretrained(model, gpt2_tokenizer, tmp_path / "llama")
+    path = out / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    for k, v in list(state.items()):
+        if k.endswith(".packed"):  # rewrite as the earlier layout: codes of each row padded to 256
+            in_f = model.get_submodule(k[: -len(".packed")]).in_features
+            u = torch.ones(v.shape[0], 256, dtype=torch.uint8)
+            u[:, :in_f] = (unpack_2bit(v, (v.shape[0], in_f)) + 1).to(torch.uint8)
+            u = u.reshape(v.shape[0], 1, 4, 64)
+            state[k] = (u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)).reshape(v.shape[0], 64)
+    save_file(state, str(path), metadata=meta)
+    loaded = from_pretrained(out)
+    _assert_same_state(model, loaded)
+    ids = torch.tensor([[464, 2068, 7586, 21831]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    lean = DecodeEngine.from_checkpoint(out)
+    assert lean.generate(ids[0], 5)["tokens"] == DecodeEngine(model).generate(ids[0], 5)["tokens"]
+
