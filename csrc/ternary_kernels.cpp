@@ -54,6 +54,13 @@ typedef void (*TileG)(const uint8_t* w, int64_t ws, const int8_t* x, int64_t np,
                       const int32_t* xgsum, const float* sc, float* y);
 typedef void (*QuantFn)(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, float* scale,
                         int32_t* sum);
+// MLP activations of the compiled decode step: a[i] = gelu_tanh(u[i]), or a[i] = silu(g[i]) * u[i].
+typedef void (*GeluFn)(const float* u, float* a, int64_t n);
+typedef void (*SiluMulFn)(const float* g, const float* u, float* a, int64_t n);
+// Softmax numerator of the decode attention: p[i] = exp(p[i] - mx); returns the sum.
+typedef float (*SoftmaxExpFn)(float* p, int64_t n, float mx);
+typedef float (*DotFn)(const float* a, const float* b, int64_t n);
+typedef void (*AxpyFn)(float* y, float a, const float* x, int64_t n);
 
 struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
@@ -63,6 +70,11 @@ struct Isa {
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
   QuantFn quant;
+  GeluFn gelu_tanh;  // the vector levels evaluate exp by a polynomial (|error| ~ 3e-7 against tanhf)
+  SiluMulFn silu_mul;
+  SoftmaxExpFn softmax_exp;
+  DotFn dot;    // float32 dot product and y += a x (the decode attention)
+  AxpyFn axpy;
 };
 
 #define FILL_ROW(T, F, M) \
@@ -174,10 +186,46 @@ static void quant(const float* x, int64_t K, int64_t Kx, float qmax, int8_t* q, 
   *sum = total;
 }
 
+static void gelu_tanh(const float* u, float* a, int64_t n) {
+  const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; i++) {
+    const float x = u[i];
+    a[i] = 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * (x * x * x))));
+  }
+}
+
+static void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+  for (int64_t i = 0; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+static void axpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float softmax_exp(float* p, int64_t n, float mx) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    p[i] = expf(p[i] - mx);
+    sum += p[i];
+  }
+  return sum;
+}
+
 static void fill(Isa& I) {
   FILL_TABLE(I.p2, tile_p2);
   FILL_TABLE(I.pl, tile_pl);
   I.pg1 = tile_pg1;
+  I.gelu_tanh = gelu_tanh;
+  I.silu_mul = silu_mul;
+  I.softmax_exp = softmax_exp;
+  I.dot = dot;
+  I.axpy = axpy;
   FILL_TABLE(I.u8, tile_u8_generic);
   FILL_ROW1(I.fs8, tile_f_s8);
   I.dec2 = dec2;
@@ -230,6 +278,10 @@ static void init_isas() {
   memcpy(g_isa[LV_AVX512].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
   memcpy(g_isa[LV_VNNI].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
   g_isa[LV_AVX512].pg1 = g_isa[LV_VNNI].pg1 = g_isa[LV_AVX2].pg1;
+  // the activations: 8-wide AVX2 code at every vector level
+  g_isa[LV_AVX512].gelu_tanh = g_isa[LV_VNNI].gelu_tanh = g_isa[LV_AVX2].gelu_tanh;
+  g_isa[LV_AVX512].silu_mul = g_isa[LV_VNNI].silu_mul = g_isa[LV_AVX2].silu_mul;
+  g_isa[LV_AVX512].softmax_exp = g_isa[LV_VNNI].softmax_exp = g_isa[LV_AVX2].softmax_exp;
   g_have[LV_AVX2] = avx2;
   g_have[LV_AVX512] = bw;
   g_have[LV_VNNI] = vnni;

@@ -628,5 +628,5 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise TernlmError(f"out must be a contiguous float32 ({nh * hs},) tensor")
     cp, sp = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
     mod.attn_decode(_ext.level_id(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nh, nkv, hs, L, pos,
-                    float(scale), cp, sp, out.data_ptr())
+                    float(scale), cp, sp, out.data_ptr(), _ext.get_num_threads())
     return out

@@ -67,6 +67,23 @@ def test_compiled_step_equals_python_step(kind, build, rt):
     assert fast.generate(ids, 16)["tokens"] == slow.generate(ids, 16)["tokens"]
 
 
+@pytest.mark.parametrize("level", available_levels())
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_compiled_step_at_every_level(level, kind):
+    """The step's own vector code (GELU / SiLU, softmax exp, attention dots) at each dispatch level,
+    scalar (libm) included, against the Python step at that level."""
+    from ternlm.kernels import use_level
+
+    with use_level(level):
+        model = (_gpt2 if kind == "gpt2" else _llama)()
+        fast, slow = _both(model)
+        ids = _ids(30)
+        fast.prefill(ids)
+        slow.prefill(ids)
+        for tok in _ids(10, seed=5).tolist():
+            torch.testing.assert_close(fast.decode_step(tok), slow.decode_step(tok), atol=2e-4, rtol=2e-4)
+
+
 def test_compiled_step_is_the_default_where_it_can_run():
     assert DecodeEngine(_gpt2()).step == "compiled"
     assert DecodeEngine(_llama()).step == "compiled"
