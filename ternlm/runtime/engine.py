@@ -209,7 +209,7 @@ def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 # LM head
 
 
-_HEAD_ROWS = 4096  # rows quantized at a time when building the int8 head
+_HEAD_ROWS = 1024  # rows quantized at a time when building the int8 head
 
 
 class _Head:
