@@ -781,9 +781,9 @@ static int resolve_threads(int nth) {
   return std::min(nth, 256);
 }
 
-// Below ~1M multiply-adds per thread (a few microseconds of work) the hand-off costs more than it
-// saves.
-static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 20;
+// Below ~256k multiply-adds per thread (a few microseconds of work) the hand-off costs more than it
+// saves. (At 1M, SmolLM2's 576-wide decode GEMVs all ran on one thread.)
+static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 18;
 
 static int threads_for(int nth, int64_t M, int64_t N, int64_t Kp) {
   const int64_t by_work = (M * N * Kp) / MIN_WORK_PER_EXTRA_THREAD;
