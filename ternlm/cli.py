@@ -534,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=d["top_p"], help="1 = off")
     g.add_argument("--seed", type=int, default=d["seed"])
     g.add_argument("--engine", default=d["engine"], choices=ENGINES,
-                   help="fast = ternlm's lean decode loop (static KV cache, packed kernels); hf = "
-                        "transformers generate; auto = fast for GPT-2 ternlm checkpoints, else hf")
+                   help="fast = ternlm's decode engine (static KV cache, packed kernels, the whole token in "
+                        "one compiled call); hf = transformers generate; auto = fast for the architectures "
+                        "the engine covers (GPT-2, Llama), else hf with one line saying so")
     g.add_argument("--head", default=d["head"], choices=HEADS,
                    help=f"fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel (default: {d['head']})")
     g.set_defaults(fn=cmd_generate)
