@@ -651,11 +651,7 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
     int failed = 0;
     parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
-      int32_t* pl = (int32_t*)calloc((size_t)(np * 16), sizeof(int32_t));
-      if (!pl) {
-        failed = 1;
-        return;
-      }
+      int32_t* pl = NULL;  // plane sums, only off the decode tile (batch > 1 or a short last tile)
       for (int64_t nt = c * chunk; nt < std::min(ntile, (c + 1) * chunk); nt++) {
         const int64_t n0 = nt * 4;
         const int nr = (int)std::min<int64_t>(4, j.N - n0);
@@ -664,6 +660,10 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
           j.I->pg1(j.w + n0 * j.wrow, j.wrow, j.xq, np, ppg, G, j.xgsum, j.ws + n0 * G, y);
           a8g_store(j, 0, n0, 1, 4, y);
           continue;
+        }
+        if (!pl && !(pl = (int32_t*)calloc((size_t)(np * 16), sizeof(int32_t)))) {
+          failed = 1;
+          return;
         }
         for (int64_t m0 = 0; m0 < j.M; m0 += 4) {
           const int mr = (int)std::min<int64_t>(4, j.M - m0);
@@ -781,9 +781,9 @@ static int resolve_threads(int nth) {
   return std::min(nth, 256);
 }
 
-// Below ~256k multiply-adds per thread (a few microseconds of work) the hand-off costs more than it
+// Below ~128k multiply-adds per thread (a few microseconds of work) the hand-off costs more than it
 // saves. (At 1M, SmolLM2's 576-wide decode GEMVs all ran on one thread.)
-static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 18;
+static const int64_t MIN_WORK_PER_EXTRA_THREAD = (int64_t)1 << 17;
 
 static int threads_for(int nth, int64_t M, int64_t N, int64_t Kp) {
   const int64_t by_work = (M * N * Kp) / MIN_WORK_PER_EXTRA_THREAD;
