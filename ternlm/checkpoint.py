@@ -199,8 +199,6 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
         raise TernlmError(f"{where}: {len(missing)} tensors missing (e.g. {missing[0]})")
     for k, v in state.items():
         want = expected[k]
-        if k.endswith("packed") and v.shape[:-1] == want.shape[:-1]:  # 2-bit rows of the earlier layout
-            state[k] = v = upgrade_2bit(v, want.shape[-1])
         if tuple(v.shape) != tuple(want.shape):
             raise TernlmError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the model expects {tuple(want.shape)}")
         if v.dtype != want.dtype and not (v.dtype.is_floating_point and want.dtype.is_floating_point):
@@ -400,6 +398,10 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
+    if rec["fmt"] == "2bit":  # rows of the earlier layout (padded to whole 256-weight blocks)
+        want = model.state_dict()
+        state = {k: upgrade_2bit(v, want[k].shape[-1]) if k.endswith("packed") and k in want else v
+                 for k, v in state.items()}
     wpath = d / (INDEX_FILE if (d / INDEX_FILE).is_file() else WEIGHTS_FILE)
     assign_state(model, state, str(wpath))
     if kernel != "auto":

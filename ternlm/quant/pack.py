@@ -70,16 +70,14 @@ def legacy_row_bytes_2bit(in_features: int) -> int:
 def upgrade_2bit(packed: torch.Tensor, row_bytes: int) -> torch.Tensor:
     """2-bit rows (any leading dims) of ``row_bytes`` bytes in the current layout: ``packed`` as it
     is, or converted from the earlier layout that padded rows to whole 256-weight blocks (told
-    apart by the width; only widths that are not a multiple of 64 bytes ever differed)."""
-    kp = row_bytes * 4
-    if packed.dtype != torch.uint8 or packed.dim() < 2 or packed.shape[-1] == row_bytes or \
-            packed.shape[-1] != legacy_row_bytes_2bit(kp):
+    apart by the width; only widths that are not a multiple of 64 bytes ever differed). Rows of
+    whole blocks are the same in both layouts, so the earlier rows unpack as blocks-only rows."""
+    width = packed.shape[-1] if packed.dim() >= 2 else None
+    if packed.dtype != torch.uint8 or width in (None, row_bytes) or width != legacy_row_bytes_2bit(row_bytes * 4):
         return packed
-    lead = packed.shape[:-1]
-    p = packed.reshape(-1, packed.shape[-1], 1).reshape(-1, packed.shape[-1] // 64, 1, 64)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).reshape(1, 1, 4, 1)
-    u = ((p >> shifts) & 3).reshape(p.shape[0], -1)[:, :kp]
-    return pack_2bit(u.to(torch.int8) - 1).reshape(*lead, row_bytes)
+    rows = packed.reshape(-1, width)
+    codes = unpack_2bit(rows, (rows.shape[0], width * 4))[:, :row_bytes * 4]
+    return pack_2bit(codes).reshape(*packed.shape[:-1], row_bytes)
 
 
 def _padded_unsigned(codes: torch.Tensor, qk: int) -> torch.Tensor:

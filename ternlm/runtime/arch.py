@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 ARCHS = ("gpt2", "llama")  # Hugging Face model_type values the engine runs
-# MLP activations the compiled decode step computes, by the config's name for them
-ACT_KINDS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf", "silu": "gated_silu"}
+# GPT-2 MLP activations the compiled decode step computes, by the config's name for them
+GPT2_ACT_KINDS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
+
+
+def act_kind(model_type: str, activation: str) -> str:
+    """The compiled decode step's name for a model's MLP activation ("" when it has none): Llama's
+    MLP is always gated SiLU here, GPT-2's one of GPT2_ACT_KINDS."""
+    return "gated_silu" if model_type == "llama" else GPT2_ACT_KINDS.get(activation, "")
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Parts:
     None); linears are modules ``_bind`` takes (TernaryLinear, nn.Linear, Conv1D); ``cos``/``sin``
     are RoPE tables (max_seq_len, head_dim) or None; ``blocks`` holds per layer
     (norm1, qkv linears, o, norm2, up linears, down, attention scaling). ``act_kind`` names ``act`` for the
-    compiled decode step (``ACT_KINDS``; "" when it has no compiled twin)."""
+    compiled decode step (``act_kind``; "" when it has no compiled twin)."""
 
     arch: Arch
     wte: torch.Tensor

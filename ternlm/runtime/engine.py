@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ternlm.config import HEADS, check_sampling
 from ternlm.errors import TernlmError
 from ternlm.kernels import attn_decode, bind_float_rows, bind_int8_linear, int8_row_stride, pad_int8_rows, rope
-from ternlm.runtime.arch import ACT_KINDS, ARCHS, Arch, FloatLinear, Parts, gated_silu
+from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, act_kind, gated_silu
 
 __all__ = ["DecodeEngine", "GPT2Runtime", "RuntimeConfig", "Arch", "ARCHS", "Parts", "describe", "HEADS"]
 
@@ -201,10 +201,6 @@ class _Norm:
         return F.layer_norm(x, (self.w.shape[0],), self.w, self.b, self.eps)
 
 
-def _norm(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> _Norm:
-    return _Norm(kind, weight, bias, eps)
-
-
 # ---------------------------------------------------------------------------------------------
 # LM head
 
@@ -270,8 +266,7 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
         tr = model.transformer
         wpe = tr.wpe.weight.detach().float().contiguous()
         cos = sin = None
-        act_name = model.config.activation_function
-        if cfg.gelu == "tanh" and act_name in ("gelu_new", "gelu_pytorch_tanh"):
+        if cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
             act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
         else:
             act = tr.h[0].mlp.act
@@ -282,7 +277,6 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
     else:
         inner = model.model
         wpe = None
-        act_name = "silu"
         with torch.no_grad():  # RoPE table (max_seq_len, hs) from the model's own rotary module
             pid = torch.arange(max_seq_len).unsqueeze(0)
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
@@ -294,7 +288,8 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
             blocks.append((_norm_of(L.input_layernorm), (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
                            _norm_of(L.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
                            at.scaling))
-    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, ACT_KINDS.get(act_name, ""))
+    kind = act_kind(a.model_type, getattr(model.config, "activation_function", ""))
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind)
 
 
 class DecodeEngine:
@@ -336,7 +331,7 @@ class DecodeEngine:
         self.wte = parts.wte
         self.head = _Head(parts.head_w, cfg.head, cfg.head_act_bits)
         self.wpe, self.cos, self.sin = parts.wpe, parts.cos, parts.sin
-        self.norm_f = _norm(a.norm, *parts.norm_f, a.norm_eps)
+        self.norm_f = _Norm(a.norm, *parts.norm_f, a.norm_eps)
         self.blocks = [self._block(*blk[:5], parts.act, *blk[5:]) for blk in parts.blocks]
 
         # static state: KV cache (n_layer, n_kv_head, max_seq_len, head_dim) and the decode step's buffers
@@ -363,8 +358,6 @@ class DecodeEngine:
         pointers; the engine keeps the tensors). Returns why not, or None when built."""
         from ternlm.kernels import CompiledStep
 
-        if parts.act_kind and (parts.act_kind == "gated_silu") != (self.arch.mlp == "gated_silu"):
-            return "its MLP activation has no compiled twin"
         layers = [(b.norm1.w, b.norm1.b, b.norm2.w, b.norm2.b, b.scaling, b.qkv, b.o, b.up, b.down)
                   for b in self.blocks]
         why = CompiledStep.why_not(parts.act_kind, self.wte, self.head.bound, layers)
@@ -381,7 +374,7 @@ class DecodeEngine:
     def _block(self, norm1, qkv, o, norm2, up, act, down, scaling) -> _Block:
         b = _Block()
         eps = self.arch.norm_eps
-        b.norm1, b.norm2 = _norm(self.arch.norm, *norm1, eps), _norm(self.arch.norm, *norm2, eps)
+        b.norm1, b.norm2 = _Norm(self.arch.norm, *norm1, eps), _Norm(self.arch.norm, *norm2, eps)
         b.qkv, b.o, b.up, b.down = _bind(*qkv), _bind(o), _bind(*up), _bind(down)
         b.act, b.scaling = act, scaling
         return b

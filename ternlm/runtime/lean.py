@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
 from ternlm.quant.pack import upgrade_2bit
-from ternlm.runtime.arch import ACT_KINDS, ARCHS, Arch, FloatLinear, Parts, gated_silu
+from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, act_kind, gated_silu
 
 GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
 
@@ -255,5 +255,5 @@ def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = 
         from dataclasses import replace
 
         a = replace(a, tied_head=tied)
-    act_kind = ACT_KINDS[conf.get("activation_function", "gelu_new") if a.model_type == "gpt2" else "silu"]
-    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, act_kind)
+    kind = act_kind(a.model_type, conf.get("activation_function", "gelu_new"))
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind)
