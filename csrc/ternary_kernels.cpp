@@ -801,6 +801,26 @@ static int check_groups(int64_t group, int64_t K, int64_t wss) {
   return 0;
 }
 
+// One token's activations for the per-group kernels: int8 by absmax (scale xs, sum xsum) laid out
+// group by group at stride Kg in row (R bytes, zero-padded), and each group's sum in xgsum. tmp
+// (Kx bytes) holds the plain quantized row when Kg != g; with g a multiple of 64 it may be NULL.
+static void quant_grouped(const Isa* I, const float* x, int64_t K, int64_t Kx, const Groups& gp, float qmax,
+                          int8_t* row, int8_t* tmp, float* xs, int32_t* xsum, int32_t* xgsum) {
+  if (gp.Kg == gp.g) {
+    I->quant(x, K, gp.R, qmax, row, xs, xsum);
+  } else {
+    I->quant(x, K, Kx, qmax, tmp, xs, xsum);
+    memset(row, 0, (size_t)gp.R);
+    for (int64_t gi = 0; gi < gp.G; gi++)
+      memcpy(row + gi * gp.Kg, tmp + gi * gp.g, (size_t)std::min(gp.g, Kx - gi * gp.g));
+  }
+  for (int64_t gi = 0; gi < gp.G; gi++) {
+    int32_t acc = 0;
+    for (int64_t k = gi * gp.Kg; k < (gi + 1) * gp.Kg; k++) acc += row[k];
+    xgsum[gi] = acc;
+  }
+}
+
 static int linear_a8_grouped(const Isa* I, int fmt, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
                              int64_t Kp, const float* ws, int64_t group, const float* bias, float qmax, float* out,
                              int nth) {
@@ -817,21 +837,8 @@ static int linear_a8_grouped(const Isa* I, int fmt, const float* x, int64_t M, i
   if (!failed) {
     Py_BEGIN_ALLOW_THREADS
     parallel_for(M, M * K < 65536 ? 1 : nth, [&](int64_t m) {
-      int8_t* row = xq + m * R;
-      if (plain) {
-        I->quant(x + m * K, K, R, qmax, row, xs + m, xsum + m);
-      } else {
-        int8_t* t = tq + m * Kx;
-        I->quant(x + m * K, K, Kx, qmax, t, xs + m, xsum + m);
-        memset(row, 0, (size_t)R);
-        for (int64_t gi = 0; gi < G; gi++)
-          memcpy(row + gi * gp.Kg, t + gi * gp.g, (size_t)std::min(gp.g, Kx - gi * gp.g));
-      }
-      for (int64_t gi = 0; gi < G; gi++) {
-        int32_t acc = 0;
-        for (int64_t k = gi * gp.Kg; k < (gi + 1) * gp.Kg; k++) acc += row[k];
-        xgsum[m * G + gi] = acc;
-      }
+      quant_grouped(I, x + m * K, K, Kx, gp, qmax, xq + m * R, plain ? NULL : tq + m * Kx, xs + m, xsum + m,
+                    xgsum + m * G);
     });
     A8GroupJob j = {I, fmt, xq, xgsum, xs, M, N, Kp, Kx, row_bytes(fmt, Kp), gp, w, ws, bias, out};
     failed = a8_group_run(j, threads_for(nth, M, N, Kp));
