@@ -28,7 +28,7 @@ products with codes in {-1, 0, 1} are exact); float32 activations use an IEEE fp
 
 Testing: ``tests/kernels/test_triton.py`` runs these kernels on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``) against the reference, so the suite needs no GPU. GPU speed is
-measured separately with ``bench_vs_cublas`` (``python -m ternlm.kernels.triton_kernels --bench``).
+measured separately: ``python -m ternlm.kernels.gpu_bench`` (checks on the GPU, then timings against cuBLAS).
 
 Triton is imported lazily: this module imports (and ``triton_available()`` answers False) without it.
 The kernels are built on first use, after ``TRITON_INTERPRET`` has been read.
@@ -42,6 +42,8 @@ import os
 import torch
 
 from ternlm.errors import TernlmError
+from ternlm.config import QMAX
+from ternlm.quant.activations import ACT_EPS as _ACT_EPS
 from ternlm.quant.activations import quantize_activations
 from ternlm.quant.pack import BLOCK_BYTES_2BIT, QK_2BIT, packed_row_bytes
 
@@ -200,7 +202,81 @@ def _kernels(interpret: bool):
         tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y,
                  mask=m_ok[:, None] & n_ok[None, :])
 
-    return w2a8_kernel, w2a16_kernel
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, G, GS, stride_wn, eps, qmax,
+                    QUANT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr):
+        # One token (decode): x (K,) float, w (N, row_bytes) uint8 packed, s as in w2a8, y (N,) float32.
+        # QUANT: W2A8 -- the token is quantized here, op for op as the canonical quantizer
+        # (ternlm.quant.int8.absmax_quantize: scale = max(amax, eps) / qmax, q = round(x / scale)
+        # clamped, IEEE division, round half to even), so no separate quantizer launch. The products
+        # q * code are small integers and their sums stay below 2**24 (the wrapper checks
+        # qmax * K), so the float32 accumulators hold the exact integer sums of the int32 reference.
+        # Not QUANT: W2A16, x . codes in float32. No tl.dot: with one token the tensor cores would
+        # idle 15 of 16 rows; each program streams BLOCK_N rows, BLOCK_B 256-weight blocks a step.
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+        xscale = 1.0
+        if QUANT:
+            amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_X):
+                kx = k0 + tl.arange(0, BLOCK_X)
+                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
+            xscale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)   # this group's (or the row's) sum
+        accf = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per group: sum of scaled groups
+        NP = tl.cdiv(K, 64)  # 64-weight planes: NP // 4 full blocks, then NP % 4 tail planes
+        NB = NP // 4
+        ri = tl.arange(0, BLOCK_B * 64)
+        for b0 in range(0, NB, BLOCK_B):
+            blk = b0 + ri // 64
+            b_ok = blk < NB
+            wb = tl.load(w_rows + (blk * 64 + ri % 64)[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0x55)
+            for s in tl.static_range(4):
+                kk = blk * 256 + s * 64 + ri % 64
+                xv = tl.load(x_ptr + kk, mask=b_ok & (kk < K), other=0.0).to(tl.float32)
+                if QUANT:
+                    # round half to even: adding and taking away 1.5 * 2**23 (|x / scale| <= qmax)
+                    xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
+                    xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+                c = ((wb >> (2 * s)) & 3).to(tl.float32) - 1.0
+                acc += tl.sum(c * xv[None, :], axis=1)
+                if SCALE_MODE == 2:  # one block a step (the wrapper sets BLOCK_B = 1): fold at group ends
+                    p = b0 * 4 + s
+                    flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
+                    gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
+                    accf = tl.where(flush, accf + acc * gs, accf)
+                    acc = tl.where(flush, 0.0, acc)
+        # tail planes: 16 bytes each, byte j holding weights j + 16 * s
+        rj = tl.arange(0, 64)
+        for p in range(NB * 4, NP):
+            wb = tl.load(w_rows + (NB * 64 + (p - NB * 4) * 16 + rj % 16)[None, :], mask=n_ok[:, None], other=0x55)
+            kk = p * 64 + rj
+            xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            if QUANT:
+                xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
+                xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+            c = ((wb >> (2 * (rj // 16)).to(tl.uint8)[None, :]) & 3).to(tl.float32) - 1.0
+            acc += tl.sum(c * xv[None, :], axis=1)
+            if SCALE_MODE == 2:
+                flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
+                gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
+                accf = tl.where(flush, accf + acc * gs, accf)
+                acc = tl.where(flush, 0.0, acc)
+        # the reference's epilogue: (acc * act_scale) * w_scale (+ bias); per group accf * act_scale
+        if SCALE_MODE == 0:
+            y = acc * xscale * tl.load(s_ptr)
+        elif SCALE_MODE == 1:
+            y = acc * xscale * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+        else:
+            y = accf * xscale
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+        tl.store(y_ptr + rn, y, mask=n_ok)
+
+    return w2a8_kernel, w2a16_kernel, gemv_kernel
 
 
 def _check(x, packed, scale, in_features, bias, group_size=None):
@@ -253,6 +329,47 @@ def _tiles(M: int, N: int) -> tuple[int, int, int]:
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4
 
 
+# One-token kernel (decode): rows per program, 256-weight blocks per step, warps. Measured on an H200
+# (python -m ternlm.kernels.gpu_bench; README): see gemv_config().
+GEMV_BLOCK_X = 4096  # most activations per step of the in-kernel absmax (one step up to K = 4096)
+
+
+def gemv_config(N: int, K: int, grouped: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_B, num_warps) of the one-token kernel for an (N, K) weight."""
+    if _GEMV_OVERRIDE:
+        bn, bb, w = _GEMV_OVERRIDE
+    else:
+        bn, bb, w = 8, 2, 4
+    return bn, 1 if grouped else bb, w
+
+
+_GEMV_OVERRIDE: list = []  # the benchmark's sweep sets (BLOCK_N, BLOCK_B, num_warps) here
+
+
+def gemv_fits(in_features: int, act_bits: int | None) -> bool:
+    """True when one-token sums stay exact in the kernel's float32 accumulators (< 2**24)."""
+    return act_bits is None or QMAX[act_bits] * in_features < 2 ** 24
+
+
+def _gemv(x, packed, mode, groups, gsize, s, b, in_features, qmax):
+    """One token through ``gemv_kernel``: W2A8 (quantized in-kernel) when qmax is set, else W2A16."""
+    _require_triton()
+    gemv = _kernels(interpreting())[2]
+    N = packed.shape[0]
+    xr = x.reshape(-1)
+    if x.dtype is torch.float64:
+        xr = xr.float()
+    xr = xr.contiguous()
+    y = torch.empty(1, N, dtype=torch.float32, device=x.device)
+    bn, bb, warps = gemv_config(N, in_features, mode == 2)
+    gemv[(-(-N // bn),)](xr, packed, s, b if b is not None else s, y, N, in_features, groups, gsize,
+                         packed.stride(0), _ACT_EPS, qmax or 1.0,
+                         QUANT=qmax is not None, SCALE_MODE=mode, HAS_BIAS=b is not None,
+                         BLOCK_N=bn, BLOCK_B=bb, BLOCK_X=min(GEMV_BLOCK_X, _next_pow2(in_features)), num_warps=warps, num_stages=3,
+                         enable_fp_fusion=False)  # no FMA: bitwise like torch
+    return y
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -269,8 +386,10 @@ def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         return y
     if in_features == 0:
         return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    if M == 1 and gemv_fits(in_features, act_bits):
+        return _gemv(x, packed, mode, groups, gsize, s, b, in_features, float(QMAX[act_bits]))
     _, tl = _require_triton()
-    w2a8, _ = _kernels(interpreting())
+    w2a8 = _kernels(interpreting())[0]
     # (M, K) int8, (M, 1) float32: the canonical quantizer; q keeps x's strides (passed along)
     q, xs = quantize_activations(x, act_bits)
     xs = xs.reshape(-1).contiguous()  # (M,)
@@ -294,9 +413,11 @@ def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     if in_features == 0:
         return y.zero_() if b is None else y.copy_(b.expand(M, N))
     _require_triton()
-    _, w2a16 = _kernels(interpreting())
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()  # e.g. float64: the reference computes in float32 too
+    if M == 1:
+        return _gemv(x, packed, mode, groups, gsize, s, b, in_features, None)
+    w2a16 = _kernels(interpreting())[1]
     dot_f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting())
     bm, bn, warps = _tiles(M, N)
     grid = (-(-M // bm), -(-N // bn))
@@ -305,74 +426,3 @@ def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
                 SCALE_MODE=mode, HAS_BIAS=b is not None, DOT_F32=dot_f32, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=warps, num_stages=3)
     return y
-
-
-# ---- GPU benchmark (not run by tests) -------------------------------------------------------------
-
-DEFAULT_SHAPES = ((768, 768), (3072, 768), (2560, 2560), (6912, 2560), (2560, 6912))  # (out, in)
-DEFAULT_BATCHES = (1, 16, 128, 1024)
-
-
-def bench_vs_cublas(shapes=DEFAULT_SHAPES, batches=DEFAULT_BATCHES, seed: int = 0) -> list[dict]:
-    """Time Triton W2A8 / W2A16 against ``F.linear`` in bf16 (cuBLAS) on CUDA; print a table.
-
-    ``shapes``: (out_features, in_features) pairs; ``batches``: token counts M. Per-channel scales,
-    bf16 activations for all three. W2A8 includes the torch activation quantizer. Returns one dict
-    per row (times in microseconds, medians from ``triton.testing.do_bench``).
-    """
-    triton, _ = _require_triton()
-    if not torch.cuda.is_available():
-        raise TernlmError("bench_vs_cublas needs a CUDA device")
-    from triton.testing import do_bench
-
-    from ternlm.quant.pack import pack_2bit
-
-    dev = torch.device("cuda")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rows = []
-    print(f"{torch.cuda.get_device_name(dev)}  triton {triton.__version__}  torch {torch.__version__}")
-    head = f"{'out':>6} {'in':>6} {'M':>5} | {'bf16 F.linear':>13} {'W2A16':>9} {'W2A8':>9} | " \
-           f"{'A16 speedup':>11} {'A8 speedup':>10}"
-    print(head)
-    print("-" * len(head))
-    for n, k in shapes:
-        codes = torch.randint(-1, 2, (n, k), generator=g).to(torch.int8)
-        packed = pack_2bit(codes).to(dev)
-        scale = (torch.rand(n, generator=g) + 0.05).to(dev)
-        w_bf16 = (codes.float() * scale.cpu().unsqueeze(1)).to(torch.bfloat16).to(dev)
-        for m in batches:
-            x = torch.randn(m, k, generator=g).to(dev, torch.bfloat16)
-            t_ref = do_bench(lambda: torch.nn.functional.linear(x, w_bf16)) * 1e3
-            t_a16 = do_bench(lambda: linear_a16_triton(x, packed, scale, k)) * 1e3
-            t_a8 = do_bench(lambda: linear_a8_triton(x, packed, scale, k)) * 1e3
-            rows.append({"out": n, "in": k, "M": m, "cublas_bf16_us": t_ref, "w2a16_us": t_a16, "w2a8_us": t_a8})
-            print(f"{n:>6} {k:>6} {m:>5} | {t_ref:>11.1f}us {t_a16:>7.1f}us {t_a8:>7.1f}us | "
-                  f"{t_ref / t_a16:>10.2f}x {t_ref / t_a8:>9.2f}x")
-    return rows
-
-
-def _main(argv=None) -> int:
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m ternlm.kernels.triton_kernels",
-                                description="Benchmark the Triton 2-bit ternary kernels against cuBLAS bf16.")
-    p.add_argument("--bench", action="store_true", help="run bench_vs_cublas and print a table")
-    p.add_argument("--json", help="also write the rows to this JSON file")
-    a = p.parse_args(argv)
-    if not a.bench:
-        p.print_help()
-        return 0
-    if not triton_available():
-        raise SystemExit("triton_kernels: Triton is not installed; nothing to benchmark")
-    if not torch.cuda.is_available():
-        raise SystemExit("triton_kernels: no CUDA device present; the benchmark needs a GPU")
-    rows = bench_vs_cublas()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

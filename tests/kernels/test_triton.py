@@ -143,15 +143,6 @@ def test_bad_input_raises(fn, monkeypatch):
         fn(x, packed, one, 300)
 
 
-def test_bench_refuses_without_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present; the benchmark would run")
-    with pytest.raises(SystemExit, match="no CUDA device"):
-        tk._main(["--bench"])
-    with pytest.raises(TernlmError, match="CUDA"):
-        tk.bench_vs_cublas()
-
-
 def test_module_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch\n"
@@ -214,3 +205,38 @@ def test_binding_runs_triton_backend(act_bits, group_size):
                                    rtol=1e-5, atol=1e-4)
     else:
         assert torch.equal(f(x), reference.linear_a8(x, packed, scale, 300, act_bits=act_bits, group_size=group_size))
+
+
+# ---- one token: the GEMV kernel (activation quantization inside the kernel) ----------------------
+
+@pytest.mark.parametrize("cfg", [(8, 2, 4), (4, 1, 2), (16, 4, 4)])
+@pytest.mark.parametrize("N,K", [(1, 1), (7, 100), (17, 255), (33, 256), (9, 513), (5, 1100)])
+def test_gemv_a8_bitwise_equal(N, K, cfg, monkeypatch):
+    monkeypatch.setattr(tk, "_GEMV_OVERRIDE", list(cfg))
+    codes, packed, x = _problem(1, N, K)
+    bias = torch.randn(N)
+    scales = [(torch.tensor(0.0371), None), (torch.rand(N) + 0.05, None)]
+    scales += [(torch.rand(N, -(-K // g)) + 0.05, g) for g in (64, 192) if K > g]
+    for scale, g in scales:
+        for bits in (8, 4):
+            got = tk.linear_a8_triton(x, packed, scale, K, bias, group_size=g, act_bits=bits)
+            assert torch.equal(got, reference.linear_a8(x, packed, scale, K, "2bit", bits, bias, group_size=g))
+        for dt in (torch.float32, torch.float16):
+            torch.testing.assert_close(tk.linear_a16_triton(x.to(dt), packed, scale, K, bias, group_size=g),
+                                       reference.linear_a16(x.to(dt), packed, scale, K, "2bit", bias, group_size=g),
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_rounds_half_to_even_like_torch():
+    # absmax 127: the token's scale is exactly 1, so x / scale lands on the halves themselves
+    x = torch.zeros(1, 64)
+    x[0, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5])
+    packed = pack(torch.eye(64)[:8].to(torch.int8), "2bit")
+    got = tk.linear_a8_triton(x, packed, torch.tensor(1.0), 64)
+    assert got.tolist() == [[127.0, 0.0, 2.0, 2.0, -0.0, -2.0, -2.0, 4.0]]
+    assert torch.equal(got, reference.linear_a8(x, packed, torch.tensor(1.0), 64))
+
+
+def test_gemv_only_where_float_sums_stay_exact():
+    assert tk.gemv_fits(132_000, 8) and not tk.gemv_fits(132_200, 8) and tk.gemv_fits(10**6, None)
+    assert tk.gemv_config(4096, 4096, grouped=True)[1] == 1  # group folding walks one block a step
