@@ -150,8 +150,8 @@ def check(seed: int = 0, shapes=CHECK_SHAPES) -> list[dict]:
 
 
 def sweep_gemv(n: int = 4096, k: int = 4096, configs=None) -> list[dict]:
-    """Graph-timed one-token W2A8 at (n, k) for each (BLOCK_N, BLOCK_B, num_warps); fastest first."""
-    configs = configs or [(bn, bb, w) for bn in (4, 8, 16, 32) for bb in (1, 2, 4) for w in (1, 2, 4)]
+    """Graph-timed one-token W2A8 at (n, k) for each (BLOCK_N, BLOCK_B, num_warps, num_stages); fastest first."""
+    configs = configs or [(bn, bb, w, st) for bn in (16, 32, 64) for bb in (2, 4, 8) for w in (4, 8) for st in (2, 3)]
     copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k // 4)))
     packs = [random_packed(n, k, DEVICE) for _ in range(copies)]
     scale = torch.rand(n, device=DEVICE) + 0.05
@@ -161,7 +161,8 @@ def sweep_gemv(n: int = 4096, k: int = 4096, configs=None) -> list[dict]:
         for cfg in configs:
             tk._GEMV_OVERRIDE[:] = cfg
             us = time_graph([lambda p=p: tk.linear_a8_triton(x, p, scale, k) for p in packs])
-            rows.append(dict(BLOCK_N=cfg[0], BLOCK_B=cfg[1], warps=cfg[2], us=us, GBps=n * k / 4 / us / 1e3))
+            rows.append(dict(BLOCK_N=cfg[0], BLOCK_B=cfg[1], warps=cfg[2], stages=cfg[3], us=us,
+                             GBps=n * k / 4 / us / 1e3))
     finally:
         tk._GEMV_OVERRIDE.clear()
     rows.sort(key=lambda r: r["us"])
@@ -205,14 +206,14 @@ def bench_decode_linears(layers: int = LLAMA7B["layers"], d: int = LLAMA7B["d"],
     bytes_t = sum(p.numel() + s.numel() * 4 for layer in wt for p, s, _ in layer)
     calls = [lambda p=p, s=s, k=k: tk.linear_a8_triton(xs[k], p, s, k) for layer in wt for p, s, k in layer]
     out["w2a8_step_ms"] = time_graph(calls, replays=10) * len(calls) / 1e3
-    out["w2a8_step_eager_ms"] = _eager(lambda: [c() for c in calls])
+    out["w2a8_step_eager_ms"] = _eager(lambda: [c() for c in calls]) / 1e3
     del wt, calls
     torch.cuda.empty_cache()
     wb = [[torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02 for n, k in shapes] for _ in range(layers)]
     bytes_b = sum(w.numel() * 2 for layer in wb for w in layer)
     calls = [lambda w=w: F.linear(xs[w.shape[1]], w) for layer in wb for w in layer]
     out["bf16_step_ms"] = time_graph(calls, replays=10) * len(calls) / 1e3
-    out["bf16_step_eager_ms"] = _eager(lambda: [c() for c in calls])
+    out["bf16_step_eager_ms"] = _eager(lambda: [c() for c in calls]) / 1e3
     del wb, calls
     torch.cuda.empty_cache()
     out.update(layers=layers, d=d, qkv=qkv, ff=ff, weight_GB_2bit=bytes_t / 1e9, weight_GB_bf16=bytes_b / 1e9)
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     if "sweep" in parts:
         res["sweep"] = rows = sweep_gemv()
         print("\none-token W2A8 4096x4096, CUDA graph over rotating weights (fastest 8):")
-        print(_fmt_table(rows[:8], [("BLOCK_N", 7), ("BLOCK_B", 7), ("warps", 5), ("us", 7), ("GBps", 7)]), flush=True)
+        print(_fmt_table(rows[:8], [("BLOCK_N", 7), ("BLOCK_B", 7), ("warps", 5), ("stages", 6), ("us", 7), ("GBps", 7)]), flush=True)
         save()
     if "gemv" in parts:
         res["gemv"] = rows = bench_gemv()

@@ -57,7 +57,7 @@ def test_check_passes_and_catches_a_wrong_kernel(cpu_bench, monkeypatch):
 
 
 def test_sweep_and_tables_run_the_kernels(cpu_bench):
-    rows = gb.sweep_gemv(40, 300, configs=[(4, 1, 1), (8, 2, 2)])
+    rows = gb.sweep_gemv(40, 300, configs=[(4, 1, 1, 2), (8, 2, 2, 3)])
     assert [(r["BLOCK_N"], r["BLOCK_B"]) for r in rows] == [(4, 1), (8, 2)] and not tk._GEMV_OVERRIDE
     rows = gb.bench_gemv(shapes=((24, 300),), batches=(1, 3))
     assert [r["M"] for r in rows] == [1, 3] and rows[0]["w2a8_graph_us"] == 1.0
