@@ -203,31 +203,21 @@ def _kernels(interpret: bool):
                  mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, w32_ptr, s_ptr, b_ptr, y_ptr, N, K, G, GS, stride_wn, eps, qmax,
+    def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, G, GS, stride_wn, eps, qmax,
                     QUANT: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr):
-        # One token (decode): x (K,) float, w (N, row_bytes) uint8 packed (w32: the same bytes as
-        # int32 words), s as in w2a8, y (N,) float32. No tl.dot: with one token the tensor cores
-        # would idle 15 of 16 rows. Each program streams BLOCK_N rows, BLOCK_B 256-weight blocks
-        # (16 words per row each) a step.
-        #
+        # One token (decode): x (K,) float, w (N, row_bytes) uint8 packed, s as in w2a8, y (N,) float32.
         # QUANT: W2A8 -- the token is quantized here, op for op as the canonical quantizer
         # (ternlm.quant.int8.absmax_quantize: scale = max(amax, eps) / qmax, q = round(x / scale)
-        # clamped; IEEE division, round half to even), so there is no separate quantizer launch.
-        # Not QUANT: W2A16, x . codes in float32.
-        #
-        # Unpacking without int -> float conversions: field s of byte t of a word, masked in place
-        # and OR-ed into the exponent of 2**23, is the float 2**23 + v * 4**s * 256**t exactly... for
-        # t = 0; so the word is shifted by 8t first, and 2**23 taken away: v * 4**s, v = code + 1.
-        # It meets x * 4**-s (a power-of-two scaling: exact) in an FMA, and sum(x) is taken away at
-        # the end: sum(v x) - sum(x) = sum(code x). With QUANT every product and partial sum is an
-        # integer below 2**24 (the wrapper checks 2 * qmax * K), so the float32 sums are the exact
-        # integer sums of the int32 reference, in any order.
+        # clamped, IEEE division, round half to even), so no separate quantizer launch. The products
+        # q * code are small integers and their sums stay below 2**24 (the wrapper checks
+        # qmax * K), so the float32 accumulators hold the exact integer sums of the int32 reference.
+        # Not QUANT: W2A16, x . codes in float32. No tl.dot: with one token the tensor cores would
+        # idle 15 of 16 rows; each program streams BLOCK_N rows, BLOCK_B 256-weight blocks a step.
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1) bytes
-        w32_rows = w32_ptr + rn.to(tl.int64)[:, None] * (stride_wn // 4)  # (BLOCK_N, 1) words
+        w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         xscale = 1.0
         if QUANT:
             amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
@@ -235,48 +225,31 @@ def _kernels(interpret: bool):
                 kx = k0 + tl.arange(0, BLOCK_X)
                 amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
             xscale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
-        BW: tl.constexpr = BLOCK_B * 16
-        acc2 = tl.zeros((BLOCK_N, BW), dtype=tl.float32)  # sum of v * x (per tensor / per row)
-        xsum = tl.zeros((BW,), dtype=tl.float32)  # sum of x over the same inputs
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)  # this group's (or the row's) sum of code * x
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)   # this group's (or the row's) sum
         accf = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per group: sum of scaled groups
         NP = tl.cdiv(K, 64)  # 64-weight planes: NP // 4 full blocks, then NP % 4 tail planes
         NB = NP // 4
-        ri = tl.arange(0, BW)
+        ri = tl.arange(0, BLOCK_B * 64)
         for b0 in range(0, NB, BLOCK_B):
-            blk = b0 + ri // 16
+            blk = b0 + ri // 64
             b_ok = blk < NB
-            wv = tl.load(w32_rows + (blk * 16 + ri % 16)[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                         other=0x55555555)
-            kb = blk * 256 + 4 * (ri % 16)  # word i of a block: bytes 4i..4i+3 -> inputs 4i + t + 64s
+            wb = tl.load(w_rows + (blk * 64 + ri % 64)[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0x55)
             for s in tl.static_range(4):
-                part2 = tl.zeros((BLOCK_N, BW), dtype=tl.float32)
-                xp = tl.zeros((BW,), dtype=tl.float32)
-                for t in tl.static_range(4):
-                    kx = kb + (64 * s + t)
-                    xv = tl.load(x_ptr + kx, mask=b_ok & (kx < K), other=0.0).to(tl.float32)
-                    if QUANT:
-                        # round half to even: adding and taking away 1.5 * 2**23 (|x / scale| <= qmax)
-                        xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
-                        xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
-                    f = (((wv >> (8 * t)) & (3 << (2 * s))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    xs4 = (xv * (0.25 ** s))[None, :]
-                    if SCALE_MODE == 2:
-                        part2 = tl.fma(f, xs4, part2)
-                        xp += xv
-                    else:
-                        acc2 = tl.fma(f, xs4, acc2)
-                        xsum += xv
+                kk = blk * 256 + s * 64 + ri % 64
+                xv = tl.load(x_ptr + kk, mask=b_ok & (kk < K), other=0.0).to(tl.float32)
+                if QUANT:
+                    # round half to even: adding and taking away 1.5 * 2**23 (|x / scale| <= qmax)
+                    xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
+                    xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+                c = ((wb >> (2 * s)) & 3).to(tl.float32) - 1.0
+                acc += tl.sum(c * xv[None, :], axis=1)
                 if SCALE_MODE == 2:  # one block a step (the wrapper sets BLOCK_B = 1): fold at group ends
                     p = b0 * 4 + s
-                    acc += tl.sum(part2, axis=1) - tl.sum(xp, axis=0)
                     flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
                     gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
                     accf = tl.where(flush, accf + acc * gs, accf)
                     acc = tl.where(flush, 0.0, acc)
-        if SCALE_MODE != 2:
-            acc = tl.sum(acc2, axis=1) - tl.sum(xsum, axis=0)
-        # tail planes: 16 bytes each, byte j holding weights j + 16 * s (read bytewise; rare)
+        # tail planes: 16 bytes each, byte j holding weights j + 16 * s
         rj = tl.arange(0, 64)
         for p in range(NB * 4, NP):
             wb = tl.load(w_rows + (NB * 64 + (p - NB * 4) * 16 + rj % 16)[None, :], mask=n_ok[:, None], other=0x55)
@@ -303,7 +276,55 @@ def _kernels(interpret: bool):
             y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
         tl.store(y_ptr + rn, y, mask=n_ok)
 
-    return w2a8_kernel, w2a16_kernel, gemv_kernel
+    @triton.jit
+    def gemv_splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride_wn, eps, qmax,
+                           SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr):
+        # One token, W2A8, per-tensor or per-row scales, K a multiple of 256 (no tail planes): the
+        # one-token kernel split along K, so that every program loads ONE (BLOCK_N, BLOCK_B blocks)
+        # tile -- issued before anything else -- and the whole weight is in flight at once instead
+        # of each program walking its rows block after block. Each program quantizes the token as
+        # gemv_kernel does (its own absmax pass over x), adds its exact integer partial sums into
+        # part (float32 integers below 2**24: the order of the atomic adds cannot change them), and
+        # the last program of a row block (a ticket from cnt) applies the reference's epilogue and
+        # leaves part and cnt zeroed for the next call.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        ri = tl.arange(0, BLOCK_B * 64)
+        blk = pid_k * BLOCK_B + ri // 64
+        b_ok = blk < K // 256
+        wb = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (blk * 64 + ri % 64)[None, :],
+                     mask=n_ok[:, None] & b_ok[None, :], other=0x55)
+        amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_X):
+            kx = k0 + tl.arange(0, BLOCK_X)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
+        xscale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
+        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in tl.static_range(4):
+            kk = blk * 256 + s * 64 + ri % 64
+            xv = tl.load(x_ptr + kk, mask=b_ok, other=0.0).to(tl.float32)
+            xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
+            xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+            c = ((wb >> (2 * s)) & 3).to(tl.float32) - 1.0
+            part += tl.sum(c * xv[None, :], axis=1)
+        tl.atomic_add(part_ptr + rn, part, mask=n_ok, sem="relaxed")
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:  # the last: every partial sum is in
+            acc = tl.atomic_add(part_ptr + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_ok, sem="relaxed")
+            tl.store(part_ptr + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_ok)  # no one else reads them now
+            tl.store(cnt_ptr + pid_n, 0)
+            if SCALE_MODE == 0:
+                y = acc * xscale * tl.load(s_ptr)
+            else:
+                y = acc * xscale * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+            tl.store(y_ptr + rn, y, mask=n_ok)
+
+    return w2a8_kernel, w2a16_kernel, gemv_kernel, gemv_splitk_kernel
 
 
 def _check(x, packed, scale, in_features, bias, group_size=None):
@@ -363,36 +384,63 @@ GEMV_BLOCK_X = 4096  # most activations per step of the in-kernel absmax (one st
 
 def gemv_config(N: int, K: int, grouped: bool) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_B, num_warps, num_stages) of the one-token kernel for an (N, K) weight."""
-    bn, bb, w, st = _GEMV_OVERRIDE if _GEMV_OVERRIDE else (32, 4, 4, 3)
+    bn, bb, w, st = _GEMV_OVERRIDE if _GEMV_OVERRIDE else (16, 4, 4, 3)
     return bn, 1 if grouped else bb, w, st
 
 
-_GEMV_OVERRIDE: list = []  # the benchmark's sweep sets (BLOCK_N, BLOCK_B, num_warps, num_stages) here
+def splitk_config(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_B, num_warps) of the split-K one-token W2A8 kernel."""
+    return tuple(_SPLITK_OVERRIDE) if _SPLITK_OVERRIDE else (32, 2, 4)
+
+
+_GEMV_OVERRIDE: list = []  # the benchmark's sweeps set configurations here
+_SPLITK_OVERRIDE: list = []
+_SPLITK_ENABLED = True  # the benchmark turns it off to time the unsplit kernel beside it
+_SCRATCH: dict = {}  # device -> (float32 partial sums, int32 tickets), all zero between calls
+_SCRATCH_KEEP: list = []  # outgrown scratch stays allocated: a captured CUDA graph may point at it
+
+
+def _scratch(device, n: int):
+    buf = _SCRATCH.get(device)
+    if buf is None or buf[0].numel() < n:
+        if buf is not None:
+            _SCRATCH_KEEP.append(buf)
+        n = max(n, 1 << 16)
+        buf = _SCRATCH[device] = (torch.zeros(n, dtype=torch.float32, device=device),
+                                  torch.zeros(n, dtype=torch.int32, device=device))
+    return buf
 
 
 def gemv_fits(in_features: int, act_bits: int | None) -> bool:
     """True when one-token sums stay exact in the kernel's float32 accumulators (< 2**24)."""
-    return act_bits is None or 2 * QMAX[act_bits] * in_features < 2 ** 24
+    return act_bits is None or QMAX[act_bits] * in_features < 2 ** 24
 
 
 def _gemv(x, packed, mode, groups, gsize, s, b, in_features, qmax):
-    """One token through ``gemv_kernel``: W2A8 (quantized in-kernel) when qmax is set, else W2A16."""
+    """One token: W2A8 (quantized in-kernel) when qmax is set, else W2A16; split along K where it can."""
     _require_triton()
-    gemv = _kernels(interpreting())[2]
+    kernels = _kernels(interpreting())
     N = packed.shape[0]
     xr = x.reshape(-1)
     if x.dtype is torch.float64:
         xr = xr.float()
     xr = xr.contiguous()
-    if packed.data_ptr() % 4:  # the kernel reads whole words (rows are multiples of 16 bytes)
-        packed = packed.clone()
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
+    bx = min(GEMV_BLOCK_X, _next_pow2(in_features))
+    if _SPLITK_ENABLED and qmax is not None and mode != 2 and in_features % 256 == 0:
+        bn, bb, warps = splitk_config(N, in_features)
+        part, cnt = _scratch(x.device, N)
+        grid = (-(-N // bn), -(-(in_features // 256) // bb))
+        kernels[3][grid](xr, packed, s, b if b is not None else s, y, part, cnt, N, in_features, packed.stride(0),
+                         _ACT_EPS, qmax, SCALE_MODE=mode, HAS_BIAS=b is not None, BLOCK_N=bn, BLOCK_B=bb,
+                         BLOCK_X=bx, num_warps=warps, num_stages=1, enable_fp_fusion=False)
+        return y
     bn, bb, warps, stages = gemv_config(N, in_features, mode == 2)
-    gemv[(-(-N // bn),)](xr, packed, packed.view(torch.int32), s, b if b is not None else s, y, N, in_features,
-                         groups, gsize, packed.stride(0), _ACT_EPS, qmax or 1.0,
-                         QUANT=qmax is not None, SCALE_MODE=mode, HAS_BIAS=b is not None,
-                         BLOCK_N=bn, BLOCK_B=bb, BLOCK_X=min(GEMV_BLOCK_X, _next_pow2(in_features)),
-                         num_warps=warps, num_stages=stages, enable_fp_fusion=False)  # epilogue as torch
+    kernels[2][(-(-N // bn),)](xr, packed, s, b if b is not None else s, y, N, in_features, groups, gsize,
+                               packed.stride(0), _ACT_EPS, qmax or 1.0,
+                               QUANT=qmax is not None, SCALE_MODE=mode, HAS_BIAS=b is not None,
+                               BLOCK_N=bn, BLOCK_B=bb, BLOCK_X=bx, num_warps=warps, num_stages=stages,
+                               enable_fp_fusion=False)  # no FMA: bitwise like torch
     return y
 
 

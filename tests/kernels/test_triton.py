@@ -168,19 +168,23 @@ for M, N, K in [(1, 300, 1000), (17, 70, 513), (200, 257, 768)]:
     ref8 = reference.linear_a8(x, packed, scale, K, bias=bias)
     ref16 = reference.linear_a16(x, packed, scale, K, bias=bias)
     c = lambda t: t.cuda()
-    assert torch.equal(tk.linear_a8_triton(c(x), c(packed), c(scale), K, c(bias)).cpu(), ref8)
+    got = tk.linear_a8_triton(c(x), c(packed), c(scale), K, c(bias)).cpu()
+    assert torch.equal(got, ref8), ("a8", M, N, K, (got - ref8).abs().max().item())
     torch.testing.assert_close(tk.linear_a16_triton(c(x), c(packed), c(scale), K, c(bias)).cpu(), ref16,
                                rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(tk.linear_a16_triton(c(x).bfloat16(), c(packed), c(scale), K, c(bias)).cpu(),
                                reference.linear_a16(x.bfloat16(), packed, scale, K, bias=bias), rtol=1e-5, atol=1e-4)
     for g in (64, 128, 256):  # per-group scales, partial last groups
         gs = torch.rand(N, -(-K // g)) + .05
-        assert torch.equal(tk.linear_a8_triton(c(x), c(packed), c(gs), K, c(bias), group_size=g).cpu(),
-                           reference.linear_a8(x, packed, gs, K, bias=bias, group_size=g))
+        got = tk.linear_a8_triton(c(x), c(packed), c(gs), K, c(bias), group_size=g).cpu()
+        ref = reference.linear_a8(x, packed, gs, K, bias=bias, group_size=g)
+        assert torch.equal(got, ref), ("a8 group", g, M, N, K, (got - ref).abs().max().item())
     # the package's dispatch sends CUDA tensors to Triton
     from ternlm.kernels import bind_linear
     f = bind_linear(c(packed), c(scale), K, bias=c(bias))
-    assert f.backend == "triton" and torch.equal(f(c(x)).cpu(), ref8)
+    assert f.backend == "triton", f.backend
+    got = f(c(x)).cpu()
+    assert torch.equal(got, ref8), ("binding", M, N, K, (got - ref8).abs().max().item())
 """
 
 
@@ -238,5 +242,5 @@ def test_gemv_rounds_half_to_even_like_torch():
 
 
 def test_gemv_only_where_float_sums_stay_exact():
-    assert tk.gemv_fits(66_000, 8) and not tk.gemv_fits(66_100, 8) and tk.gemv_fits(10**6, None)
+    assert tk.gemv_fits(132_000, 8) and not tk.gemv_fits(132_200, 8) and tk.gemv_fits(10**6, None)
     assert tk.gemv_config(4096, 4096, grouped=True)[1] == 1  # group folding walks one block a step
