@@ -11,13 +11,18 @@ The weight stays packed in GPU memory: each program loads the uint8 bytes of one
 ``tl.dot`` -- the dense weight is never built. Programs tile M (tokens) x N (out features) and
 walk K (in features) one 64-weight plane at a time (full blocks, then the row's tail planes).
 
+One token (decode, M = 1) runs kernels without ``tl.dot`` that quantize the token themselves (no
+quantizer launches): ``gemv_splitk_kernel`` for W2A8 with per-tensor / per-row scales and rows of
+whole 256-blocks (every program one weight tile, the whole weight in flight at once), and
+``gemv_kernel`` for the rest (per group, tail planes) and for W2A16.
+
 Scales: per tensor (0-d), per channel (out,) and per group (out, ceil(in / g)) when g is a
 multiple of 64 (one 64-weight slice of a block then never straddles two groups; the last group
 may be partial); other group sizes raise ``TernlmError``.
 
 NOTE on numerics. W2A8 quantizes activations with the canonical torch quantizer
-(``ternlm.quant.activations.quantize_activations``; not a Triton kernel, so there is one quantizer,
-not two), accumulates int8 x ternary products exactly in int32, then computes
+(``ternlm.quant.activations.quantize_activations``; the one-token kernels repeat its float32 operations
+in the kernel, IEEE division and round half to even, and are tested bit for bit against it), accumulates int8 x ternary products exactly in int32, then computes
 ``(acc * act_scale) * w_scale (+ bias)`` in float32 in the reference's order, compiled with FMA
 contraction off -- so per-tensor and per-channel outputs equal the reference bit for bit. Per-group
 scales fold each group's exact accumulator in as ``y = y + acc_g * s_g``, group by group, then
@@ -377,20 +382,28 @@ def _tiles(M: int, N: int) -> tuple[int, int, int]:
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4
 
 
-# One-token kernel (decode): rows per program, 256-weight blocks per step, warps. Measured on an H200
-# (python -m ternlm.kernels.gpu_bench; README): see gemv_config().
+# One-token kernels (decode): rows per program, 256-weight blocks per step, warps, measured on an H200
+# (python -m ternlm.kernels.gpu_bench; README): see gemv_config() and splitk_config().
 GEMV_BLOCK_X = 4096  # most activations per step of the in-kernel absmax (one step up to K = 4096)
 
 
 def gemv_config(N: int, K: int, grouped: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_B, num_warps, num_stages) of the one-token kernel for an (N, K) weight."""
-    bn, bb, w, st = _GEMV_OVERRIDE if _GEMV_OVERRIDE else (16, 4, 4, 3)
+    """(BLOCK_N, BLOCK_B, num_warps, num_stages) of the one-token kernel for an (N, K) weight.
+
+    From the H200 runs in the README: rows up to 1,024 wide (SmolLM2's 576) take 8 rows and 2 blocks
+    a program (576 x 576: 4.2 us W2A8 against 14 us with 16 rows and 4 blocks, which leave half the
+    step past the row's two blocks); wider rows 16 and 4 (4096 x 4096 W2A16: 10.6 us against 12.8)."""
+    if _GEMV_OVERRIDE:
+        bn, bb, w, st = _GEMV_OVERRIDE
+    else:
+        bn, bb, w, st = (8, 2, 4, 3) if K <= 1024 else (16, 4, 4, 3)
     return bn, 1 if grouped else bb, w, st
 
 
 def splitk_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_B, num_warps) of the split-K one-token W2A8 kernel."""
-    return tuple(_SPLITK_OVERRIDE) if _SPLITK_OVERRIDE else (32, 2, 4)
+    """(BLOCK_N, BLOCK_B, num_warps) of the split-K one-token W2A8 kernel: the fastest of 27 at 4096 x 4096
+    on an H200 (README), 16.3 us; the slowest of the fastest eight took 16.8."""
+    return tuple(_SPLITK_OVERRIDE) if _SPLITK_OVERRIDE else (32, 4, 4)
 
 
 _GEMV_OVERRIDE: list = []  # the benchmark's sweeps set configurations here

@@ -30,7 +30,10 @@ def absmax_quantize(x: torch.Tensor, qmax: float = 127.0, dim: int | None = -1, 
     """
     xf = x.detach().float()
     amax = xf.abs().amax() if dim is None else xf.abs().amax(dim=dim, keepdim=True)
-    scale = amax.clamp_min(eps) / qmax
+    # qmax as a tensor: a CUDA tensor divided by a Python number is multiplied by its reciprocal
+    # (not the same float32 as the division for qmax = 127 or 7), a tensor by a tensor is divided
+    # exactly, as on the CPU -- so the scale, and every kernel checked against it, is the same on both
+    scale = amax.clamp_min(eps) / torch.full_like(amax, qmax)
     q = torch.round(xf / scale).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
