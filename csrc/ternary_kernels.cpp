@@ -59,8 +59,11 @@ typedef void (*GeluFn)(const float* u, float* a, int64_t n);
 typedef void (*SiluMulFn)(const float* g, const float* u, float* a, int64_t n);
 // Softmax numerator of the decode attention: p[i] = exp(p[i] - mx); returns the sum.
 typedef float (*SoftmaxExpFn)(float* p, int64_t n, float mx);
-typedef float (*DotFn)(const float* a, const float* b, int64_t n);
-typedef void (*AxpyFn)(float* y, float a, const float* x, int64_t n);
+// The decode attention's two loops over the cache, one call per head: p[t] = (q . K[t]) * scale for
+// t < T (returns max p), and o = sum_t p[t] V[t]. Each element's operations are those of a dot
+// product and of axpys into a zeroed o, in t order, so every level keeps its own rounding.
+typedef float (*ScoresFn)(const float* q, const float* K, int64_t T, int64_t hs, float scale, float* p);
+typedef void (*WsumFn)(float* o, const float* p, const float* V, int64_t T, int64_t hs);
 
 struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
@@ -73,8 +76,8 @@ struct Isa {
   GeluFn gelu_tanh;  // the vector levels evaluate exp by a polynomial (|error| ~ 3e-7 against tanhf)
   SiluMulFn silu_mul;
   SoftmaxExpFn softmax_exp;
-  DotFn dot;    // float32 dot product and y += a x (the decode attention)
-  AxpyFn axpy;
+  ScoresFn scores;  // the decode attention: scores of one head, then its weighted sum of values
+  WsumFn wsum;
 };
 
 #define FILL_ROW(T, F, M) \
@@ -198,14 +201,21 @@ static void silu_mul(const float* g, const float* u, float* a, int64_t n) {
   for (int64_t i = 0; i < n; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-static float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-  return s;
+static float scores(const float* q, const float* K, int64_t T, int64_t hs, float scale, float* p) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < T; t++) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < hs; i++) s += q[i] * K[t * hs + i];
+    p[t] = s * scale;
+    mx = std::max(mx, p[t]);
+  }
+  return mx;
 }
 
-static void axpy(float* y, float a, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+static void wsum(float* o, const float* p, const float* V, int64_t T, int64_t hs) {
+  memset(o, 0, sizeof(float) * (size_t)hs);
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t i = 0; i < hs; i++) o[i] += p[t] * V[t * hs + i];
 }
 
 static float softmax_exp(float* p, int64_t n, float mx) {
@@ -224,8 +234,8 @@ static void fill(Isa& I) {
   I.gelu_tanh = gelu_tanh;
   I.silu_mul = silu_mul;
   I.softmax_exp = softmax_exp;
-  I.dot = dot;
-  I.axpy = axpy;
+  I.scores = scores;
+  I.wsum = wsum;
   FILL_TABLE(I.u8, tile_u8_generic);
   FILL_ROW1(I.fs8, tile_f_s8);
   I.dec2 = dec2;
