@@ -21,8 +21,9 @@ multiple of 64 (one 64-weight slice of a block then never straddles two groups; 
 may be partial); other group sizes raise ``TernlmError``.
 
 NOTE on numerics. W2A8 quantizes activations with the canonical torch quantizer
-(``ternlm.quant.activations.quantize_activations``; the one-token kernels repeat its float32 operations
-in the kernel, IEEE division and round half to even, and are tested bit for bit against it), accumulates int8 x ternary products exactly in int32, then computes
+(``ternlm.quant.activations.quantize_activations``; the one-token kernels repeat its float32
+operations in the kernel, IEEE division and round half to even, and are tested bit for bit against
+it), accumulates int8 x ternary products exactly in int32, then computes
 ``(acc * act_scale) * w_scale (+ bias)`` in float32 in the reference's order, compiled with FMA
 contraction off -- so per-tensor and per-channel outputs equal the reference bit for bit. Per-group
 scales fold each group's exact accumulator in as ``y = y + acc_g * s_g``, group by group, then
@@ -46,8 +47,8 @@ import os
 
 import torch
 
-from ternlm.errors import TernlmError
 from ternlm.config import QMAX
+from ternlm.errors import TernlmError
 from ternlm.quant.activations import ACT_EPS as _ACT_EPS
 from ternlm.quant.activations import quantize_activations
 from ternlm.quant.pack import BLOCK_BYTES_2BIT, QK_2BIT, packed_row_bytes
@@ -409,18 +410,21 @@ def splitk_config(N: int, K: int) -> tuple[int, int, int]:
 _GEMV_OVERRIDE: list = []  # the benchmark's sweeps set configurations here
 _SPLITK_OVERRIDE: list = []
 _SPLITK_ENABLED = True  # the benchmark turns it off to time the unsplit kernel beside it
-_SCRATCH: dict = {}  # device -> (float32 partial sums, int32 tickets), all zero between calls
+_SCRATCH: dict = {}  # (device, stream) -> (float32 partial sums, int32 tickets), all zero between calls
 _SCRATCH_KEEP: list = []  # outgrown scratch stays allocated: a captured CUDA graph may point at it
 
 
 def _scratch(device, n: int):
-    buf = _SCRATCH.get(device)
+    """The split-K kernel's scratch for this device and stream (kernels on one stream run one after
+    another, so they can share it; two streams must not)."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _SCRATCH.get(key)
     if buf is None or buf[0].numel() < n:
         if buf is not None:
             _SCRATCH_KEEP.append(buf)
         n = max(n, 1 << 16)
-        buf = _SCRATCH[device] = (torch.zeros(n, dtype=torch.float32, device=device),
-                                  torch.zeros(n, dtype=torch.int32, device=device))
+        buf = _SCRATCH[key] = (torch.zeros(n, dtype=torch.float32, device=device),
+                               torch.zeros(n, dtype=torch.int32, device=device))
     return buf
 
 

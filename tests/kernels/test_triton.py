@@ -244,3 +244,22 @@ def test_gemv_rounds_half_to_even_like_torch():
 def test_gemv_only_where_float_sums_stay_exact():
     assert tk.gemv_fits(132_000, 8) and not tk.gemv_fits(132_200, 8) and tk.gemv_fits(10**6, None)
     assert tk.gemv_config(4096, 4096, grouped=True)[1] == 1  # group folding walks one block a step
+
+
+@pytest.mark.parametrize("cfg", [(4, 1, 2), (16, 2, 4), (32, 4, 4)])
+@pytest.mark.parametrize("N,K", [(7, 256), (70, 1024), (33, 1536)])
+def test_splitk_a8_bitwise_equal_and_scratch_left_zero(N, K, cfg, monkeypatch):
+    # rows of whole 256-blocks, per tensor / per row: several programs per row block add partial sums
+    monkeypatch.setattr(tk, "_SPLITK_OVERRIDE", list(cfg))
+    codes, packed, x = _problem(1, N, K)
+    for scale in (torch.tensor(0.0371), torch.rand(N) + 0.05):
+        for bias in (None, torch.randn(N)):
+            for bits in (8, 4):
+                for _ in range(2):  # the second call relies on the first leaving the scratch zeroed
+                    got = tk.linear_a8_triton(x, packed, scale, K, bias, act_bits=bits)
+                    assert torch.equal(got, reference.linear_a8(x, packed, scale, K, "2bit", bits, bias))
+    part, cnt = tk._scratch(torch.device("cpu"), N)
+    assert not part.any() and not cnt.any()
+    # the unsplit kernel gives the same bits
+    monkeypatch.setattr(tk, "_SPLITK_ENABLED", False)
+    assert torch.equal(tk.linear_a8_triton(x, packed, scale, K, bias), reference.linear_a8(x, packed, scale, K, bias=bias))
