@@ -262,4 +262,5 @@ def test_splitk_a8_bitwise_equal_and_scratch_left_zero(N, K, cfg, monkeypatch):
     assert not part.any() and not cnt.any()
     # the unsplit kernel gives the same bits
     monkeypatch.setattr(tk, "_SPLITK_ENABLED", False)
-    assert torch.equal(tk.linear_a8_triton(x, packed, scale, K, bias), reference.linear_a8(x, packed, scale, K, bias=bias))
+    got = tk.linear_a8_triton(x, packed, scale, K, bias)
+    assert torch.equal(got, reference.linear_a8(x, packed, scale, K, bias=bias))
