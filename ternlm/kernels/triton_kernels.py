@@ -90,7 +90,6 @@ def _require_triton():
 @functools.lru_cache(maxsize=None)
 def _kernels(interpret: bool):
     """Build the jitted kernels; cached per interpreter mode, since ``triton.jit`` reads it once."""
-    del interpret  # only the cache key: triton.jit itself reads TRITON_INTERPRET
     triton, tl = _require_triton()
 
     # 2-bit layout (ternlm.quant.pack.pack_2bit), one block = 256 weights of a row in 64 bytes.
@@ -107,6 +106,58 @@ def _kernels(interpret: bool):
     # 2 * (j // 16) per weight. Row padding past in_features stores 1 (code 0) and the activations
     # there load as 0. Rows past N load 0x55 = 01 01 01 01 (four code-0 weights); their outputs are
     # masked off anyway.
+    #
+    # Helpers shared by the kernels below, which reach them (and tl) through their closure.
+    @triton.jit
+    def plane_bytes(p, NP, rj):
+        # byte offsets within a row, and shifts, of the 64 codes of plane p (rj = 0..63)
+        full = p < NP // 4 * 4
+        boff = tl.where(full, (p // 4) * 64 + rj, NP // 4 * 64 + (p - NP // 4 * 4) * 16 + rj % 16)
+        shift = tl.where(full, 2 * (p % 4) + rj * 0, 2 * (rj // 16)).to(tl.uint8)
+        return boff, shift
+
+    @triton.jit
+    def group_end(p, NP, GS, G, s_ptr, rn, n_ok):
+        # whether a group ends with plane p (at a group's end, or at the row's last plane: a partial
+        # last group), and the scales of p's group for rows rn; planes in the padding past K hold 0
+        # and flush 0 * the last group's scale
+        flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
+        gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
+        return flush, gs
+
+    @triton.jit
+    def token_scale(x_ptr, K, eps, qmax, BLOCK_X: tl.constexpr):
+        # the canonical quantizer's scale of one token: max(absmax, eps) / qmax, IEEE division
+        amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_X):
+            kx = k0 + tl.arange(0, BLOCK_X)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
+        return tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
+
+    @triton.jit
+    def quantize(xv, xscale, qmax):
+        # round(x / scale) clamped to +-qmax, as floats: IEEE division, round half to even by adding
+        # and taking away 1.5 * 2**23 (exact for |x / scale| <= qmax)
+        xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(xv, -qmax), qmax)
+
+    @triton.jit
+    def row_epilogue(acc, xscale, s_ptr, b_ptr, rn, n_ok, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # one token's outputs in the reference's order: (acc * act_scale) * w_scale (+ bias); per
+        # group (SCALE_MODE 2) acc already holds the scaled groups
+        y = acc * xscale
+        if SCALE_MODE == 0:
+            y = y * tl.load(s_ptr)
+        elif SCALE_MODE == 1:
+            y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
+        return y
+
+    if interpret:  # the interpreter re-executes kernel source against the module's globals, not the closure
+        globals().update(plane_bytes=plane_bytes, group_end=group_end, token_scale=token_scale, quantize=quantize,
+                         row_epilogue=row_epilogue)
+
     @triton.jit
     def w2a8_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
                     stride_qm, stride_qk, stride_wn, stride_ym,
@@ -127,22 +178,15 @@ def _kernels(interpret: bool):
         accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per group: sum of scaled groups
         NP = tl.cdiv(K, 64)  # 64-weight planes of a row: NP // 4 full blocks, then NP % 4 tail planes
         for p in range(0, NP):
-            full = p < NP // 4 * 4
-            boff = tl.where(full, (p // 4) * 64 + rj, NP // 4 * 64 + (p - NP // 4 * 4) * 16 + rj % 16)
-            shift = tl.where(full, 2 * (p % 4) + rj * 0, 2 * (rj // 16)).to(tl.uint8)
+            boff, shift = plane_bytes(p, NP, rj)
             wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
             k0 = p * 64
             kk = k0 + rj
             xq = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
             w = ((wb >> shift[:, None]) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes of plane p
             acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
-            if SCALE_MODE == 2:
-                # a group ends after this plane: fold its exact accumulator in, scaled
-                # (planes in the padding past K hold 0 and flush 0 * the last group's scale)
-                grp = tl.minimum(k0 // GS, G - 1)
-                # flush at a group's end, and at the row's last plane (a partial last group)
-                flush = ((k0 + 64) % GS == 0) | (p == NP - 1)
-                gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+            if SCALE_MODE == 2:  # a group ends after this plane: fold its exact accumulator in, scaled
+                flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
                 accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
                 acc = tl.where(flush, 0, acc)
         xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
@@ -179,9 +223,7 @@ def _kernels(interpret: bool):
         accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         NP = tl.cdiv(K, 64)
         for p in range(0, NP):
-            full = p < NP // 4 * 4
-            boff = tl.where(full, (p // 4) * 64 + rj, NP // 4 * 64 + (p - NP // 4 * 4) * 16 + rj % 16)
-            shift = tl.where(full, 2 * (p % 4) + rj * 0, 2 * (rj // 16)).to(tl.uint8)
+            boff, shift = plane_bytes(p, NP, rj)
             wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
             k0 = p * 64
             kk = k0 + rj
@@ -192,9 +234,7 @@ def _kernels(interpret: bool):
             else:
                 acc = tl.dot(xt, w.to(xt.dtype), acc)
             if SCALE_MODE == 2:
-                grp = tl.minimum(k0 // GS, G - 1)
-                flush = ((k0 + 64) % GS == 0) | (p == NP - 1)
-                gs = tl.load(s_ptr + rn * G + grp, mask=n_ok, other=0.0)
+                flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
                 accf = tl.where(flush, accf + acc * gs[None, :], accf)
                 acc = tl.where(flush, 0.0, acc)
         if SCALE_MODE == 0:
@@ -226,11 +266,7 @@ def _kernels(interpret: bool):
         w_rows = w_ptr + rn.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
         xscale = 1.0
         if QUANT:
-            amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_X):
-                kx = k0 + tl.arange(0, BLOCK_X)
-                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
-            xscale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
+            xscale = token_scale(x_ptr, K, eps, qmax, BLOCK_X)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)   # this group's (or the row's) sum
         accf = tl.zeros((BLOCK_N,), dtype=tl.float32)  # per group: sum of scaled groups
         NP = tl.cdiv(K, 64)  # 64-weight planes: NP // 4 full blocks, then NP % 4 tail planes
@@ -244,43 +280,31 @@ def _kernels(interpret: bool):
                 kk = blk * 256 + s * 64 + ri % 64
                 xv = tl.load(x_ptr + kk, mask=b_ok & (kk < K), other=0.0).to(tl.float32)
                 if QUANT:
-                    # round half to even: adding and taking away 1.5 * 2**23 (|x / scale| <= qmax)
-                    xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
-                    xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+                    xv = quantize(xv, xscale, qmax)
                 c = ((wb >> (2 * s)) & 3).to(tl.float32) - 1.0
                 acc += tl.sum(c * xv[None, :], axis=1)
                 if SCALE_MODE == 2:  # one block a step (the wrapper sets BLOCK_B = 1): fold at group ends
-                    p = b0 * 4 + s
-                    flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
-                    gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
+                    flush, gs = group_end(b0 * 4 + s, NP, GS, G, s_ptr, rn, n_ok)
                     accf = tl.where(flush, accf + acc * gs, accf)
                     acc = tl.where(flush, 0.0, acc)
-        # tail planes: 16 bytes each, byte j holding weights j + 16 * s
+        # tail planes (16 bytes each), one a step
         rj = tl.arange(0, 64)
         for p in range(NB * 4, NP):
-            wb = tl.load(w_rows + (NB * 64 + (p - NB * 4) * 16 + rj % 16)[None, :], mask=n_ok[:, None], other=0x55)
+            boff, shift = plane_bytes(p, NP, rj)
+            wb = tl.load(w_rows + boff[None, :], mask=n_ok[:, None], other=0x55)
             kk = p * 64 + rj
             xv = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             if QUANT:
-                xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
-                xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
-            c = ((wb >> (2 * (rj // 16)).to(tl.uint8)[None, :]) & 3).to(tl.float32) - 1.0
+                xv = quantize(xv, xscale, qmax)
+            c = ((wb >> shift[None, :]) & 3).to(tl.float32) - 1.0
             acc += tl.sum(c * xv[None, :], axis=1)
             if SCALE_MODE == 2:
-                flush = ((p * 64 + 64) % GS == 0) | (p == NP - 1)
-                gs = tl.load(s_ptr + rn * G + tl.minimum(p * 64 // GS, G - 1), mask=n_ok, other=0.0)
+                flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
                 accf = tl.where(flush, accf + acc * gs, accf)
                 acc = tl.where(flush, 0.0, acc)
-        # the reference's epilogue: (acc * act_scale) * w_scale (+ bias); per group accf * act_scale
-        if SCALE_MODE == 0:
-            y = acc * xscale * tl.load(s_ptr)
-        elif SCALE_MODE == 1:
-            y = acc * xscale * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
-        else:
-            y = accf * xscale
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
-        tl.store(y_ptr + rn, y, mask=n_ok)
+        if SCALE_MODE == 2:
+            acc = accf
+        tl.store(y_ptr + rn, row_epilogue(acc, xscale, s_ptr, b_ptr, rn, n_ok, SCALE_MODE, HAS_BIAS), mask=n_ok)
 
     @triton.jit
     def gemv_splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr, N, K, stride_wn, eps, qmax,
@@ -303,17 +327,11 @@ def _kernels(interpret: bool):
         b_ok = blk < K // 256
         wb = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + (blk * 64 + ri % 64)[None, :],
                      mask=n_ok[:, None] & b_ok[None, :], other=0x55)
-        amax = tl.zeros((BLOCK_X,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_X):
-            kx = k0 + tl.arange(0, BLOCK_X)
-            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)))
-        xscale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), eps), qmax)
+        xscale = token_scale(x_ptr, K, eps, qmax, BLOCK_X)
         part = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for s in tl.static_range(4):
             kk = blk * 256 + s * 64 + ri % 64
-            xv = tl.load(x_ptr + kk, mask=b_ok, other=0.0).to(tl.float32)
-            xv = (tl.math.div_rn(xv, xscale) + 12582912.0) - 12582912.0
-            xv = tl.minimum(tl.maximum(xv, -qmax), qmax)
+            xv = quantize(tl.load(x_ptr + kk, mask=b_ok, other=0.0).to(tl.float32), xscale, qmax)
             c = ((wb >> (2 * s)) & 3).to(tl.float32) - 1.0
             part += tl.sum(c * xv[None, :], axis=1)
         tl.atomic_add(part_ptr + rn, part, mask=n_ok, sem="relaxed")
@@ -322,13 +340,7 @@ def _kernels(interpret: bool):
             acc = tl.atomic_add(part_ptr + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_ok, sem="relaxed")
             tl.store(part_ptr + rn, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_ok)  # no one else reads them now
             tl.store(cnt_ptr + pid_n, 0)
-            if SCALE_MODE == 0:
-                y = acc * xscale * tl.load(s_ptr)
-            else:
-                y = acc * xscale * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
-            if HAS_BIAS:
-                y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)
-            tl.store(y_ptr + rn, y, mask=n_ok)
+            tl.store(y_ptr + rn, row_epilogue(acc, xscale, s_ptr, b_ptr, rn, n_ok, SCALE_MODE, HAS_BIAS), mask=n_ok)
 
     return w2a8_kernel, w2a16_kernel, gemv_kernel, gemv_splitk_kernel
 
