@@ -168,7 +168,7 @@ def sweep_gemv(n: int = 4096, k: int = 4096, configs=None) -> list[dict]:
                              GBps=n * k / 4 / us / 1e3))
         tk._SPLITK_ENABLED = False
         us = run()
-        bn, bb, w, _ = tk.gemv_config(n, k, False)
+        bn, bb, w, _ = tk.gemv_config(k, False)
         rows.append(dict(kernel="rows", BLOCK_N=bn, BLOCK_B=bb, warps=w, us=us, GBps=n * k / 4 / us / 1e3))
     finally:
         tk._SPLITK_OVERRIDE.clear()

@@ -400,8 +400,8 @@ def _tiles(M: int, N: int) -> tuple[int, int, int]:
 GEMV_BLOCK_X = 4096  # most activations per step of the in-kernel absmax (one step up to K = 4096)
 
 
-def gemv_config(N: int, K: int, grouped: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_B, num_warps, num_stages) of the one-token kernel for an (N, K) weight.
+def gemv_config(K: int, grouped: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_B, num_warps, num_stages) of the one-token kernel for rows K weights wide.
 
     From the H200 runs in the README: rows up to 1,024 wide (SmolLM2's 576) take 8 rows and 2 blocks
     a program (576 x 576: 4.2 us W2A8 against 14 us with 16 rows and 4 blocks, which leave half the
@@ -413,7 +413,7 @@ def gemv_config(N: int, K: int, grouped: bool) -> tuple[int, int, int, int]:
     return bn, 1 if grouped else bb, w, st
 
 
-def splitk_config(N: int, K: int) -> tuple[int, int, int]:
+def splitk_config() -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_B, num_warps) of the split-K one-token W2A8 kernel: the fastest of 27 at 4096 x 4096
     on an H200 (README), 16.3 us; the slowest of the fastest eight took 16.8."""
     return tuple(_SPLITK_OVERRIDE) if _SPLITK_OVERRIDE else (32, 4, 4)
@@ -457,14 +457,14 @@ def _gemv(x, packed, mode, groups, gsize, s, b, in_features, qmax):
     y = torch.empty(1, N, dtype=torch.float32, device=x.device)
     bx = min(GEMV_BLOCK_X, _next_pow2(in_features))
     if _SPLITK_ENABLED and qmax is not None and mode != 2 and in_features % 256 == 0:
-        bn, bb, warps = splitk_config(N, in_features)
+        bn, bb, warps = splitk_config()
         part, cnt = _scratch(x.device, N)
         grid = (-(-N // bn), -(-(in_features // 256) // bb))
         kernels[3][grid](xr, packed, s, b if b is not None else s, y, part, cnt, N, in_features, packed.stride(0),
                          _ACT_EPS, qmax, SCALE_MODE=mode, HAS_BIAS=b is not None, BLOCK_N=bn, BLOCK_B=bb,
                          BLOCK_X=bx, num_warps=warps, num_stages=1, enable_fp_fusion=False)
         return y
-    bn, bb, warps, stages = gemv_config(N, in_features, mode == 2)
+    bn, bb, warps, stages = gemv_config(in_features, mode == 2)
     kernels[2][(-(-N // bn),)](xr, packed, s, b if b is not None else s, y, N, in_features, groups, gsize,
                                packed.stride(0), _ACT_EPS, qmax or 1.0,
                                QUANT=qmax is not None, SCALE_MODE=mode, HAS_BIAS=b is not None,

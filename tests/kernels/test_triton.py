@@ -243,7 +243,7 @@ def test_gemv_rounds_half_to_even_like_torch():
 
 def test_gemv_only_where_float_sums_stay_exact():
     assert tk.gemv_fits(132_000, 8) and not tk.gemv_fits(132_200, 8) and tk.gemv_fits(10**6, None)
-    assert tk.gemv_config(4096, 4096, grouped=True)[1] == 1  # group folding walks one block a step
+    assert tk.gemv_config(4096, grouped=True)[1] == 1  # group folding walks one block a step
 
 
 @pytest.mark.parametrize("cfg", [(4, 1, 2), (16, 2, 4), (32, 4, 4)])
