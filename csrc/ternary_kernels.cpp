@@ -70,6 +70,7 @@ struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
   TileI pl[4][4];   // the same, one sum per 64-weight plane: out[(b * 4 + s) * 16 + m * 4 + r]
   TileG pg1;        // the same with the per-group float epilogue, one token x 4 rows
+  TileG pg64;       // pg1 for groups of exactly 64 with G == np (ppg 1), or null: the VNNI level's
   TileI u8[4][4];   // decoded u8 weights, int8 activations
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
@@ -685,7 +686,8 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
         const int nr = (int)std::min<int64_t>(4, j.N - n0);
         if (j.M == 1 && nr == 4) {  // decode: the epilogue in the tile
           float y[16];
-          j.I->pg1(j.w + n0 * j.wrow, j.wrow, j.xq, np, ppg, G, j.xgsum, j.ws + n0 * G, y);
+          const TileG tile = ppg == 1 && G == np && j.I->pg64 ? j.I->pg64 : j.I->pg1;
+          tile(j.w + n0 * j.wrow, j.wrow, j.xq, np, ppg, G, j.xgsum, j.ws + n0 * G, y);
           a8g_store(j, 0, n0, 1, 4, y);
           continue;
         }
