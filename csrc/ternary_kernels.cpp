@@ -311,37 +311,61 @@ static void init_isas() {
 // shared machine a team thread that cannot get a core holds that barrier for a full scheduler
 // slice (measured 4-8 ms per call on a busy 2-core VM, against a 20-500 us kernel). Here a
 // thread that does not show up costs nothing: the caller does its share.
+//
+// A decode step hands ~120 GEMVs of 2-10 us each to the pool, so the hand-off itself must cost
+// little more than a cache-line transfer:
+//   - jobs live in a ring of slots inside the pool (no allocation) and are published with one
+//     atomic store of the generation; the mutex and condition variable are touched only when a
+//     worker has gone to sleep;
+//   - the tasks are split into one contiguous range per thread, each with its own claim counter on
+//     its own cache line: a thread claims from its range without contention (and streams contiguous
+//     rows), then takes what is left of the others' ranges. A helper that never shows up has its
+//     whole range done by the caller.
 
-struct Job {
-  void (*fn)(void*, int64_t);
-  void* ctx;
-  int64_t n;
-  int max_helpers;
+static const int POOL_SLOTS = 8;
+static const int MAX_RANGES = 64;  // more threads than this share ranges
+
+struct alignas(64) Range {
   std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<int> helpers{0};
-  std::atomic<int> refs{1};  // the caller + every pool thread that picked the job up
+  int64_t end = 0;
 };
 
-static void job_release(Job* j) {
-  if (j->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete j;
-}
+struct Job {
+  void (*fn)(void*, int64_t) = nullptr;
+  void* ctx = nullptr;
+  int64_t n = 0;
+  int nranges = 0;
+  int max_helpers = 0;
+  std::atomic<uint64_t> stamp{0};  // the generation this slot serves; 0 while it is being refilled
+  std::atomic<int> refs{0};        // threads inside the job, the caller included
+  std::atomic<int> helpers{0};
+  Range range[MAX_RANGES];
+  alignas(64) std::atomic<int64_t> done{0};  // tasks finished, added once per thread when it stops
+};
 
-static void job_work(Job* j) {
-  for (;;) {
-    const int64_t i = j->next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= j->n) break;
-    j->fn(j->ctx, i);
-    j->done.fetch_add(1, std::memory_order_release);
+// Thread t works through range t, then through what is left of the others.
+static void job_work(Job* j, int t) {
+  int64_t ran = 0;
+  const int R = j->nranges;
+  for (int k = 0; k < R; k++) {
+    Range& r = j->range[(t + k) % R];
+    for (;;) {
+      const int64_t i = r.next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= r.end) break;
+      j->fn(j->ctx, i);
+      ran++;
+    }
   }
+  if (ran) j->done.fetch_add(ran, std::memory_order_release);
 }
 
 struct Pool {
-  std::mutex mu;
+  Job slots[POOL_SLOTS];
+  alignas(64) std::atomic<uint64_t> gen{0};  // the newest published job is slots[gen % POOL_SLOTS]
+  std::atomic<int> sleepers{0};
+  std::mutex call_mu;  // orders concurrent callers' publications (uncontended in a decode loop)
+  std::mutex mu;       // sleeping workers only
   std::condition_variable cv;
-  Job* job = nullptr;
-  uint64_t gen = 0;
-  std::atomic<uint64_t> gen_seen{0};  // lock-free copy of gen for the short spin
   int nthreads = 0;
 };
 
@@ -349,9 +373,9 @@ static Pool* g_pool = nullptr;
 static long g_pool_pid = 0;
 
 // Pause iterations a worker spins before sleeping (~0.3 ms). A decode step runs a kernel, then
-// a few tens of microseconds of torch ops (LayerNorm, attention) single-threaded, then the next
-// kernel: a worker that stays awake across those gaps joins at once instead of paying a futex
-// wake-up per layer, while the core it holds would otherwise sit idle anyway.
+// a few microseconds of norms and attention single-threaded, then the next kernel: a worker that
+// stays awake across those gaps joins at once instead of paying a futex wake-up per layer, while
+// the core it holds would otherwise sit idle anyway.
 #ifndef TL_POOL_SPIN
 #define TL_POOL_SPIN 20000
 #endif
@@ -359,23 +383,32 @@ static long g_pool_pid = 0;
 static void pool_worker(Pool* p) {
   uint64_t seen = 0;
   for (;;) {
-    // spin briefly (back-to-back layer calls), then sleep until the next job
-    for (int spin = 0; spin < TL_POOL_SPIN && p->gen_seen.load(std::memory_order_acquire) == seen; spin++) {
+    uint64_t g = p->gen.load(std::memory_order_acquire);
+    for (int spin = 0; g == seen && spin < TL_POOL_SPIN; spin++) {
 #if TL_X86
       _mm_pause();
 #endif
+      g = p->gen.load(std::memory_order_acquire);
     }
-    Job* j;
-    {
+    if (g == seen) {
+      // NOTE: sleepers is raised before gen is read again under the mutex, and a caller stores gen
+      // before it reads sleepers (both sequentially consistent): a caller that sees no sleeper
+      // published before this worker's check, which then sees the new generation.
       std::unique_lock<std::mutex> lk(p->mu);
-      p->cv.wait(lk, [&] { return p->gen != seen; });
-      seen = p->gen;
-      j = p->job;
-      if (!j) continue;
-      j->refs.fetch_add(1, std::memory_order_relaxed);
+      p->sleepers.fetch_add(1);
+      p->cv.wait(lk, [&] { return p->gen.load() != seen; });
+      p->sleepers.fetch_sub(1);
+      g = p->gen.load(std::memory_order_acquire);
     }
-    if (j->helpers.fetch_add(1, std::memory_order_relaxed) < j->max_helpers) job_work(j);
-    job_release(j);
+    seen = g;
+    Job* j = &p->slots[g % POOL_SLOTS];
+    j->refs.fetch_add(1);
+    // the slot may already serve a newer job, or be refilled: join only the generation seen
+    if (j->stamp.load() == g) {
+      const int h = j->helpers.fetch_add(1, std::memory_order_relaxed);
+      if (h < j->max_helpers) job_work(j, h + 1);
+    }
+    j->refs.fetch_sub(1, std::memory_order_release);
   }
 }
 
@@ -424,29 +457,45 @@ static void parallel_for(int64_t n, int nth, const F& f) {
   // Concurrent callers (GIL released) are safe: each finishes its own job, a newer job only
   // takes the pool's attention away from an older one.
   Pool* p = pool_get(nth - 1);
-  Job* j = new Job();
-  j->fn = call_task<F>;
-  j->ctx = (void*)&f;
-  j->n = n;
-  j->max_helpers = nth - 1;
+  Job* j;
+  uint64_t g;
   {
-    std::lock_guard<std::mutex> lk(p->mu);
-    p->job = j;
-    p->gen++;
-    p->gen_seen.store(p->gen, std::memory_order_release);
+    std::lock_guard<std::mutex> lk(p->call_mu);
+    g = p->gen.load(std::memory_order_relaxed) + 1;
+    j = &p->slots[g % POOL_SLOTS];
+    // retire the slot (POOL_SLOTS jobs old): no thread may still be inside it when it is refilled
+    j->stamp.store(0);
+    while (j->refs.load(std::memory_order_acquire) != 0) {
+#if TL_X86
+      _mm_pause();
+#endif
+    }
+    j->fn = call_task<F>;
+    j->ctx = (void*)&f;
+    j->n = n;
+    j->max_helpers = nth - 1;
+    j->nranges = std::min(nth, MAX_RANGES);
+    for (int k = 0; k < j->nranges; k++) {
+      j->range[k].next.store(n * k / j->nranges, std::memory_order_relaxed);
+      j->range[k].end = n * (k + 1) / j->nranges;
+    }
+    j->helpers.store(0, std::memory_order_relaxed);
+    j->done.store(0, std::memory_order_relaxed);
+    j->refs.fetch_add(1);
+    j->stamp.store(g);
+    p->gen.store(g);
   }
-  p->cv.notify_all();
-  job_work(j);
+  if (p->sleepers.load() > 0) {
+    { std::lock_guard<std::mutex> lk(p->mu); }
+    p->cv.notify_all();
+  }
+  job_work(j, 0);
   while (j->done.load(std::memory_order_acquire) < n) {  // only tasks already running elsewhere
 #if TL_X86
     _mm_pause();
 #endif
   }
-  {
-    std::lock_guard<std::mutex> lk(p->mu);
-    if (p->job == j) p->job = nullptr;
-  }
-  job_release(j);
+  j->refs.fetch_sub(1, std::memory_order_release);
 }
 
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
