@@ -121,11 +121,24 @@ def test_thread_count_does_not_change_results():
     codes, packed, x = _problem(9, 301, 1000, "2bit")
     scale = torch.rand(301)
     outs = []
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, 70):  # 70: more threads than the pool's task ranges (64), so some share one
         _ext.set_num_threads(n)
         outs.append(ops.linear_a8(x, packed, scale, 1000))
     _ext.set_num_threads(None)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_pool_slots_are_reused_safely():
+    # many more jobs than the pool's ring of job slots, back to back, each with its own inputs
+    x, packed, scale, _ = _big_job()
+    xs = [x * (i + 1) for i in range(40)]
+    want = [reference.linear_a8(xi, packed, scale, 768) for xi in xs]
+    _ext.set_num_threads(2)
+    try:
+        got = [ops.linear_a8(xi, packed, scale, 768) for xi in xs]
+    finally:
+        _ext.set_num_threads(None)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def _big_job():
