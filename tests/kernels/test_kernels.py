@@ -74,6 +74,20 @@ def test_accumulators_exact(level, fmt, M, N, K):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("M,N,K", [(1, 9, 2048), (1, 5, 960), (3, 6, 1000)])
+def test_accumulators_exact_at_the_int8_extremes(level, fmt, M, N, K):
+    # int8 -128 against code +1 everywhere: the largest partial sums any tile keeps in int16
+    g = torch.Generator().manual_seed(M + N + K)
+    codes = torch.randint(-1, 2, (N, K), generator=g).to(torch.int8)
+    codes[0] = 1
+    q = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+    q[0] = -128
+    expect = reference.a8_accumulators(q, codes)
+    assert expect[0, 0] == -128 * K
+    assert torch.equal(ops.a8_accumulators(q, pack(codes, fmt), K, fmt), expect)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_linear_a8_bitwise_equal(level, fmt, M, N, K, granularity):

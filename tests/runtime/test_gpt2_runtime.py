@@ -175,6 +175,20 @@ def test_int8_head_kernel_exact(level, M, N, K):
                                atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("M,N,K", HEAD_SHAPES)
+def test_int8_accumulators_exact_over_the_whole_int8_range(level, M, N, K):
+    # -128 on both sides, and rows of all -128 against all -128 (the largest products there are)
+    g = torch.Generator().manual_seed(7 * M + N + K)
+    q = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0] = -128
+    w[0] = -128
+    expect = q.to(torch.int64) @ w.to(torch.int64).T
+    assert expect[0, 0] == 128 * 128 * K
+    got = ops.int8_accumulators(ops.pad_int8_rows(q), ops.pad_int8_rows(w))
+    assert torch.equal(got.to(torch.int64), expect)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", HEAD_SHAPES)
 def test_float_head_kernel(level, dtype, M, N, K):
