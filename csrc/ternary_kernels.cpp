@@ -70,7 +70,7 @@ struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
   TileI pl[4][4];   // the same, one sum per 64-weight plane: out[(b * 4 + s) * 16 + m * 4 + r]
   TileG pg1;        // the same with the per-group float epilogue, one token x 4 rows
-  TileG pg64;       // pg1 for groups of exactly 64 with G == np (ppg 1), or null: the VNNI level's
+  TileG pg64;       // pg1 for groups of exactly 64 with G == np (ppg 1), or null (the scalar level)
   TileI u8[4][4];   // decoded u8 weights, int8 activations
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
@@ -290,6 +290,7 @@ static void init_isas() {
   memcpy(g_isa[LV_AVX512].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
   memcpy(g_isa[LV_VNNI].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
   g_isa[LV_AVX512].pg1 = g_isa[LV_VNNI].pg1 = g_isa[LV_AVX2].pg1;
+  g_isa[LV_AVX512].pg64 = g_isa[LV_AVX2].pg64;  // VNNI has its own
   // the activations: 8-wide AVX2 code at every vector level
   g_isa[LV_AVX512].gelu_tanh = g_isa[LV_VNNI].gelu_tanh = g_isa[LV_AVX2].gelu_tanh;
   g_isa[LV_AVX512].silu_mul = g_isa[LV_VNNI].silu_mul = g_isa[LV_AVX2].silu_mul;
