@@ -728,7 +728,8 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
     // summed into their group's exact int32 accumulator, then the float epilogue as above. At every
     // batch size: decoding the rows to u8 first and calling the u8 tile once per group (below) has a
     // call, 16 zeroed accumulators and 16 reductions per group (AVX2, SmolLM2 groups of 64, prefill
-    // of 16 / 128 / 512 tokens: 274 / 325 / 268 tok/s that way, 351 / 426 / 362 this way).
+    // of 16 / 128 / 512 tokens, best of 5, two runs: 190-274 / 294-325 / 257-268 tok/s that way,
+    // 351-356 / 411-426 / 356-362 this way).
     const int64_t np = j.Kp / 64, ppg = gp.g / 64, G = gp.G;
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
     int failed = 0;
