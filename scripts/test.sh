@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
-extras="dev"
-if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,bnb,triton"; fi
+extras="dev,eval"
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,eval,bnb,triton"; fi
 "$PY" -m pip install --quiet -e ".[${extras}]"
 "$PY" -m pytest -q "$@"

