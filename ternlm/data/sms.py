@@ -234,6 +234,21 @@ def load_sms_spam(source: str | Path = DEFAULT_SOURCE, *, fmt: str | None = None
     return _load_hub(str(source), text_column, label_column)
 
 
+def dedupe(ds: SpamDataset) -> tuple[SpamDataset, int]:
+    """The data set with every exact duplicate message dropped (the first copy kept), and how many
+    were dropped. Split after this, so that no message is in both the training and the test split
+    (the SMS collection holds ~400 repeated messages; split as they are, ~2% of a test split is
+    training data). Messages that differ only in surrounding whitespace count as the same."""
+    seen: set[str] = set()
+    keep = []
+    for i, t in enumerate(ds.texts):
+        key = t.strip()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return ds.select(keep), len(ds) - len(keep)
+
+
 def split_dataset(ds: SpamDataset, *, val_fraction: float = 0.1, test_fraction: float = 0.15,
                   seed: int = 0) -> tuple[SpamDataset, SpamDataset, SpamDataset]:
     """Stratified train/val/test split; the same seed always gives the same split."""
