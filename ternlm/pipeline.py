@@ -56,6 +56,11 @@ class PipelineConfig:
     ternary: TernaryConfig = field(default_factory=TernaryConfig)
     limit_train: int | None = None       # stratified subsample of the training split (quick runs)
     limit_test: int | None = None
+    limit_val: int | None = 300          # stratified subsample of the validation split (recipe choices)
+    dedupe: bool = True                  # drop exact duplicate messages before splitting (no test message in train)
+    # QAT recipes tried on the validation split, "init@lr" (init: ptbitnet or absmean); the best
+    # validation F1 becomes ternary_qat. Empty: the one recipe qat_init / qat_lr, no choice made.
+    qat_select: tuple = ()
     eval_batch_size: int = 32
     # perplexity
     ppl_max_length: int = 256
@@ -88,12 +93,16 @@ class PipelineConfig:
     distill_lr: float = 1e-3
     distill_batch_size: int = 2
     distill_block_size: int = 128
+    # zero-shot tasks (ternlm.eval.zeroshot) for every LM variant: first N documents per task, 0 = skip
+    zeroshot_limit: int = 0
+    zeroshot_tasks: str = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq"
+    zeroshot_tasks_dir: str | None = None
     progress: bool = True
 
     def __post_init__(self):
         if self.qat_seeds < 1:
             raise TernlmError("qat_seeds must be >= 1")
-        for name in ("limit_train", "limit_test", "ppl_windows", "robustness_limit"):
+        for name in ("limit_train", "limit_test", "limit_val", "ppl_windows", "robustness_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise TernlmError(f"{name} must be >= 1")
@@ -113,9 +122,36 @@ class PipelineConfig:
             self.ptbitnet_config(self.ptb_calib_tokens)  # validates the pt-bitnet settings now
         self.prompts = tuple(self.prompts)
         self.baselines = tuple(self.baselines)
+        self.qat_select = tuple(self.qat_select)
+        for c in self.qat_select:
+            init, lr = self.qat_recipe(c)
+            if init == "ptbitnet" and not self.ptbitnet:
+                raise TernlmError(f"QAT recipe {c!r} starts from pt-bitnet; drop --no-ptbitnet")
+        if self.zeroshot_limit < 0:
+            raise TernlmError("zeroshot_limit must be >= 0")
+        if self.zeroshot_limit:
+            self.zeroshot_config()  # unknown task names fail now
         for b in self.baselines:
             if b not in BASELINES:
                 raise TernlmError(f"unknown baseline method {b!r}; choose from {', '.join(BASELINES)}")
+
+    @staticmethod
+    def qat_recipe(spec: str) -> tuple[str, float]:
+        """``"ptbitnet@1e-4"`` -> ("ptbitnet", 1e-4)."""
+        init, _, lr = str(spec).partition("@")
+        try:
+            value = float(lr)
+        except ValueError:
+            value = -1.0
+        if init not in ("ptbitnet", "absmean") or not value > 0:
+            raise TernlmError(f"bad QAT recipe {spec!r}: expected INIT@LR with INIT ptbitnet or absmean, e.g. "
+                              f"ptbitnet@1e-4")
+        return init, value
+
+    def zeroshot_config(self):
+        from ternlm.eval.zeroshot import ZeroShotConfig
+
+        return ZeroShotConfig(tasks=self.zeroshot_tasks, limit=self.zeroshot_limit, tasks_dir=self.zeroshot_tasks_dir)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -137,8 +173,9 @@ class PipelineConfig:
             return "ptbitnet" if self.ptbitnet else "absmean"
         return self.qat_init
 
-    def classifier_train(self, qat: bool, seed: int) -> ClassifierTrainConfig:
-        return ClassifierTrainConfig(epochs=self.qat_epochs if qat else self.epochs, lr=self.qat_lr if qat else self.lr,
+    def classifier_train(self, qat: bool, seed: int, lr: float | None = None) -> ClassifierTrainConfig:
+        lr = lr if lr is not None else (self.qat_lr if qat else self.lr)
+        return ClassifierTrainConfig(epochs=self.qat_epochs if qat else self.epochs, lr=lr,
                                      batch_size=self.batch_size, max_length=self.max_length, seed=seed)
 
 
@@ -203,16 +240,31 @@ def _latency(model, tok, test, cfg: PipelineConfig) -> dict:
             "latency_batch32": latency_per_message(model, tok, texts, batch_size=32, max_length=cfg.max_length)}
 
 
-def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
+def _val_metrics(model, tok, val, cfg) -> dict:
+    """Metrics on the validation split: what recipe choices are made on (never the test split)."""
+    from ternlm.eval.classification import evaluate_classifier
+
+    if not len(val):
+        return {}
+    res = evaluate_classifier(model, tok, val.texts, val.labels, progress=False, batch_size=cfg.eval_batch_size,
+                              max_length=cfg.max_length)
+    return {k: res[k] for k in ("accuracy", "precision", "recall", "f1") if k in res} | {"n": len(val)}
+
+
+def _evaluate_variant(name, model, tok, test, cfg, targets, val=None) -> dict:
     from ternlm.eval.classification import evaluate_classifier
     from ternlm.eval.cost import current_rss_mb, model_bytes, release_freed_memory
     from ternlm.eval.robustness import robustness_eval
+    from ternlm.eval.zeroshot import describe_model
     from ternlm.nn.verify import verify
 
     t0 = time.perf_counter()
     ev = dict(batch_size=cfg.eval_batch_size, max_length=cfg.max_length)
     res = evaluate_classifier(model, tok, test.texts, test.labels, progress=cfg.progress, **ev)
     res.update(_describe_variant(model))
+    res["numerics"] = describe_model(model)["precision"]
+    if val is not None:
+        res["val"] = _val_metrics(model, tok, val, cfg)
     release_freed_memory()
     res["cost"] = {**_latency(model, tok, test, cfg), "model_bytes_in_memory": model_bytes(model),
                    "rss_mb": current_rss_mb()}
@@ -225,8 +277,9 @@ def _evaluate_variant(name, model, tok, test, cfg, targets) -> dict:
             lambda t, l: evaluate_classifier(model, tok, t, l, progress=False, **ev),
             rt, rl, seed=cfg.seed, rate=cfg.robustness_rate)
     res["eval_seconds"] = time.perf_counter() - t0
-    _log(cfg, f"{name}: acc={res['accuracy']:.4f} f1={res['f1']:.4f} precision={res['precision']:.4f} "
-              f"recall={res['recall']:.4f}")
+    _log(cfg, f"{name} ({res['numerics']}): acc={res['accuracy']:.4f} f1={res['f1']:.4f} "
+              f"precision={res['precision']:.4f} recall={res['recall']:.4f}"
+              + (f"; validation f1={res['val']['f1']:.4f}" if res.get("val") else ""))
     return res
 
 
@@ -246,6 +299,8 @@ def check_inputs(cfg: PipelineConfig) -> None:
     if bool(cfg.lm_qat_text) != bool(cfg.lm_qat_steps):
         raise TernlmError("--lm-qat-text and --lm-qat-steps go together (give both, or neither)")
     check_output_dir(cfg.out)
+    if cfg.zeroshot_limit:
+        cfg.zeroshot_config().check()
     kind = source_kind(cfg.model, cfg.gguf_file)
     if kind in ("ternlm", "ternlm-gguf"):
         raise TernlmError(f"{cfg.model} is a packed ternary model; the pipeline starts from a float model")
@@ -253,7 +308,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run every step, write report.json / report.md / plots into ``cfg.out``; return the report."""
-    from ternlm.data.sms import load_sms_spam, split_dataset, subsample
+    from ternlm.data.sms import dedupe, load_sms_spam, split_dataset, subsample
     from ternlm.data.text import load_text
     from ternlm.eval.cost import peak_rss_mb, weight_footprint
     from ternlm.models.loading import load
@@ -271,22 +326,28 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stages: list = []
     with _stage(stages, "load data and model"):
         ds = load_sms_spam(cfg.data)
+        n_dup = 0
+        if cfg.dedupe:  # before splitting: no message in both training and test
+            ds, n_dup = dedupe(ds)
         train, val, test = split_dataset(ds, seed=cfg.seed)
         if cfg.limit_train and cfg.limit_train < len(train):
             train = subsample(train, cfg.limit_train, seed=cfg.seed)
         if cfg.limit_test and cfg.limit_test < len(test):
             test = subsample(test, cfg.limit_test, seed=cfg.seed)
+        if cfg.limit_val and cfg.limit_val < len(val):
+            val = subsample(val, cfg.limit_val, seed=cfg.seed)
         text = load_text(cfg.text, config=cfg.text_config, split=cfg.text_split)
         fp, tok = load(cfg.model, task="classification", gguf_file=cfg.gguf_file, random_init=cfg.random_init)
         if tok is None:
             raise TernlmError(f"no tokenizer files in {cfg.model}")
-    _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped); "
-              f"train {len(train)} / val {len(val)} / test {len(test)}")
+    _log(cfg, f"data: {len(ds)} messages ({sum(ds.labels)} spam, {ds.n_malformed} malformed rows skipped, "
+              f"{n_dup} duplicates dropped); train {len(train)} / val {len(val)} / test {len(test)}")
     targets = select_targets(fp, QuantConfig(weights=cfg.ternary))
     report = {"config": cfg.to_dict(), "environment": environment(),
               "data": {"source": ds.source, "n_messages": len(ds), "n_spam": int(sum(ds.labels)),
                        "n_malformed": ds.n_malformed, "malformed_examples": ds.malformed_examples[:5],
-                       "n_train": len(train), "n_val": len(val), "n_test": len(test)},
+                       "n_duplicates_dropped": n_dup, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                       "train_test_overlap": len(set(train.texts) & set(test.texts))},
               "model": {"name": cfg.model, "architecture": type(fp).__name__,
                         "n_params": sum(p.numel() for p in fp.parameters()),
                         "quantized_layers": targets},
@@ -299,7 +360,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         report["training"]["fp32"] = train_classifier(fp, tok, train.texts, train.labels,
                                                       cfg.classifier_train(False, cfg.seed),
                                                       progress=cfg.progress, desc="fp32 fine-tune")
-        report["variants"]["fp32"] = _evaluate_variant("fp32", fp, tok, test, cfg, targets)
+        report["variants"]["fp32"] = _evaluate_variant("fp32", fp, tok, test, cfg, targets, val)
     layer = targets[0]
     weights_for_plot = {"fp32": fp.get_submodule(layer).weight.detach().clone()}
 
@@ -307,48 +368,73 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     _log(cfg, "2/5 ternary post-training quantization")
     with _stage(stages, "2 absmean PTQ + eval"):
         ptq = quantize_model(copy.deepcopy(fp), _quant_config("ternary_ptq", cfg))
-        report["variants"]["ternary_ptq"] = _evaluate_variant("ternary_ptq", ptq, tok, test, cfg, targets)
+        report["variants"]["ternary_ptq"] = _evaluate_variant("ternary_ptq", ptq, tok, test, cfg, targets, val)
         weights_for_plot["ternary"] = _plot_weight(ptq, layer)
         del ptq
 
     # ---- 2b. calibrated ternary PTQ (pt-bitnet), calibrated on training messages
     qat_from = cfg.qat_start()
     ptb = None
+    needs_ptb = qat_from == "ptbitnet" or any(cfg.qat_recipe(c)[0] == "ptbitnet" for c in cfg.qat_select)
     if cfg.ptbitnet:
         _log(cfg, "2b/5 calibrated ternary PTQ (pt-bitnet) on training messages")
         with _stage(stages, "2b pt-bitnet PTQ + eval"):
             ptb = copy.deepcopy(fp)
             report["ptbitnet"] = {"classifier": _ptbitnet(ptb, tok, "\n".join(train.texts), cfg)}
             report["variants"]["ternary_ptbitnet"] = _evaluate_variant("ternary_ptbitnet", ptb, tok, test, cfg,
-                                                                       targets)
+                                                                       targets, val)
             weights_for_plot["ternary_ptbitnet"] = _plot_weight(ptb, layer)
-            if qat_from != "ptbitnet":
+            # the same packed codes at the other activation precision (W1.58A16 <-> W1.58A8)
+            other = _other_act(cfg)
+            with _act_bits(ptb, other):
+                report["variants"][f"ternary_ptbitnet_{_act_name(other)}"] = _evaluate_variant(
+                    f"ternary_ptbitnet_{_act_name(other)}", ptb, tok, test, cfg, targets, val)
+            if not needs_ptb:
                 ptb = None
+    ptb_all = ptb
 
     # ---- 3. ternary QAT (several seeds when asked), from the pt-bitnet classifier or absmean
     _log(cfg, f"3/5 ternary QAT fine-tuning from the {qat_from} classifier ({cfg.qat_seeds} seed(s))")
     seeds = [cfg.seed + i for i in range(cfg.qat_seeds)]
     qat_runs = []
     with _stage(stages, "3 ternary QAT + eval + packed eval"):
+        def qat_start(init: str):
+            if init == "ptbitnet":  # learned-scale BitLinears starting at the calibrated codes and scales
+                return trainable_from_packed(copy.deepcopy(ptb_all))
+            return quantize_model(copy.deepcopy(fp), _quant_config("ternary_qat", cfg))
+
+        qat_lr = cfg.qat_lr
+        if cfg.qat_select:  # the recipe is chosen on the validation split, never the test split
+            tried = []
+            for spec in cfg.qat_select:
+                init, lr = cfg.qat_recipe(spec)
+                m = qat_start(init)
+                train_classifier(m, tok, train.texts, train.labels, cfg.classifier_train(True, cfg.seed, lr),
+                                 progress=cfg.progress, desc=f"QAT {spec}")
+                tried.append({"recipe": spec, "init": init, "lr": lr, "val": _val_metrics(m, tok, val, cfg)})
+                _log(cfg, f"QAT recipe {spec}: validation f1={tried[-1]['val'].get('f1', float('nan')):.4f}")
+                del m
+            best = max(tried, key=lambda t: (t["val"].get("f1", 0.0), t["val"].get("accuracy", 0.0)))
+            qat_from, qat_lr = best["init"], best["lr"]
+            report["qat_selection"] = {"tried": tried, "chosen": best["recipe"], "on": f"validation ({len(val)})"}
+            _log(cfg, f"QAT recipe chosen on the validation split: {best['recipe']}")
         for i, s in enumerate(seeds):
-            if ptb is not None:  # learned-scale BitLinears starting at the calibrated codes and scales
-                qat = trainable_from_packed(copy.deepcopy(ptb))
-            else:
-                qat = quantize_model(copy.deepcopy(fp), _quant_config("ternary_qat", cfg))
-            hist = train_classifier(qat, tok, train.texts, train.labels, cfg.classifier_train(True, s),
+            qat = qat_start(qat_from)
+            hist = train_classifier(qat, tok, train.texts, train.labels, cfg.classifier_train(True, s, qat_lr),
                                     progress=cfg.progress, desc=f"QAT seed {s}")
-            res = _evaluate_variant(f"ternary_qat[seed {s}]", qat, tok, test, cfg, targets)
+            res = _evaluate_variant(f"ternary_qat[seed {s}]", qat, tok, test, cfg, targets, val)
             res["init"] = qat_from
+            res["lr"] = qat_lr
             qat_runs.append({"seed": s, "history": hist, "metrics": res})
             if i == 0:
                 report["variants"]["ternary_qat"] = res
                 weights_for_plot["ternary_qat"] = _plot_weight(qat, layer)
                 report["packed"] = _packed_section(qat, tok, test, cfg)
             del qat
-        del ptb
+        del ptb, ptb_all
     report["training"]["ternary_qat"] = [r["history"] for r in qat_runs]
     f1s = [r["metrics"]["f1"] for r in qat_runs]
-    report["qat_seeds"] = {"seeds": seeds, "init": qat_from, "f1": f1s,
+    report["qat_seeds"] = {"seeds": seeds, "init": qat_from, "lr": qat_lr, "f1": f1s,
                            "accuracy": [r["metrics"]["accuracy"] for r in qat_runs],
                            "f1_mean": statistics.fmean(f1s), "f1_std": statistics.pstdev(f1s) if len(f1s) > 1 else 0.0}
 
@@ -357,14 +443,16 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     for name in cfg.baselines:
         with _stage(stages, f"4 {name} + eval"):
             m = quantize_model(copy.deepcopy(fp), _quant_config(name, cfg))
-            report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets)
+            report["variants"][name] = _evaluate_variant(name, m, tok, test, cfg, targets, val)
             weights_for_plot[name] = _plot_weight(m, layer)
             del m
     del fp
 
     # ---- 5. perplexity of the base LM
     _log(cfg, "5/5 perplexity of the base language model under each quantizer")
-    report["perplexity"], report["generation"], lm_hist, distilled = _lm_section(cfg, tok, text, stages)
+    report["perplexity"], report["generation"], lm_hist, distilled, zs = _lm_section(cfg, tok, text, stages)
+    if zs:
+        report["zeroshot"] = zs
     if lm_hist is not None:
         report["training"]["lm_qat"] = lm_hist
     if distilled is not None:
@@ -415,6 +503,31 @@ def _packed_section(qat, tok, test, cfg: PipelineConfig) -> dict:
     return out
 
 
+def _other_act(cfg: PipelineConfig):
+    """The activation precision pt-bitnet is also reported at: A8 when the run is A16, else A16."""
+    return 8 if cfg.ternary.act_bits is None else None
+
+
+def _act_name(bits) -> str:
+    return "a16" if bits is None else f"a{bits}"
+
+
+@contextmanager
+def _act_bits(model, bits):
+    """Run ``model``'s packed ternary layers at activation precision ``bits`` inside the block."""
+    from ternlm.nn.surgery import ternary_linears
+
+    layers = [m for _, m in ternary_linears(model)]
+    before = [m.act_bits for m in layers]
+    for m in layers:
+        m.act_bits = bits
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.act_bits = b
+
+
 @torch.no_grad()
 def _plot_weight(model, layer: str) -> torch.Tensor:
     """The (out, in) weight a layer multiplies by, as a float tensor (for the histograms)."""
@@ -435,13 +548,20 @@ def _lm_section(cfg: PipelineConfig, tok, text: str, stages: list):
         base = load(cfg.model, gguf_file=cfg.gguf_file, random_init=cfg.random_init, tokenizer=False).model
     pp_kw = dict(max_length=cfg.ppl_max_length, stride=cfg.ppl_stride, max_windows=cfg.ppl_windows,
                  progress=cfg.progress)
-    ppl, gen = {}, {}
+    ppl, gen, zs = {}, {}, {}
+
+    def zeroshot(name, m):
+        if cfg.zeroshot_limit:
+            zs[name] = _zeroshot(m, tok, cfg)
+            _log(cfg, f"zero-shot {name} ({zs[name]['numerics']}): average {zs[name]['average']:.4f}")
+
     distill_summary = None
     for name in ("fp32", "ternary_ptq") + cfg.baselines:
         with _stage(stages, f"5 perplexity {name}"):
             m = base if name == "fp32" else quantize_model(copy.deepcopy(base), _quant_config(name, cfg))
             ppl[name] = perplexity(m, tok, text, **pp_kw)
             _log(cfg, f"perplexity {name}: {ppl[name]['perplexity']:.2f}")
+            zeroshot(name, m)
             if name in ("fp32", "ternary_ptq"):
                 gen[name] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens, seed=cfg.seed)
             del m
@@ -458,10 +578,18 @@ def _lm_section(cfg: PipelineConfig, tok, text: str, stages: list):
             gen["ternary_ptbitnet"] = generate_samples(m, tok, list(cfg.prompts), max_new_tokens=cfg.gen_tokens,
                                                        seed=cfg.seed)
             _log(cfg, f"perplexity ternary_ptbitnet: {ppl['ternary_ptbitnet']['perplexity']:.2f}")
+            zeroshot("ternary_ptbitnet", m)
+            other = f"ternary_ptbitnet_{_act_name(_other_act(cfg))}"
+            with _act_bits(m, _other_act(cfg)):  # the same codes at the other activation precision
+                ppl[other] = perplexity(m, tok, text, **pp_kw)
+                _log(cfg, f"perplexity {other}: {ppl[other]['perplexity']:.2f}")
+                zeroshot(other, m)
         if cfg.distill_steps:
             with _stage(stages, "5 distillation of the pt-bitnet LM"):
-                ppl["ternary_ptbitnet_distilled"], gen["ternary_ptbitnet_distilled"], distill_summary = \
+                ppl["ternary_ptbitnet_distilled"], gen["ternary_ptbitnet_distilled"], distill_summary, dm = \
                     _distill_section(cfg, m, tok, text, ppl["ternary_ptbitnet"])
+                zeroshot("ternary_ptbitnet_distilled", dm)
+                del dm
         del m
     lm_hist = None
     if cfg.lm_qat_text and cfg.lm_qat_steps:
@@ -481,10 +609,21 @@ def _lm_section(cfg: PipelineConfig, tok, text: str, stages: list):
                                                   seed=cfg.seed)
             _log(cfg, f"perplexity ternary_qat (LM QAT, {cfg.lm_qat_steps} steps of {cfg.lm_qat_batch_size} x "
                       f"{min(128, cfg.ppl_max_length)} tokens): {ppl['ternary_qat']['perplexity']:.2f}")
+            zeroshot("ternary_qat", m)
             del m
     else:
         ppl["ternary_qat"] = {"skipped": "no LM QAT text given (--lm-qat-text / --lm-qat-steps)"}
-    return ppl, gen, lm_hist, distill_summary
+    return ppl, gen, lm_hist, distill_summary, zs
+
+
+def _zeroshot(model, tok, cfg: PipelineConfig) -> dict:
+    """Zero-shot summary of one LM variant: the average, each task's primary metric, the numerics."""
+    from ternlm.eval.zeroshot import describe_model, evaluate_zeroshot
+
+    res = evaluate_zeroshot(model, tok, cfg.zeroshot_config(), progress=cfg.progress, log=lambda *_: None)
+    return {"average": res["average"], "numerics": describe_model(model)["precision"], "seconds": res["seconds"],
+            "tasks": {n: {"metric": r["primary"], "value": r[r["primary"]], "n_docs": r["n_docs"]}
+                      for n, r in res["tasks"].items()}}
 
 
 def _distill_section(cfg: PipelineConfig, ptb, tok, text_eval: str, before: dict):
@@ -520,4 +659,4 @@ def _distill_section(cfg: PipelineConfig, ptb, tok, text_eval: str, before: dict
             "ppl_before": before["perplexity"], "ppl_after": after["perplexity"], "checkpoint": summary["out"]}
     _log(cfg, f"perplexity ternary_ptbitnet after {summary['tokens']} distillation tokens: "
               f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}")
-    return after, gen, info
+    return after, gen, info, model
