@@ -31,10 +31,6 @@ bash scripts/setup_llama_peer.sh
 [ -d "$OUT/models/absmean" ] || ternlm quantize "$SMOL" -o "$OUT/models/absmean"
 [ -d "$OUT/models/ptbitnet" ] || ternlm quantize "$SMOL" -o "$OUT/models/ptbitnet" --method pt-bitnet \
   --calib "$CALIB" --group-size 64
-[ -d "$OUT/models/ptbitnet-distill" ] || ternlm distill --teacher "$SMOL" --student "$OUT/models/ptbitnet" \
-  --text "$CALIB" -o "$OUT/models/ptbitnet-distill" --state-dir "$OUT/state/distill" --steps "$DISTILL_STEPS" \
-  --batch-size 2 --block-size 128 --lr 1e-3 --warmup 20 --save-every 100 --resume --quiet
-
 score() {  # score NAME MODEL [ternlm eval flags...]: one row, in its own process
   local name=$1 model=$2
   shift 2
@@ -50,10 +46,18 @@ score int8_absmax "$GGUF" --quant int8_absmax
 score llm_int8 "$GGUF" --quant llm_int8
 score absmean "$OUT/models/absmean"
 score ptbitnet "$OUT/models/ptbitnet"
-score ptbitnet-distill "$OUT/models/ptbitnet-distill"
 for f in "$OUT"/llama/*.gguf; do
   name=$(basename "$f" .gguf)
   case $name in f16|imatrix) continue ;; esac
   score "llama-$name" "$f"
 done
+# the longest step last: distillation of the pt-bitnet file (resumable), then its row
+if [ ! -d "$OUT/models/ptbitnet-distill" ]; then
+  resume=""
+  [ -f "$OUT/state/distill/ckpt/state.json" ] && resume="--resume"
+  ternlm distill --teacher "$SMOL" --student "$OUT/models/ptbitnet" --text "$CALIB" \
+    -o "$OUT/models/ptbitnet-distill" --state-dir "$OUT/state/distill" --steps "$DISTILL_STEPS" \
+    --batch-size 2 --block-size 128 --lr 1e-3 --warmup 20 --save-every 100 $resume --quiet
+fi
+score ptbitnet-distill "$OUT/models/ptbitnet-distill"
 "$PY" scripts/scoreboard.py "$OUT" --plot docs/scoreboard.png --markdown "$OUT/scoreboard.md"
