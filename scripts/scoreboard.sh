@@ -36,6 +36,10 @@ score() {  # score NAME MODEL [ternlm eval flags...]: one row, in its own proces
   shift 2
   [ -f "$OUT/eval/$name.json" ] || ternlm eval "$model" "$@" --text "$TEST" --max-windows 10 --tasks all \
     --tasks-dir "$DATA/zeroshot" --limit "$LIMIT" --json "$OUT/eval/$name.json" --quiet
+}
+score_full() {  # score_full NAME MODEL [flags...]: the full splits, for the rows named in FULL
+  local name=$1 model=$2
+  shift 2
   case " $FULL " in *" $name "*)
     [ -f "$OUT/eval/$name.full.json" ] || ternlm eval "$model" "$@" --tasks all --tasks-dir "$DATA/zeroshot" \
       --json "$OUT/eval/$name.full.json" --quiet ;;
@@ -60,4 +64,7 @@ if [ ! -d "$OUT/models/ptbitnet-distill" ]; then
     --batch-size 2 --block-size 128 --lr 1e-3 --warmup 20 --save-every 100 $resume --quiet
 fi
 score ptbitnet-distill "$OUT/models/ptbitnet-distill"
+# the full splits last (about an hour a row on 2 cores)
+score_full fp32 "$GGUF"
+score_full ptbitnet-distill "$OUT/models/ptbitnet-distill"
 "$PY" scripts/scoreboard.py "$OUT" --plot docs/scoreboard.png --markdown "$OUT/scoreboard.md"
