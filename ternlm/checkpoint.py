@@ -29,7 +29,9 @@ from ternlm.errors import TernlmError
 from ternlm.fileio import atomic_dir
 from ternlm.quant.pack import upgrade_2bit
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written for checkpoints that version 1 describes fully
+FORMAT_VERSION_ROWS = 2  # written when the embedding (and head) rows are int8 ("embedding": "int8")
+READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_ROWS)
 QUANT_FILE = "ternlm_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -89,9 +91,11 @@ def check_record(rec, where: str) -> dict:
     if not isinstance(rec, dict):
         raise TernlmError(f"{where}: the quantization record is not a JSON object")
     version = rec.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise TernlmError(f"{where}: unsupported ternlm format version {version!r} (this ternlm reads "
-                          f"version {FORMAT_VERSION})")
+                          f"versions {', '.join(map(str, READ_VERSIONS))})")
+    if rec.get("embedding", "float") not in ("float", "int8"):
+        raise TernlmError(f"{where}: unknown embedding storage {rec.get('embedding')!r}")
     if rec.get("method") != "ternary":
         raise TernlmError(f"{where}: unsupported quantization method {rec.get('method')!r}")
     if rec.get("fmt") not in FORMATS:
@@ -174,6 +178,42 @@ def empty_model(config, rec: dict) -> nn.Module:
     return model
 
 
+def embedding_names(model: nn.Module) -> tuple[str | None, str | None]:
+    """Module names of the model's input embedding and LM head (None where it has none)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    return (names.get(id(emb)) if emb is not None else None, names.get(id(head)) if head is not None else None)
+
+
+def install_row_modules(model: nn.Module, kinds: dict[str, str]) -> None:
+    """Swap the (meta) input embedding and LM head for ``RowEmbedding`` / ``RowHead`` holding rows in
+    their stored kind. ``kinds``: {module name: "int8" | "fp16" | "bf16" | "fp32"} for the tensors the
+    file holds; a head the file does not hold is tied to the embedding."""
+    from ternlm.nn.embedding import RowEmbedding, RowHead
+
+    emb_name, head_name = embedding_names(model)
+    if emb_name is None or emb_name not in kinds:
+        return
+    old = model.get_input_embeddings()
+    with torch.device("meta"):
+        emb = RowEmbedding(old.num_embeddings, old.embedding_dim, kinds[emb_name], getattr(old, "padding_idx", None))
+    model.set_input_embeddings(emb)
+    if head_name is None:
+        return
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        return  # a head with a bias stays a float layer
+    with torch.device("meta"):
+        if head_name in kinds:
+            new = RowHead(head.in_features, head.out_features, kinds[head_name])
+        elif getattr(model.config, "tie_word_embeddings", True):
+            new = RowHead(head.in_features, head.out_features, tied_to=emb)
+        else:
+            return
+    model.set_output_embeddings(new)
+
+
 def tied_names(model: nn.Module) -> set[str]:
     """State-dict names that the model re-ties to another tensor (GPT-2's lm_head -> wte)."""
     tied = getattr(model, "all_tied_weights_keys", None)
@@ -208,7 +248,9 @@ def assign_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
         if v.dtype != want.dtype and v.dtype.is_floating_point and want.dtype.is_floating_point:
             state[k] = v.to(want.dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if tied and hasattr(model, "tie_weights"):
+    from ternlm.nn.embedding import RowHead
+
+    if tied and hasattr(model, "tie_weights") and not isinstance(model.get_output_embeddings(), RowHead):
         model.tie_weights()
     rebuild_nonpersistent_buffers(model)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -280,26 +322,46 @@ def plain_config(config):
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+EMBED_DTYPES = ("float", "int8")
+
+
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_dtype: str = "fp32",
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    embed_dtype: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a converted model (+ tokenizer) as a ternlm checkpoint directory, atomically.
 
     float_dtype: storage of the float tensors outside the ternary layers (embeddings, LM head,
     norms): ``fp32``, ``fp16`` or ``bf16``. Packed codes and ternary scales are stored as they are;
-    loading casts the float tensors back to the model's dtype.
+    loading keeps the embedding and head in their stored dtype and casts the rest to the model's.
+    embed_dtype: ``int8`` stores the token embedding (and an untied head) as int8 rows with one
+    float32 scale per row (the canonical int8 quantizer per row; a tied head reads the same rows);
+    ``float`` (or None: keep what the model holds) stores them in ``float_dtype``.
     extra_files: name -> text written beside the weights in the same atomic step (a quantization
     log, a model card).
     """
     from safetensors.torch import save_file
 
+    from ternlm.nn.embedding import quantize_rows
+
     if float_dtype not in TORCH_DTYPES:
         raise TernlmError(f"unknown float_dtype {float_dtype!r}; choose one of {', '.join(TORCH_DTYPES)}")
+    if embed_dtype not in (None, *EMBED_DTYPES):
+        raise TernlmError(f"unknown embed_dtype {embed_dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
     rec = quantization_record(model)
     state = _state_to_save(model)
+    rows = [n for n in embedding_names(model) if n is not None]
+    for name in rows:
+        if embed_dtype == "int8" and f"{name}.weight" in state and state[f"{name}.weight"].dim() == 2:
+            state[f"{name}.qweight"], state[f"{name}.scale"] = quantize_rows(state.pop(f"{name}.weight"))
+        elif embed_dtype == "float" and f"{name}.qweight" in state:
+            q, sc = state.pop(f"{name}.qweight"), state.pop(f"{name}.scale")
+            state[f"{name}.weight"] = q.float() * sc[:, None]
+    row_scales = {f"{n}.scale" for n in rows if f"{n}.qweight" in state}
+    if row_scales:
+        rec.update(format_version=FORMAT_VERSION_ROWS, embedding="int8")
     targets = tuple(t + "." for t in rec["targets"] + rec.get("experts", []))
     want = TORCH_DTYPES[float_dtype]
     for k, v in state.items():
-        if v.is_floating_point() and not k.startswith(targets) and v.dtype != want:
+        if v.is_floating_point() and not k.startswith(targets) and k not in row_scales and v.dtype != want:
             state[k] = v.to(want)
     text = json.dumps(rec, indent=2, sort_keys=True)
 
@@ -398,6 +460,8 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         except Exception as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
+    # the embedding and head keep the dtype they are stored in (int8 rows, fp16): no float copy
+    install_row_modules(model, _row_kinds(model, state))
     if rec["fmt"] == "2bit":  # rows of the earlier layout (padded to whole 256-weight blocks)
         want = model.state_dict()
         state = {k: upgrade_2bit(v, want[k].shape[-1]) if k.endswith("packed") and k in want else v
@@ -420,13 +484,29 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
     return model
 
 
+def _row_kinds(model: nn.Module, state: dict) -> dict[str, str]:
+    """{embedding/head module name: stored kind} for the rows ``state`` holds."""
+    from ternlm.nn.embedding import ROW_DTYPES
+
+    by_dtype = {v: k for k, v in ROW_DTYPES.items()}
+    kinds = {}
+    for name in embedding_names(model):
+        if name is None:
+            continue
+        if f"{name}.qweight" in state:
+            kinds[name] = "int8"
+        elif f"{name}.weight" in state and state[f"{name}.weight"].dtype in by_dtype:
+            kinds[name] = by_dtype[state[f"{name}.weight"].dtype]
+    return kinds
+
+
 def checkpoint_summary(directory: str | Path) -> str:
     """A few lines on a saved checkpoint: layers, format, bits per weight, file sizes."""
     from safetensors import safe_open
 
     d = Path(directory)
     rec = read_record(d)
-    n_other = packed_bytes = 0
+    n_other = packed_bytes = n_rows = 0
     targets = set(rec["targets"]) | set(rec.get("experts", []))
     files = weight_files(d)
     for wf in files:
@@ -439,7 +519,9 @@ def checkpoint_summary(directory: str | Path) -> str:
                 if module in targets:
                     if k.endswith("packed"):
                         packed_bytes += numel
-                else:
+                elif k.endswith(".qweight"):
+                    n_rows += numel
+                elif not (k.endswith(".scale") and f"{module}.qweight" in f.keys()):
                     n_other += numel
     cfg = json.loads((d / "config.json").read_text())
     experts = f" + {len(rec['experts'])} ternary expert modules" if rec.get("experts") else ""
@@ -450,7 +532,8 @@ def checkpoint_summary(directory: str | Path) -> str:
             f"  model type {cfg.get('model_type')}, {len(rec['targets'])} ternary layers"
             f"{experts}, packed {rec['fmt']} "
             f"({packed_bytes / 1e6:.1f} MB of codes), {rec['granularity']} scales, activations {act}\n"
-            f"  {n_other / 1e6:.1f}M other parameters kept in float; {where} {size / 1e6:.1f} MB")
+            + (f"  {n_rows / 1e6:.1f}M embedding parameters as int8 rows (one scale per row); " if n_rows else "  ")
+            + f"{n_other / 1e6:.1f}M other parameters kept in float; {where} {size / 1e6:.1f} MB")
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:

@@ -241,6 +241,7 @@ def cmd_quantize(a) -> int:
     cfg = QuantizeConfig(method=a.method, fmt=a.format, act_bits=a.act_bits,
                          granularity="per_group" if a.method == "pt-bitnet" else a.granularity,
                          group_size=a.group_size, scale_mode=a.scale_mode, float_dtype=a.float_dtype,
+                         embed_dtype=a.embed_dtype,
                          include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), calib=a.calib,
                          calib_split=a.calib_split, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
                          transform=a.transform, error_feedback=a.error_feedback, reconstruct=a.reconstruct,
@@ -332,6 +333,10 @@ def cmd_export(a) -> int:
 
         raise TernlmError(f"unknown export format {a.format!r}; only gguf is supported")
     check_output_file(a.out)
+    if a.head_dtype is None:  # int8 rows stay 8-bit (Q8_0); float ones f16
+        from ternlm.checkpoint import read_record
+
+        a.head_dtype = "q8_0" if read_record(a.model).get("embedding") == "int8" else "f16"
     out = export_gguf(a.model, a.out, a.type, head_dtype=a.head_dtype)
     card = write_gguf_card(out, a.model, qtype=a.type, head_dtype=a.head_dtype)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {a.type.upper()} ternary layers, "
@@ -391,6 +396,8 @@ def _add_distill_parser(sub) -> None:
     k.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:N")
     k.add_argument("--bf16", default=d["bf16"], choices=("auto", "on", "off"), help="bf16 autocast (auto: on CUDA)")
     k.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES)
+    k.add_argument("--embed-dtype", default=None, choices=("float", "int8"),
+                   help="embedding rows of the output: int8 or float (default: as the student stores them)")
     k.add_argument("--seed", type=int, default=d["seed"])
     k.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the state dir")
     k.add_argument("--quiet", action="store_true")
@@ -408,7 +415,8 @@ def cmd_distill(a) -> int:
         weight_decay=a.weight_decay, grad_clip=a.grad_clip, temperature=a.temperature,
         hidden_weight=a.hidden_weight, continuous_steps=a.continuous_steps, lambda_warmup_steps=a.lambda_warmup,
         train_embeddings=a.train_embeddings, eval_every=a.eval_every, save_every=a.save_every,
-        state_dir=a.state_dir, device=a.device, bf16=a.bf16, float_dtype=a.float_dtype, seed=a.seed,
+        state_dir=a.state_dir, device=a.device, bf16=a.bf16, float_dtype=a.float_dtype, embed_dtype=a.embed_dtype,
+        seed=a.seed,
         resume=a.resume, progress=not a.quiet)
     s = distill(cfg)
     ppl = ""
@@ -419,6 +427,7 @@ def cmd_distill(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ternlm.checkpoint import EMBED_DTYPES
     from ternlm.config import FLOAT_DTYPES, FORMATS, HEADS
     from ternlm.eval.perplexity import EvalConfig
     from ternlm.generate import ENGINES, GenerateConfig
@@ -570,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one compiled call); hf = transformers generate; auto = fast for the architectures "
                         "the engine covers (GPT-2, Llama), else hf with one line saying so")
     g.add_argument("--head", default=d["head"], choices=HEADS,
-                   help=f"fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel (default: {d['head']})")
+                   help=f"fast engine: LM-head storage; int8 = per-row int8 weights, W8A8 kernel; auto = as the "
+                        f"checkpoint stores the head's rows, no copy (default: {d['head']})")
     g.set_defaults(fn=cmd_generate)
 
     # quantize
@@ -591,7 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--format", default=d["fmt"], choices=FORMATS,
                    help=f"packed storage: 2 bits/weight or base-3 1.6 bits/weight (default: {d['fmt']})")
     z.add_argument("--float-dtype", default=d["float_dtype"], choices=FLOAT_DTYPES,
-                   help=f"storage of embeddings, LM head and norms in the file (default: {d['float_dtype']})")
+                   help=f"storage of float tensors (norms, float layers; embeddings with --embed-dtype float) in the "
+                        f"file (default: {d['float_dtype']})")
+    z.add_argument("--embed-dtype", default=d["embed_dtype"], choices=EMBED_DTYPES,
+                   help="token embedding (and LM head) rows: int8 with one scale per row, read as they are by "
+                        f"ternlm.load and the decode engine, or float (--float-dtype) (default: {d['embed_dtype']})")
     z.add_argument("--include", nargs="*", help="fnmatch patterns of module names to quantize")
     z.add_argument("--exclude", nargs="*", help="fnmatch patterns of module names to keep")
     z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
@@ -670,8 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="gguf", help="output format (gguf)")
     x.add_argument("--type", default=QTYPES[0], choices=QTYPES,
                    help="ternary block type: tq2_0 (2.06 bits/weight) or tq1_0 (1.69) (default: tq2_0)")
-    x.add_argument("--head-dtype", default=HEAD_DTYPES[0], choices=HEAD_DTYPES,
-                   help="storage of embeddings / LM head / other 2-D float tensors (default: f16)")
+    x.add_argument("--head-dtype", default=None, choices=HEAD_DTYPES,
+                   help="storage of embeddings / LM head / other 2-D float tensors (default: q8_0 when the "
+                        "checkpoint keeps int8 embedding rows, else f16)")
     x.add_argument("-o", "--out", required=True, help="GGUF file to write")
     x.set_defaults(fn=cmd_export)
 

@@ -21,7 +21,7 @@ QMAX = {8: 127.0, 4: 7.0}
 FORMATS = ("2bit", "base3")
 KERNELS = ("auto", "reference")  # packed-layer kernel choice: compiled/Triton by dispatch, or the reference twin
 # Storage of an LM head / float tensors in a decode engine or checkpoint.
-HEADS = ("fp32", "fp16", "bf16", "int8")
+HEADS = ("fp32", "fp16", "bf16", "int8", "auto")  # auto: the dtype the head's rows are stored in
 FLOAT_DTYPES = ("fp32", "fp16", "bf16")
 SCALE_MODES = ("absmean", "fit")
 

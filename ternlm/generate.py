@@ -35,7 +35,7 @@ class GenerateConfig:
     top_p: float = 1.0         # 1 = off
     seed: int = 0
     engine: str = "auto"       # auto | hf | fast
-    head: str = "fp32"         # fast engine: LM-head storage fp32 | fp16 | bf16 | int8
+    head: str = "auto"         # fast engine: LM-head storage fp32 | fp16 | bf16 | int8 | auto (as stored)
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -221,7 +221,7 @@ def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=N
 
     if not prompt:
         raise TernlmError("empty prompt")
-    if cfg.engine == "hf" and cfg.head != "fp32":
+    if cfg.engine == "hf" and cfg.head not in ("fp32", "auto"):
         raise TernlmError("--head applies to the fast engine only")
     lean = _lean_source(model_path, gguf_file, cfg)
     if lean is not None:  # a ternlm checkpoint the engine reads directly: no Hugging Face model is built
@@ -244,7 +244,7 @@ def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=N
     if tok is None:
         raise TernlmError(f"no tokenizer files in {model_path}")
     engine = _pick_engine(model, cfg)
-    if engine == "hf" and cfg.head != "fp32":
+    if engine == "hf" and cfg.head not in ("fp32", "auto"):
         raise TernlmError("--head applies to the fast engine only")
     out.write(prompt)
     out.flush()

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ternlm.checkpoint import EMBED_DTYPES
 from ternlm.config import ACT_BITS, FLOAT_DTYPES, FORMATS, GRANULARITIES, SCALE_MODES, QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
 
@@ -35,7 +36,9 @@ class QuantizeConfig:
     """method: ``absmean`` is BitNet b1.58's round-to-nearest with absmean scales (no data).
     fmt: packed storage (2 bits or base-3 1.6 bits per weight). act_bits: 8 / 4 quantize
     activations per token (W1.58A8 / A4), None keeps them float (W1.58A16). float_dtype: storage
-    of embeddings, LM head and norms in the file. include / exclude: fnmatch patterns of module
+    of embeddings, LM head and norms in the file. embed_dtype: ``int8`` stores the token embedding
+    (and an untied head) as int8 rows with one float32 scale per row (a tied head reads the same rows);
+    ``float`` stores them in float_dtype. include / exclude: fnmatch patterns of module
     names (default: every linear layer of the transformer blocks)."""
 
     method: str = "absmean"
@@ -45,6 +48,7 @@ class QuantizeConfig:
     group_size: int = 128
     scale_mode: str = "absmean"
     float_dtype: str = "fp16"
+    embed_dtype: str = "int8"  # token embedding (and head) rows: int8 (one scale per row) or float (float_dtype)
     include: tuple = ()
     exclude: tuple = ()
     # pt-bitnet only (group scales of group_size along the input; granularity is per_group)
@@ -64,7 +68,8 @@ class QuantizeConfig:
                                    ("act_bits", self.act_bits, ACT_BITS),
                                    ("granularity", self.granularity, GRANULARITIES),
                                    ("scale_mode", self.scale_mode, SCALE_MODES),
-                                   ("float_dtype", self.float_dtype, FLOAT_DTYPES)):
+                                   ("float_dtype", self.float_dtype, FLOAT_DTYPES),
+                                   ("embed_dtype", self.embed_dtype, EMBED_DTYPES)):
             if value not in valid:
                 raise TernlmError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, valid))}")
         self.ternary()  # validates group_size and the rest
@@ -159,6 +164,7 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
             raise TernlmError("streaming reads a local model directory or GGUF file (no --random-init)")
         from ternlm.streaming.quantize import stream_quantize
 
+
         return stream_quantize(source, out_dir, cfg, resume=resume, progress=progress, gguf_file=gguf_file)
     if cfg.method == "pt-bitnet":
         from ternlm.data.text import check_source
@@ -173,7 +179,7 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
         from ternlm.moe.experts import convert_experts
 
         convert_experts(model, cfg.ternary(), cfg.fmt)  # GPT-OSS 3-D experts; a no-op for dense models
-        return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype)
+        return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype, embed_dtype=cfg.embed_dtype)
 
     import json
 
@@ -188,5 +194,5 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
     ids = calibration_ids(tokenizer, text, pcfg.calib_tokens, pcfg.seq_len, pcfg.seed)
     log = ptbitnet_quantize(model, ids, pcfg, progress=progress)
     log.update(source=str(source), calib=str(cfg.calib), quantize_config=cfg.to_dict())
-    return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype,
+    return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype, embed_dtype=cfg.embed_dtype,
                            extra_files={PTQ_LOG: json.dumps(log, indent=2, default=str) + "\n"})

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import require_data
 
@@ -169,7 +170,10 @@ def test_quantize_generate_export(hf_dir, tmp_path, capfd):
     assert rec["fmt"] == "base3" and rec["act_bits"] is None
     with safe_open(str(ck / "model.safetensors"), "pt") as f:
         assert f.get_tensor("transformer.h.0.attn.c_attn.packed").dtype.is_floating_point is False
-        assert str(f.get_tensor("transformer.wte.weight").dtype) == "torch.float16"  # --float-dtype default
+        assert f.get_tensor("transformer.wte.qweight").dtype == torch.int8  # --embed-dtype default: int8 rows
+        assert f.get_tensor("transformer.wte.scale").dtype == torch.float32
+        assert str(f.get_tensor("transformer.h.0.ln_1.weight").dtype) == "torch.float16"  # --float-dtype default
+    assert rec["embedding"] == "int8" and rec["format_version"] == 2
 
     outs = {}
     for engine in ("fast", "hf"):

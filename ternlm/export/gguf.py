@@ -325,14 +325,15 @@ def _source(model_or_dir, tokenizer):
     return model, tokenizer if tokenizer is not None else load_tokenizer(model_or_dir)
 
 
-def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, head_dtype: str = "f16",
+def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, head_dtype: str | None = None,
                 tokenizer=None) -> Path:
     """Write a converted GPT-2 or Llama model (or a ternlm checkpoint directory) as a GGUF file.
 
     qtype: ``tq2_0`` (2.06 bits/weight, fastest in llama.cpp) or ``tq1_0`` (1.69 bits/weight)
         for the ternary layers; their in_features must be a multiple of 256.
     head_dtype: ``f16``, ``f32`` or ``q8_0`` for the 2-D float tensors (embeddings, LM head,
-        linear layers left out of quantization); 1-D tensors are always f32.
+        linear layers left out of quantization); 1-D tensors are always f32. Default: ``q8_0`` when
+        the checkpoint keeps its embedding as int8 rows, else ``f16``.
     tokenizer: the vocabulary to embed (a byte-level BPE fast tokenizer); by default the
         checkpoint directory's, or the one recorded on a model imported by ``from_gguf``.
     The file is written beside ``out_file`` and renamed into place, so it is never half-written.
@@ -343,7 +344,7 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
 
     gguf = _gguf()
     qt = _qtype(qtype)
-    if head_dtype not in HEAD_DTYPES:
+    if head_dtype is not None and head_dtype not in HEAD_DTYPES:
         raise TernlmError(f"unknown head_dtype {head_dtype!r}; choose one of {', '.join(HEAD_DTYPES)}")
     model, tokenizer = _source(model_or_dir, tokenizer)
     config = model.config
@@ -357,6 +358,11 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
         raise TernlmError("GGUF export needs the tokenizer: pass tokenizer=")
 
     tern = dict(ternary_linears(model))
+    from ternlm.nn.embedding import RowEmbedding, RowHead
+
+    rows = {n: m for n, m in model.named_modules() if isinstance(m, (RowEmbedding, RowHead))}
+    if head_dtype is None:  # int8 rows stay 8-bit (Q8_0), float ones f16
+        head_dtype = "q8_0" if any(m.kind == "int8" for m in rows.values()) else "f16"
     tmap = gguf.get_tensor_name_map(arch, getattr(config, "num_hidden_layers", None) or config.n_layer)
     tied = tied_names(model)
     conv1d = conv1d_class()
@@ -380,6 +386,10 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
             if name in tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             module, _, leaf = name.rpartition(".")
+            if module in rows:  # embedding / head kept as int8 or fp16 rows: written as a float table
+                if leaf == "scale":
+                    continue
+                name, t = f"{module}.weight", rows[module].dequantize()
             heads = _rope_heads(config, name)
             if module in tern and leaf in ("packed", "scale"):
                 if leaf == "packed":

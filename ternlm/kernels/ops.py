@@ -535,6 +535,7 @@ def float_rows_linear(x: torch.Tensor, w: torch.Tensor, in_features: int, backen
 # ---- a whole decode step in one compiled call ----
 
 _WT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_WTE = {**_WT, torch.int8: 3}  # embedding rows: the float kinds, or int8 with a scale per row
 _NORMS = {"layernorm": 0, "rmsnorm": 1}
 _ACTS = {"gelu_tanh": 0, "gelu_erf": 1, "gated_silu": 2}
 
@@ -551,23 +552,27 @@ class CompiledStep:
 
     def __init__(self, *, hidden: int, n_head: int, n_kv_head: int, head_dim: int, inner: int, max_len: int,
                  norm: str, eps: float, act: str, wte: torch.Tensor, wpe, cos, sin, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, norm_f: tuple, head, layers: list):
+                 v_cache: torch.Tensor, norm_f: tuple, head, layers: list, wte_scale: torch.Tensor | None = None):
         why = self.why_not(act, wte, head, layers)
         if why:
             raise TernlmError(f"the compiled decode step cannot run this model: {why}")
         self._mod = _ext.extension()
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        for t in (wte, wpe, cos, sin, k_cache, v_cache, *norm_f):
+        for t in (wte, wpe, cos, sin, k_cache, v_cache, *norm_f, wte_scale):
             if t is not None and not t.is_contiguous():
                 raise TernlmError("the compiled decode step needs contiguous tensors")
+        if (wte.dtype == torch.int8) != (wte_scale is not None) or \
+                (wte_scale is not None and (wte_scale.dtype != torch.float32 or wte_scale.numel() != wte.shape[0])):
+            raise TernlmError("int8 embedding rows need one float32 scale per row (and float rows none)")
         if isinstance(head, BoundInt8Linear):
             hk, hw, hs = (1 if head.act_bits == 8 else 2), 0, head.scale.data_ptr()
         else:
             hk, hw, hs = 0, _WT[head.w.dtype], 0
         self._cap = self._mod.step_new(
             _ext.level_id(), hidden, n_head, n_kv_head, head_dim, inner, wte.shape[0], max_len, _NORMS[norm],
-            _ACTS[act], float(eps), wte.data_ptr(), _WT[wte.dtype], ptr(wpe), ptr(cos), ptr(sin), k_cache.data_ptr(),
-            v_cache.data_ptr(), ptr(norm_f[0]), ptr(norm_f[1]), hk, hw, head.w.data_ptr(), hs, head.w.shape[1])
+            _ACTS[act], float(eps), wte.data_ptr(), _WTE[wte.dtype], ptr(wpe), ptr(cos), ptr(sin), k_cache.data_ptr(),
+            v_cache.data_ptr(), ptr(norm_f[0]), ptr(norm_f[1]), hk, hw, head.w.data_ptr(), hs, head.w.shape[1],
+            ptr(wte_scale))
         for n1w, n1b, n2w, n2b, scaling, *lins in layers:
             self._mod.step_layer(self._cap, ptr(n1w), ptr(n1b), ptr(n2w), ptr(n2b), float(scaling),
                                  *[f.step_args() for f in lins])
@@ -578,7 +583,7 @@ class CompiledStep:
             return "the compiled kernels are not available"
         if act not in _ACTS:
             return "its MLP activation has no compiled twin"
-        if wte.dtype not in _WT:
+        if wte.dtype not in _WTE:
             return f"its token embedding is {wte.dtype}"
         if not isinstance(head, (BoundInt8Linear, BoundFloatRows)) or head.backend != "native":
             return "its LM head is not on the compiled kernels"

@@ -183,12 +183,23 @@ class KnowledgeTokens(nn.Module):
 # Model-level API
 
 
+def _embedding_shape(model: nn.Module) -> tuple[int, torch.device, torch.dtype]:
+    """(hidden size, device, dtype of the hidden states) from the model's input embedding; an
+    embedding over stored rows (int8 / fp16, ``RowEmbedding``) outputs float32."""
+    from ternlm.nn.embedding import RowEmbedding
+
+    e = model.get_input_embeddings()
+    if isinstance(e, RowEmbedding):
+        return e.embedding_dim, e.rows.device, torch.float32
+    return e.weight.shape[1], e.weight.device, e.weight.dtype
+
+
 def add_knowledge_tokens(model: nn.Module, k: int, *, init_std: float = 0.02) -> KnowledgeTokens:
     """Give a HF GPT-2 / Llama causal LM ``k`` knowledge tokens (a submodule ``ternlm_knowledge``)."""
     if get_knowledge(model) is not None:
         raise TernlmError("the model already has knowledge tokens")
-    d = model.get_input_embeddings().weight
-    kt = KnowledgeTokens(k, d.shape[1], init_std=init_std, device=d.device, dtype=d.dtype)
+    dim, device, dtype = _embedding_shape(model)
+    kt = KnowledgeTokens(k, dim, init_std=init_std, device=device, dtype=dtype)
     kt.attach(model)
     model.add_module(ATTR, kt)
     kt.train(model.training)
@@ -238,9 +249,9 @@ def load_knowledge(model: nn.Module, model_dir: str | Path) -> bool:
             vec = f.get_tensor("vectors")
     except Exception as e:
         raise TernlmError(f"cannot read knowledge tokens from {p}: {str(e).splitlines()[0][:160]}") from None
-    d = model.get_input_embeddings().weight
-    if vec.dim() != 2 or vec.shape[1] != d.shape[1]:
-        raise TernlmError(f"{p}: knowledge vectors of shape {tuple(vec.shape)} do not fit hidden size {d.shape[1]}")
+    dim = _embedding_shape(model)[0]
+    if vec.dim() != 2 or vec.shape[1] != dim:
+        raise TernlmError(f"{p}: knowledge vectors of shape {tuple(vec.shape)} do not fit hidden size {dim}")
     remove_knowledge(model)
     kt = add_knowledge_tokens(model, vec.shape[0])
     with torch.no_grad():

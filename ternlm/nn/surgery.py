@@ -117,9 +117,12 @@ def trainable_from_packed(model: nn.Module, *, lambda_warmup_steps: int = 0) -> 
     ``ternlm.conversion.convert`` packs it back with the same layer selection."""
     from dataclasses import replace
 
+    from ternlm.nn.embedding import float_embeddings
+
     layers = ternary_linears(model)
     if not layers:
         raise TernlmError("the model holds no TernaryLinear layers")
+    float_embeddings(model)  # training needs float parameters (rows kept int8/fp16 are widened once)
     qc = getattr(model, "ternlm_quant_config", None)
     base = qc.weights if isinstance(qc, QuantConfig) and isinstance(qc.weights, TernaryConfig) else TernaryConfig()
     for name, m in layers:

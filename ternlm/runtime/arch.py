@@ -63,6 +63,8 @@ class Parts:
     sin: torch.Tensor | None
     blocks: list
     act_kind: str = ""
+    wte_scale: torch.Tensor | None = None   # int8 embedding rows: one float32 scale per row
+    head_scale: torch.Tensor | None = None  # int8 head rows (untied): one float32 scale per row
 
 
 class FloatLinear:

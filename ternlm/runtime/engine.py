@@ -51,7 +51,7 @@ STEPS = ("auto", "compiled", "python")
 
 @dataclass
 class RuntimeConfig:
-    """head: LM-head weight storage. head_act_bits: for the int8 head, 8 quantizes the final
+    """head: LM-head weight storage (``auto``: the dtype its rows are stored in, no copy). head_act_bits: for the int8 head, 8 quantizes the final
     hidden state per token (W8A8, integer dot products) and None keeps it float (W8A16).
     max_seq_len: KV-cache length (default: the model's n_positions).
     gelu: ``model`` calls the model's own activation module (HF's gelu_new, seven elementwise ops,
@@ -111,8 +111,24 @@ def describe(model: nn.Module) -> Arch:
 
 
 def _tied(model) -> bool:
+    from ternlm.nn.embedding import RowHead
+
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, RowHead):
+        return head.tied
     return head is None or head.weight.data_ptr() == emb.weight.data_ptr()
+
+
+def _rows_of(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows in their stored dtype, int8 scale per row or None) of an embedding or LM head."""
+    from ternlm.nn.embedding import RowEmbedding, RowHead
+
+    if isinstance(m, (RowEmbedding, RowHead)):
+        r = m.rows.detach()
+        return r.contiguous(), (m._src.scale.detach().contiguous() if isinstance(m, RowHead) else
+                                m.scale.detach().contiguous()) if m.kind == "int8" else None
+    w = m.weight.detach()
+    return (w if w.is_contiguous() else w.contiguous()), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,9 +230,22 @@ class _Head:
     A head stored in the dtype it asks for (an fp16 checkpoint's tied embedding with head="fp16") is
     used as is, not copied."""
 
-    def __init__(self, wte: torch.Tensor, kind: str, act_bits: Optional[int]):
+    def __init__(self, wte: torch.Tensor, kind: str, act_bits: Optional[int], scale: torch.Tensor | None = None):
+        if kind == "auto":  # the storage the rows come in: no copy
+            kind = "int8" if scale is not None else \
+                {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(wte.dtype, "fp32")
         self.kind, self.act_bits, self.C = kind, act_bits, wte.shape[1]
-        if kind == "int8":
+        if scale is not None and kind == "int8":  # rows stored int8 with the canonical quantizer: read them as they are
+            self.w, self.scale = pad_int8_rows(wte), scale.float().contiguous()
+            self.bound = bind_int8_linear(self.w, self.scale, self.C, act_bits)
+        elif scale is not None:  # int8 rows asked for as a float head: widen (the user's choice of storage)
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kind]
+            w = torch.empty(wte.shape, dtype=dtype)
+            for r in range(0, wte.shape[0], _HEAD_ROWS):
+                w[r:r + _HEAD_ROWS] = (wte[r:r + _HEAD_ROWS].float() * scale[r:r + _HEAD_ROWS, None]).to(dtype)
+            self.w, self.scale = pad_int8_rows(w), None
+            self.bound = bind_float_rows(self.w, self.C)
+        elif kind == "int8":
             from ternlm.config import Int8Config
             from ternlm.quant.int8 import quantize_int8
 
@@ -258,9 +287,8 @@ def _norm_of(mod: nn.Module) -> tuple:
 
 
 def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len: int) -> Parts:
-    emb = model.get_input_embeddings().weight.detach()
-    wte = emb if emb.is_contiguous() else emb.contiguous()  # stored dtype: rows widened per use
-    head_w = wte if a.tied_head else model.get_output_embeddings().weight.detach()
+    wte, wte_scale = _rows_of(model.get_input_embeddings())  # stored dtype: rows widened per use
+    head_w, head_scale = (wte, wte_scale) if a.tied_head else _rows_of(model.get_output_embeddings())
     blocks = []
     if a.model_type == "gpt2":
         tr = model.transformer
@@ -289,7 +317,7 @@ def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len
                            _norm_of(L.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
                            at.scaling))
     kind = act_kind(a.model_type, getattr(model.config, "activation_function", ""))
-    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind)
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind, wte_scale, head_scale)
 
 
 class DecodeEngine:
@@ -328,8 +356,8 @@ class DecodeEngine:
         self.n_layer, self.n_head, self.n_kv_head, self.hs = a.n_layer, a.n_head, a.n_kv_head, a.head_dim
         self.C, self.vocab_size = a.hidden, a.vocab_size
         self.max_seq_len = self._max_len(cfg, a)
-        self.wte = parts.wte
-        self.head = _Head(parts.head_w, cfg.head, cfg.head_act_bits)
+        self.wte, self.wte_scale = parts.wte, parts.wte_scale
+        self.head = _Head(parts.head_w, cfg.head, cfg.head_act_bits, parts.head_scale)
         self.wpe, self.cos, self.sin = parts.wpe, parts.cos, parts.sin
         self.norm_f = _Norm(a.norm, *parts.norm_f, a.norm_eps)
         self.blocks = [self._block(*blk[:5], parts.act, *blk[5:]) for blk in parts.blocks]
@@ -368,7 +396,7 @@ class DecodeEngine:
             hidden=self.C, n_head=self.n_head, n_kv_head=self.n_kv_head, head_dim=self.hs, inner=a.inner,
             max_len=self.max_seq_len, norm=a.norm, eps=a.norm_eps, act=parts.act_kind, wte=self.wte, wpe=self.wpe,
             cos=self.cos, sin=self.sin, k_cache=self.k_cache, v_cache=self.v_cache,
-            norm_f=(self.norm_f.w, self.norm_f.b), head=self.head.bound, layers=layers)
+            norm_f=(self.norm_f.w, self.norm_f.b), head=self.head.bound, layers=layers, wte_scale=self.wte_scale)
         return None
 
     def _block(self, norm1, qkv, o, norm2, up, act, down, scaling) -> _Block:
@@ -385,13 +413,16 @@ class DecodeEngine:
         """Bytes of weights a decode step reads: block linears, LM head, everything else."""
         lin = sum(_nbytes(f) for b in self.blocks for f in (b.qkv, b.o, b.up, b.down))
         other = (2 * self.n_layer + 1) * self.C * 4 * (2 if self.arch.norm == "layernorm" else 1)
-        other += self.C * self.wte.element_size() + (self.C * 4 if self.wpe is not None else 0)
+        other += self.C * self.wte.element_size() + (self.C * 4 if self.wpe is not None else 0) + \
+            (4 if self.wte_scale is not None else 0)
         return {"linears": lin, "head": self.head.nbytes, "other": other}
 
     # -- forward pieces ------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.wte[ids].float()
+        if self.wte_scale is not None:
+            h = h * self.wte_scale[ids].unsqueeze(-1)
         return h + self.wpe[: ids.numel()] if self.wpe is not None else h
 
     @torch.inference_mode()
@@ -434,10 +465,12 @@ class DecodeEngine:
             self.pos = pos + 1
             return self._logits[0]
         h = self._h
-        if self.wpe is not None:
-            torch.add(self.wte[token], self.wpe[pos], out=h[0])
+        if self.wte_scale is not None:
+            torch.mul(self.wte[token].float(), self.wte_scale[token], out=h[0])
         else:
             h[0].copy_(self.wte[token])
+        if self.wpe is not None:
+            h[0].add_(self.wpe[pos])
         cos = sin = None
         if self.cos is not None:
             cos, sin = self.cos[pos], self.sin[pos]

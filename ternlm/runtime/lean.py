@@ -212,8 +212,14 @@ def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = 
     C, inner, q_out, kv_out = a.hidden, a.inner, a.n_head * a.head_dim, a.n_kv_head * a.head_dim
     scaling = a.head_dim ** -0.5
     blocks = []
+    def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A table of rows as stored: float (``name.weight``) or int8 (``name.qweight`` + ``name.scale``)."""
+        if ts.has(f"{name}.qweight"):
+            return ts.get(f"{name}.qweight").contiguous(), ts.get(f"{name}.scale").float().contiguous()
+        return ts.get(f"{name}.weight").contiguous(), None
+
     if a.model_type == "gpt2":
-        wte = ts.get("transformer.wte.weight").contiguous()
+        wte, wte_scale = rows("transformer.wte")
         wpe = _float(ts.get("transformer.wpe.weight"))
         cos = sin = None
         act = _gpt2_act(conf.get("activation_function", "gelu_new"), cfg)
@@ -224,9 +230,8 @@ def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = 
                            (_linear(ts, f"{p}.mlp.c_fc", C, inner, rec, True),),
                            _linear(ts, f"{p}.mlp.c_proj", inner, C, rec, True), scaling))
         norm_f = _norm(ts, "transformer.ln_f", True)
-        head_name = "lm_head.weight"
     else:
-        wte = ts.get("model.embed_tokens.weight").contiguous()
+        wte, wte_scale = rows("model.embed_tokens")
         wpe = None
         cos, sin = _rope_tables(_rope_theta(conf), a.head_dim, max_seq_len)
         act = gated_silu(inner)
@@ -240,20 +245,19 @@ def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = 
                            _norm(ts, f"{p}.post_attention_layernorm", False), up,
                            _linear(ts, f"{mlp}.down_proj", inner, C, rec, False), scaling))
         norm_f = _norm(ts, "model.norm", False)
-        head_name = "lm_head.weight"
     if tuple(wte.shape) != (a.vocab_size, C):
         raise TernlmError(f"token embedding has shape {tuple(wte.shape)}, expected {(a.vocab_size, C)}")
-    if ts.has(head_name):
-        head_w = ts.get(head_name).contiguous()
+    if ts.has("lm_head.weight") or ts.has("lm_head.qweight"):
+        head_w, head_scale = rows("lm_head")
         tied = False
     elif a.tied_head:
-        head_w, tied = wte, True
+        head_w, head_scale, tied = wte, wte_scale, True
     else:
-        raise TernlmError(f"the checkpoint has no tensor {head_name} and its config does not tie it")
+        raise TernlmError("the checkpoint has no tensor lm_head.weight and its config does not tie it")
     ts.check_all_read()
     if tied != a.tied_head:
         from dataclasses import replace
 
         a = replace(a, tied_head=tied)
     kind = act_kind(a.model_type, conf.get("activation_function", "gelu_new"))
-    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind)
+    return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind, wte_scale, head_scale)

@@ -68,8 +68,18 @@ def layout(config, cfg) -> dict:
     if experts:
         rec["experts"] = experts
     packed = empty_model(config, rec)
+    tied = tied_names(packed)
+    rows = []  # embedding / untied head written as int8 rows (what save_pretrained's embed_dtype="int8" writes)
+    if getattr(cfg, "embed_dtype", "float") == "int8":
+        from ternlm.checkpoint import FORMAT_VERSION_ROWS, embedding_names
+
+        names = packed.state_dict()
+        rows = [n for n in embedding_names(packed) if n is not None and f"{n}.weight" in names
+                and f"{n}.weight" not in tied and names[f"{n}.weight"].dim() == 2]
+        if rows:
+            rec.update(format_version=FORMAT_VERSION_ROWS, embedding="int8")
     return dict(model=model, packed=packed, rec=rec, tcfg=tcfg, targets=targets, conv1d=conv1d,
-                experts=experts, tied=tied_names(packed))
+                experts=experts, tied=tied, rows=rows)
 
 
 def _units(keys: list[str]) -> dict[str, list[str]]:
@@ -125,12 +135,17 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
     from ternlm.quant.pack import pack
     from ternlm.quant.ternary import ternarize
 
-    targets, experts = set(lay["targets"]), set(lay["experts"])
+    from ternlm.nn.embedding import quantize_rows
+
+    targets, experts, rows = set(lay["targets"]), set(lay["experts"]), set(lay.get("rows", ()))
     want = TORCH_DTYPES[cfg.float_dtype]
     out: dict[str, torch.Tensor] = {}
     done_modules = set()
     for k in keys:
         module, _, leaf = k.rpartition(".")
+        if module in rows and leaf == "weight":
+            out[module + ".qweight"], out[module + ".scale"] = quantize_rows(reader.get_cast(k, torch.float32))
+            continue
         if module in targets:
             if module in done_modules:
                 continue
@@ -152,7 +167,7 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
             out.update(convert_expert_tensors(module, reader, lay, cfg))
             continue
         out[k] = reader.get_as(k, want).contiguous()
-    missing = sorted(set(keys) - set(out))
+    missing = sorted(set(keys) - set(out) - {f"{m}.weight" for m in rows})
     if missing:
         raise TernlmError(f"internal: unit left {missing[0]} unwritten")
     return out
@@ -265,6 +280,9 @@ class Job:
         from safetensors.torch import save_file
 
         want = set(self.units[u])
+        for m in self.lay.get("rows", ()):  # an int8 embedding is written as rows + scales
+            if f"{m}.weight" in want:
+                want = (want - {f"{m}.weight"}) | {f"{m}.qweight", f"{m}.scale"}
         if set(tensors) != want:
             extra = sorted(set(tensors) ^ want)
             raise TernlmError(f"internal: unit {u} does not produce exactly its tensors ({extra[0]})")

@@ -156,13 +156,14 @@ def _ternary_bytes(out_f: int, in_f: int, fmt: str, granularity: str, group_size
 def make_plan(source, cfg=None) -> SizePlan:
     """The size plan of ``source`` (model directory, config.json path or config dict).
 
-    cfg: a ``QuantizeConfig`` (or anything with fmt/granularity/group_size/float_dtype/include/exclude);
-    None: the defaults (per-tensor scales, fp16 float tensors, the block linears as targets).
+    cfg: a ``QuantizeConfig`` (or anything with fmt/granularity/group_size/float_dtype/include/exclude,
+    optionally embed_dtype); None: the defaults (per-tensor scales, fp16 float tensors, int8 embedding
+    rows, the block linears as targets).
     """
     from types import SimpleNamespace
 
     cfg = cfg or SimpleNamespace(granularity="per_tensor", group_size=128, float_dtype="fp16", include=(),
-                                 exclude=(), act_bits=8, scale_mode="absmean")
+                                 exclude=(), act_bits=8, scale_mode="absmean", embed_dtype="int8")
     config = _load_config(source)
     src_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(src_dtype, str):
@@ -196,6 +197,9 @@ def make_plan(source, cfg=None) -> SizePlan:
     mxfp4 = (mxfp4.get("quant_method") if isinstance(mxfp4, dict) else getattr(mxfp4, "quant_method", None)) == "mxfp4"
 
     fb = _FLOAT_BYTES[cfg.float_dtype]
+    int8_rows = getattr(cfg, "embed_dtype", "float") == "int8"
+    in_emb = model.get_input_embeddings()
+    emb_name = next((n for n, m in model.named_modules() if m is in_emb), "") if in_emb is not None else ""
     rows = {c: Row(ternary=c in ("attention", "mlp", "experts")) for c in COMPONENTS}
     seen = set()
     largest_read = largest_matrix = float_peak = 0
@@ -239,6 +243,10 @@ def make_plan(source, cfg=None) -> SizePlan:
             for fmt in r.after:
                 r.after[fmt] += e * _ternary_bytes(b, a, fmt, cfg.granularity, cfg.group_size)
             largest_matrix = max(largest_matrix, a * b)
+        elif comp in ("embeddings", "lm_head") and int8_rows and prm.dim() == 2 and module in (emb_name, head):
+            for fmt in r.after:  # int8 rows + one float32 scale per row
+                r.after[fmt] += n + 4 * prm.shape[0]
+            float_peak = max(float_peak, n + min(n * 4, 32 << 20))
         else:
             keep = 4 if module in targets or module in experts else fb
             for fmt in r.after:

@@ -72,7 +72,8 @@ class DistillConfig:
     default: they stay float in the checkpoint and are the costliest gradient).
     eval_every / save_every: steps between perplexity evaluations / resumable checkpoints.
     device: cpu, cuda, cuda:N; bf16: autocast on CUDA ("auto": on when the device is CUDA).
-    float_dtype: storage of the float tensors in the output checkpoint."""
+    float_dtype: storage of the float tensors in the output checkpoint. embed_dtype: its embedding
+    rows, ``int8`` or ``float`` (None: as the student checkpoint stores them)."""
 
     teacher: str = ""
     student: str = ""
@@ -105,6 +106,7 @@ class DistillConfig:
     device: str = "cpu"
     bf16: str = "auto"
     float_dtype: str = "fp16"
+    embed_dtype: str | None = None
     seed: int = 0
     resume: bool = False
     progress: bool = True
@@ -134,6 +136,10 @@ class DistillConfig:
             raise TernlmError(f"bf16 must be auto, on or off, got {self.bf16!r}")
         if self.float_dtype not in FLOAT_DTYPES:
             raise TernlmError(f"unknown float_dtype {self.float_dtype!r}; choose one of {', '.join(FLOAT_DTYPES)}")
+        from ternlm.checkpoint import EMBED_DTYPES
+
+        if self.embed_dtype not in (None, *EMBED_DTYPES):
+            raise TernlmError(f"unknown embed_dtype {self.embed_dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -565,7 +571,10 @@ def distill(cfg: DistillConfig) -> dict:
     set_quant_lambda(student, 1.0)
     student.to("cpu")
     convert(student, fmt=fmt)
-    out = save_pretrained(student, tokenizer, cfg.out, float_dtype=cfg.float_dtype)
+    from ternlm.checkpoint import read_record
+
+    embed = cfg.embed_dtype or ("int8" if read_record(cfg.student).get("embedding") == "int8" else "float")
+    out = save_pretrained(student, tokenizer, cfg.out, float_dtype=cfg.float_dtype, embed_dtype=embed)
     final_ppl = None
     if eval_text is not None:
         from ternlm.models.loading import load as load_again

@@ -167,6 +167,11 @@ def _dequantized_reference(packed):
     for n, m in ternary_experts(packed):
         for k, v in m.dequantize().items():
             sd[f"{n}.{k}"] = v
+    from ternlm.nn.embedding import RowEmbedding, RowHead
+
+    for n, m in packed.named_modules():  # embedding / head rows (int8 by default) as float weights
+        if isinstance(m, (RowEmbedding, RowHead)):
+            sd[n + ".weight"] = m.dequantize()
     ref.load_state_dict({k: v for k, v in sd.items() if k in ref.state_dict()}, strict=True)
     return ref
 

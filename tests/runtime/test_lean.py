@@ -42,9 +42,10 @@ CASES = {
 }
 
 
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(params=[(c, e) for c in CASES for e in ("float", "int8")], ids=lambda p: f"{p[0]}-{p[1]} rows")
 def ckpt(request, tmp_path):
-    return save_pretrained(CASES[request.param](), None, tmp_path / "ck", float_dtype="fp16")
+    case, embed = request.param
+    return save_pretrained(CASES[case](), None, tmp_path / "ck", float_dtype="fp16", embed_dtype=embed)
 
 
 @pytest.mark.parametrize("head", ["fp32", "fp16", "int8"])
@@ -56,8 +57,31 @@ def test_engine_from_the_directory_equals_the_engine_from_the_model(ckpt, head):
     ids = torch.randint(0, 211, (9,), generator=torch.Generator().manual_seed(1))
     assert torch.equal(got.logits(ids), ref.logits(ids))
     assert got.generate(ids, 16)["tokens"] == ref.generate(ids, 16)["tokens"]
-    # the embedding stays in the dtype it is stored in (fp16 by default), not widened
-    assert got.wte.dtype == torch.float16 and ref.wte.dtype == torch.float32
+    # the embedding stays in the dtype it is stored in (fp16 by default, or int8 rows), not widened
+    stored = torch.int8 if (ckpt / "ternlm_quantization.json").read_text().count('"int8"') else torch.float16
+    assert got.wte.dtype == ref.wte.dtype == stored
+    assert (got.wte_scale is not None) == (stored == torch.int8)
+    if stored == torch.int8 and head == "int8":  # the int8 head reads the stored rows: no second table
+        tied = got.arch.tied_head
+        assert (got.head.w.data_ptr() == got.wte.data_ptr()) == tied
+    if stored == torch.int8:  # the compiled step reads int8 rows too, and agrees with the Python step
+        py = DecodeEngine.from_checkpoint(ckpt, RuntimeConfig(head=head, max_seq_len=48, step="python"))
+        assert py.generate(ids, 16)["tokens"] == got.generate(ids, 16)["tokens"]
+
+
+def test_int8_rows_run_in_the_compiled_step(tmp_path):
+    """An int8 embedding (tied int8 head) goes through the compiled step: same tokens as the Python
+    step, and the file holds no float copy of the table."""
+    from safetensors import safe_open
+
+    ck = save_pretrained(_gpt2(), None, tmp_path / "ck", float_dtype="fp16", embed_dtype="int8")
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("transformer.wte.qweight").dtype == torch.int8 and "transformer.wte.weight" not in f.keys()
+    got = DecodeEngine.from_checkpoint(ck, RuntimeConfig(head="int8", max_seq_len=48))
+    py = DecodeEngine.from_checkpoint(ck, RuntimeConfig(head="int8", max_seq_len=48, step="python"))
+    assert got.step == "compiled" and py.step == "python"
+    ids = torch.randint(0, 211, (9,), generator=torch.Generator().manual_seed(2))
+    assert got.generate(ids, 20)["tokens"] == py.generate(ids, 20)["tokens"]
 
 
 def test_what_the_direct_reader_does_not_cover_is_a_one_line_error(tmp_path):
