@@ -245,7 +245,8 @@ def cmd_quantize(a) -> int:
                          include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), calib=a.calib,
                          calib_split=a.calib_split, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
                          transform=a.transform, error_feedback=a.error_feedback, reconstruct=a.reconstruct,
-                         reconstruct_steps=a.reconstruct_steps, seed=a.seed)
+                         reconstruct_steps=a.reconstruct_steps, seed=a.seed, budget_bpw=a.budget_bpw,
+                         budget_tokens=a.budget_tokens)
     if a.plan:
         from ternlm.quantization import plan
 
@@ -626,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
     z.add_argument("--random-init", action="store_true", help="random weights from the model's config")
     _add_ternary_args(z, qat=False)
+    b = z.add_argument_group("bits budget (either method; measured on --calib)")
+    b.add_argument("--budget-bpw", type=float, default=d["budget_bpw"], metavar="B",
+                   help="keep the block linears that move the model most when ternary at int8 rows, until the "
+                        "block linears take B bits per weight, scales included (default: every layer ternary)")
+    b.add_argument("--budget-tokens", type=int, default=d["budget_tokens"],
+                   help=f"calibration tokens for the per-layer sensitivity (default: {d['budget_tokens']})")
     c = z.add_argument_group("pt-bitnet (calibrated; scales per --group-size inputs)")
     c.add_argument("--calib", default=d["calib"], help="calibration text: file, directory or hub dataset id "
                                                        "(never the text you evaluate on)")
