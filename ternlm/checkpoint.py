@@ -30,7 +30,8 @@ from ternlm.fileio import atomic_dir
 from ternlm.quant.pack import upgrade_2bit
 
 FORMAT_VERSION = 1  # written for checkpoints that version 1 describes fully
-FORMAT_VERSION_ROWS = 2  # written when the embedding (and head) rows are int8 ("embedding": "int8")
+FORMAT_VERSION_ROWS = 2  # written when the embedding (and head) rows are int8 ("embedding": "int8") or a
+                         # bits budget kept some block linears at int8 ("int8_layers")
 READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_ROWS)
 QUANT_FILE = "ternlm_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -81,6 +82,12 @@ def quantization_record(model: nn.Module) -> dict:
                 raise TernlmError(f"ternary experts {name} differ from {layers[0][0]} in format, act_bits or "
                                   f"granularity; a checkpoint holds one setting for all layers")
         rec["experts"] = [n for n, _ in experts]
+    from ternlm.nn.int8_linear import Int8RowLinear
+
+    int8 = [n for n, m in model.named_modules() if isinstance(m, Int8RowLinear)]
+    if int8:  # block linears a bits budget kept at int8 rows
+        rec["int8_layers"] = int8
+        rec["format_version"] = FORMAT_VERSION_ROWS
     return rec
 
 
@@ -112,6 +119,9 @@ def check_record(rec, where: str) -> dict:
     experts = rec.get("experts", [])
     if not isinstance(experts, list) or not all(isinstance(t, str) for t in experts):
         raise TernlmError(f"{where}: the quantization record's experts are not a list of module names")
+    int8 = rec.get("int8_layers", [])
+    if not isinstance(int8, list) or not all(isinstance(t, str) for t in int8) or set(int8) & set(targets):
+        raise TernlmError(f"{where}: the quantization record's int8_layers are not a list of non-ternary module names")
     QuantConfig.from_dict(rec["quant_config"])  # raises TernlmError on unknown keys
     return rec
 
@@ -119,6 +129,7 @@ def check_record(rec, where: str) -> dict:
 def apply_record(model: nn.Module, rec: dict) -> None:
     model.ternlm_quant_config = QuantConfig.from_dict(rec["quant_config"])
     model.ternlm_targets = list(rec["targets"])
+    model.ternlm_int8_layers = list(rec.get("int8_layers", []))
     model.ternlm_format = rec["fmt"]
     model.ternlm_experts = list(rec.get("experts", []))
 
@@ -162,6 +173,19 @@ def empty_model(config, rec: dict) -> nn.Module:
         with torch.device("meta"):
             new = TernaryLinear(in_f, out_f, old.bias is not None, rec["act_bits"], rec["fmt"],
                                 rec["granularity"], rec["group_size"])
+        _set_module(model, name, new)
+    from ternlm.nn.int8_linear import Int8RowLinear
+
+    for name in rec.get("int8_layers", []):
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise TernlmError(f"int8 layer {name!r} does not exist in {type(model).__name__}") from None
+        if not is_linear_like(old):
+            raise TernlmError(f"int8 layer {name!r} is a {type(old).__name__}, not a linear layer")
+        out_f, in_f = linear_weight_out_in(old).shape
+        with torch.device("meta"):
+            new = Int8RowLinear(in_f, out_f, old.bias is not None, rec["act_bits"] if rec["act_bits"] == 8 else None)
         _set_module(model, name, new)
     if rec.get("experts"):
         from ternlm.moe.experts import TernaryExperts
@@ -356,12 +380,13 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
             q, sc = state.pop(f"{name}.qweight"), state.pop(f"{name}.scale")
             state[f"{name}.weight"] = q.float() * sc[:, None]
     row_scales = {f"{n}.scale" for n in rows if f"{n}.qweight" in state}
+    keep32 = {f"{n}.{k}" for n in rec.get("int8_layers", []) for k in ("scale", "bias")}
     if row_scales:
         rec.update(format_version=FORMAT_VERSION_ROWS, embedding="int8")
     targets = tuple(t + "." for t in rec["targets"] + rec.get("experts", []))
     want = TORCH_DTYPES[float_dtype]
     for k, v in state.items():
-        if v.is_floating_point() and not k.startswith(targets) and k not in row_scales and v.dtype != want:
+        if v.is_floating_point() and not k.startswith(targets) and k not in row_scales | keep32 and v.dtype != want:
             state[k] = v.to(want)
     text = json.dumps(rec, indent=2, sort_keys=True)
 

@@ -245,7 +245,8 @@ def cmd_quantize(a) -> int:
                          include=tuple(a.include or ()), exclude=tuple(a.exclude or ()), calib=a.calib,
                          calib_split=a.calib_split, calib_tokens=a.calib_tokens, seq_len=a.seq_len,
                          transform=a.transform, error_feedback=a.error_feedback, reconstruct=a.reconstruct,
-                         reconstruct_steps=a.reconstruct_steps, seed=a.seed)
+                         reconstruct_steps=a.reconstruct_steps, seed=a.seed, budget_bpw=a.budget_bpw,
+                         budget_tokens=a.budget_tokens)
     if a.plan:
         from ternlm.quantization import plan
 
@@ -364,7 +365,19 @@ def _add_distill_parser(sub) -> None:
     k.add_argument("--teacher", required=True, help="full-precision model: HF dir, GGUF file/dir or hub id")
     k.add_argument("--teacher-gguf-file", default=None, help="GGUF file inside the --teacher directory")
     k.add_argument("--student", required=True, help="ternlm checkpoint directory (ternlm quantize)")
-    k.add_argument("--text", nargs="+", required=True, help="training text files/dirs/hub datasets")
+    k.add_argument("--text", nargs="+", default=None,
+                   help="training text: files, dirs, hub datasets, token-shard dirs (ternlm prepare-data); never "
+                        "the text you evaluate on")
+    k.add_argument("--text-weights", default="",
+                   help="share of windows per source, comma-separated: each --text, then --self-generate "
+                        "(default: by size)")
+    k.add_argument("--self-generate", type=int, default=d["self_generate"], metavar="N",
+                   help="also train on N tokens sampled from the teacher itself (first token random, then its own "
+                        "continuations; LLM-QAT), made once and cached as token shards (default: 0 = none)")
+    k.add_argument("--self-generate-dir", default=None,
+                   help="cache of the self-generated corpus (default: STATE_DIR/selfgen); reused and extended")
+    k.add_argument("--self-generate-length", type=int, default=d["self_generate_length"],
+                   help=f"tokens per self-generated sequence (default: {d['self_generate_length']})")
     k.add_argument("--text-config", default=d["text_config"], help="hub dataset config for --text / --eval-text")
     k.add_argument("--text-split", default=d["text_split"], help=f"split of --text (default: {d['text_split']})")
     k.add_argument("--eval-text", default=None, help="held-out text for the perplexity curve (never trained on)")
@@ -408,7 +421,10 @@ def cmd_distill(a) -> int:
     from ternlm.train.distill import DistillConfig, distill
 
     cfg = DistillConfig(
-        teacher=a.teacher, student=a.student, texts=tuple(a.text), out=a.out, teacher_gguf_file=a.teacher_gguf_file,
+        teacher=a.teacher, student=a.student, texts=tuple(a.text or ()), out=a.out,
+        teacher_gguf_file=a.teacher_gguf_file, self_generate=a.self_generate, self_generate_dir=a.self_generate_dir,
+        self_generate_length=a.self_generate_length,
+        text_weights=tuple(float(w) for w in a.text_weights.split(",") if w.strip()),
         eval_text=a.eval_text, text_config=a.text_config, text_split=a.text_split, eval_split=a.eval_split,
         eval_window=a.eval_window, eval_windows=a.eval_windows, steps=a.steps, batch_size=a.batch_size,
         block_size=a.block_size, grad_accum=a.grad_accum, lr=a.lr, scale_lr=a.scale_lr, warmup_steps=a.warmup,
@@ -611,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--gguf-file", default=None, help="GGUF file inside the model dir to load (dequantized)")
     z.add_argument("--random-init", action="store_true", help="random weights from the model's config")
     _add_ternary_args(z, qat=False)
+    b = z.add_argument_group("bits budget (either method; measured on --calib)")
+    b.add_argument("--budget-bpw", type=float, default=d["budget_bpw"], metavar="B",
+                   help="keep the block linears that move the model most when ternary at int8 rows, until the "
+                        "block linears take B bits per weight, scales included (default: every layer ternary)")
+    b.add_argument("--budget-tokens", type=int, default=d["budget_tokens"],
+                   help=f"calibration tokens for the per-layer sensitivity (default: {d['budget_tokens']})")
     c = z.add_argument_group("pt-bitnet (calibrated; scales per --group-size inputs)")
     c.add_argument("--calib", default=d["calib"], help="calibration text: file, directory or hub dataset id "
                                                        "(never the text you evaluate on)")

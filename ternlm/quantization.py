@@ -28,6 +28,7 @@ from ternlm.config import ACT_BITS, FLOAT_DTYPES, FORMATS, GRANULARITIES, SCALE_
 from ternlm.errors import TernlmError
 
 METHODS = ("absmean", "pt-bitnet")
+BUDGET_LOG = "ternlm_budget.json"  # the bits budget's plan: sensitivities, the int8 layers, bits reached
 from ternlm.ptq.config import PTQ_LOG  # noqa: E402,F401 (re-exported)
 
 
@@ -61,6 +62,10 @@ class QuantizeConfig:
     reconstruct: bool = True
     reconstruct_steps: int = 32
     seed: int = 0
+    # bits budget (ternlm.ptq.budget): keep the most sensitive block linears at int8 rows until the block
+    # linears take budget_bpw bits per weight, scales included; sensitivity measured on budget_tokens of --calib
+    budget_bpw: float | None = None
+    budget_tokens: int = 512
 
     def __post_init__(self):
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
@@ -73,6 +78,13 @@ class QuantizeConfig:
             if value not in valid:
                 raise TernlmError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, valid))}")
         self.ternary()  # validates group_size and the rest
+        if self.budget_bpw is not None:
+            if not self.budget_bpw > 0:
+                raise TernlmError(f"--budget-bpw must be > 0, got {self.budget_bpw}")
+            if not self.calib:
+                raise TernlmError("--budget-bpw measures each layer's sensitivity on calibration text: pass --calib")
+            if self.budget_tokens < 2:
+                raise TernlmError("budget_tokens must be >= 2")
         if self.method == "pt-bitnet":
             if not self.calib:
                 raise TernlmError("--method pt-bitnet needs calibration text (--calib FILE|DIR|hub-id)")
@@ -87,6 +99,11 @@ class QuantizeConfig:
                               transform=self.transform, error_feedback=self.error_feedback,
                               reconstruct=self.reconstruct, reconstruct_steps=self.reconstruct_steps, seed=self.seed,
                               act_bits=self.act_bits, fmt=self.fmt)
+
+    def ptbitnet_ternary(self) -> TernaryConfig:
+        """The ternary layout pt-bitnet writes (groups of group_size, fitted scales)."""
+        return TernaryConfig(granularity="per_group", group_size=self.group_size, scale_mode="fit",
+                             act_bits=self.act_bits)
 
     def ternary(self) -> TernaryConfig:
         return TernaryConfig(granularity=self.granularity, group_size=self.group_size, scale_mode=self.scale_mode,
@@ -152,6 +169,7 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
     from ternlm.conversion import convert
     from ternlm.fileio import check_output_dir
     from ternlm.models.loading import load, source_kind
+    from ternlm.nn.surgery import select_targets
 
     cfg = cfg or QuantizeConfig()
     check_output_dir(out_dir)
@@ -159,6 +177,8 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
         raise TernlmError("--resume continues a streaming run; it cannot be combined with stream=False")
     if stream is None:
         stream = resume or _should_stream(source, cfg, gguf_file, random_init)
+    if stream and cfg.budget_bpw is not None:
+        raise TernlmError("--budget-bpw runs in memory (it measures every layer on the whole model); drop --stream")
     if stream:
         if random_init:
             raise TernlmError("streaming reads a local model directory or GGUF file (no --random-init)")
@@ -172,27 +192,53 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
         check_source(cfg.calib, "calibration text")
     if source_kind(source, gguf_file) in ("ternlm", "ternlm-gguf"):
         raise TernlmError(f"{source} is already a packed ternary model")
-    if cfg.method == "absmean":
-        model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
-        qc = QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude)
-        convert(model, qc, fmt=cfg.fmt, act_bits=cfg.act_bits)
-        from ternlm.moe.experts import convert_experts
-
-        convert_experts(model, cfg.ternary(), cfg.fmt)  # GPT-OSS 3-D experts; a no-op for dense models
-        return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype, embed_dtype=cfg.embed_dtype)
-
     import json
 
     from ternlm.data.text import load_text
-    from ternlm.ptq import calibration_ids, ptbitnet_quantize
+    from ternlm.ptq import calibration_ids
+
+    if cfg.budget_bpw is not None:
+        from ternlm.data.text import check_source
+
+        check_source(cfg.calib, "calibration text")
+    model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
+    text = None
+    if cfg.method == "pt-bitnet" or cfg.budget_bpw is not None:
+        text = load_text(cfg.calib, split=cfg.calib_split)
+        if tokenizer is None:
+            raise TernlmError(f"no tokenizer files in {source}: calibration needs one to read the calibration text")
+    extra, keep = {}, []
+    if cfg.budget_bpw is not None:
+        from ternlm.ptq.budget import plan_budget
+
+        seq = min(cfg.seq_len, cfg.budget_tokens)
+        ids = calibration_ids(tokenizer, text, cfg.budget_tokens // seq * seq, seq, cfg.seed)
+        tern = cfg.ptbitnet_ternary() if cfg.method == "pt-bitnet" else cfg.ternary()
+        targets = None if cfg.method == "pt-bitnet" else select_targets(
+            model, QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude))
+        bplan = plan_budget(model, ids, cfg.budget_bpw, tern, cfg.fmt, targets=targets, progress=progress)
+        keep = bplan.int8
+        extra[BUDGET_LOG] = json.dumps(bplan.to_dict(), indent=2) + "\n"
+    if cfg.method == "absmean":
+        from ternlm.nn.int8_linear import Int8RowLinear
+        from ternlm.nn.surgery import replace_module
+
+        qc = QuantConfig(weights=cfg.ternary(), include=cfg.include, exclude=cfg.exclude + tuple(keep))
+        convert(model, qc, fmt=cfg.fmt, act_bits=cfg.act_bits)
+        for k in keep:  # kept at int8 rows by the bits budget
+            replace_module(model, k, Int8RowLinear.from_module(model.get_submodule(k), 8 if cfg.act_bits == 8 else None))
+        from ternlm.moe.experts import convert_experts
+
+        convert_experts(model, cfg.ternary(), cfg.fmt)  # GPT-OSS 3-D experts; a no-op for dense models
+        return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype, embed_dtype=cfg.embed_dtype,
+                               extra_files=extra)
+
+    from ternlm.ptq import ptbitnet_quantize
 
     pcfg = cfg.ptbitnet()
-    text = load_text(cfg.calib, split=cfg.calib_split)
-    model, tokenizer = load(source, gguf_file=gguf_file, random_init=random_init)
-    if tokenizer is None:
-        raise TernlmError(f"no tokenizer files in {source}: pt-bitnet needs one to read the calibration text")
     ids = calibration_ids(tokenizer, text, pcfg.calib_tokens, pcfg.seq_len, pcfg.seed)
-    log = ptbitnet_quantize(model, ids, pcfg, progress=progress)
+    log = ptbitnet_quantize(model, ids, pcfg, progress=progress, keep=keep)
     log.update(source=str(source), calib=str(cfg.calib), quantize_config=cfg.to_dict())
+    extra[PTQ_LOG] = json.dumps(log, indent=2, default=str) + "\n"
     return save_pretrained(model, tokenizer, out_dir, float_dtype=cfg.float_dtype, embed_dtype=cfg.embed_dtype,
-                           extra_files={PTQ_LOG: json.dumps(log, indent=2, default=str) + "\n"})
+                           extra_files=extra)

@@ -361,6 +361,9 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
     from ternlm.nn.embedding import RowEmbedding, RowHead
 
     rows = {n: m for n, m in model.named_modules() if isinstance(m, (RowEmbedding, RowHead))}
+    from ternlm.nn.int8_linear import Int8RowLinear
+
+    int8_layers = {n: m for n, m in model.named_modules() if isinstance(m, Int8RowLinear)}
     if head_dtype is None:  # int8 rows stay 8-bit (Q8_0), float ones f16
         head_dtype = "q8_0" if any(m.kind == "int8" for m in rows.values()) else "f16"
     tmap = gguf.get_tensor_name_map(arch, getattr(config, "num_hidden_layers", None) or config.n_layer)
@@ -390,6 +393,13 @@ def export_gguf(model_or_dir, out_file: str | Path, qtype: str = "tq2_0", *, hea
                 if leaf == "scale":
                     continue
                 name, t = f"{module}.weight", rows[module].dequantize()
+            elif module in int8_layers and leaf in ("qweight", "scale"):  # kept at int8 by a budget: Q8_0
+                if leaf == "qweight":
+                    gname = _gguf_name(tmap, f"{module}.weight", config.model_type)
+                    t = int8_layers[module].dequantize_weight()
+                    heads = _rope_heads(config, f"{module}.weight")
+                    _float_tensor(w, gname, _permute_rows(t, heads) if heads is not None else t, "q8_0")
+                continue
             heads = _rope_heads(config, name)
             if module in tern and leaf in ("packed", "scale"):
                 if leaf == "packed":
@@ -482,9 +492,16 @@ def from_gguf(path: str | Path) -> nn.Module:
     conv1d = conv1d_class()
     conv_weights = {f"{n}.weight" for n, m in model.named_modules() if conv1d is not None and isinstance(m, conv1d)}
     # GGUF name -> (HF name, what it holds)
+    from ternlm.nn.int8_linear import Int8RowLinear
+
+    int8_mods = {n for n, m in model.named_modules() if isinstance(m, Int8RowLinear)}
     by_gguf = {}
     for name in model.state_dict():
         module, _, leaf = name.rpartition(".")
+        if module in int8_mods and leaf in ("qweight", "scale"):
+            if leaf == "qweight":
+                by_gguf[_gguf_name(tmap, f"{module}.weight", config.model_type)] = (module, "int8")
+            continue
         if module in tern and leaf in ("packed", "scale"):
             if leaf == "packed":
                 by_gguf[_gguf_name(tmap, f"{module}.weight", config.model_type)] = (module, "ternary")
@@ -523,6 +540,10 @@ def from_gguf(path: str | Path) -> nn.Module:
             x = _unpermute_rows(x, heads)
         if hf in conv_weights:
             x = x.t().contiguous()
+        if kind == "int8":  # Q8_0 blocks back to int8 rows (requantized per row: close, not bit-exact)
+            q = Int8RowLinear.from_weight(x, None)
+            state[f"{hf}.qweight"], state[f"{hf}.scale"] = q.qweight, q.scale
+            continue
         state[hf] = x
     assign_state(model, _cast_floats(model, state), str(p))
     apply_record(model, rec)

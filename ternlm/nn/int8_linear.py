@@ -103,3 +103,64 @@ class LLMInt8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"threshold={self.config.threshold}, backend={self.backend}")
+
+
+class Int8RowLinear(nn.Module):
+    """A linear layer kept at int8 by a bits budget (``ternlm quantize --budget-bpw``): int8 rows, one
+    float32 scale per row (the canonical int8 absmax quantizer, per output channel), run by the
+    compiled int8 kernels: W8A8 (``act_bits=8``: per-token int8 activations, exact integer dot
+    products, as the packed ternary layers beside it) or W8A16 (None).
+
+    Buffers: ``qweight`` (out, in) int8, ``scale`` (out,) float32, optional ``bias`` (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act_bits: int | None = 8):
+        super().__init__()
+        if act_bits not in (None, 8):
+            raise TernlmError(f"int8 rows take act_bits 8 or None, got {act_bits!r}")
+        self.in_features, self.out_features, self.act_bits = in_features, out_features, act_bits
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.empty(out_features) if bias else None)
+        self._bound = None
+
+    @classmethod
+    def from_weight(cls, weight_out_in: torch.Tensor, bias: torch.Tensor | None, act_bits: int | None = 8):
+        out_f, in_f = weight_out_in.shape
+        with torch.device("meta"):
+            m = cls(in_f, out_f, bias is not None, act_bits)
+        t = quantize_int8(weight_out_in.detach().float(), Int8Config("absmax", "per_channel"))
+        m.qweight, m.scale = t.q.contiguous(), t.scale.float().reshape(-1).contiguous()
+        m.bias = None if bias is None else bias.detach().float().contiguous()
+        return m
+
+    @classmethod
+    def from_module(cls, m: nn.Module, act_bits: int | None = 8) -> "Int8RowLinear":
+        return cls.from_weight(linear_weight_out_in(m), m.bias, act_bits)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def bind(self):
+        """The compiled kernel over this layer's rows (rows padded to 64 weights once, when needed)."""
+        from ternlm.kernels import bind_int8_linear, pad_int8_rows
+
+        key = (self.qweight.data_ptr(), self.act_bits, self.qweight.device)
+        if self._bound is None or self._bound[0] != key:
+            fn = bind_int8_linear(pad_int8_rows(self.qweight), self.scale, self.in_features, self.act_bits,
+                                  bias=self.bias)
+            self._bound = (key, fn)
+        return self._bound[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # training around it (distillation): a float path
+            from ternlm.quant.activations import fake_quantize_activations
+
+            xq = x + (fake_quantize_activations(x, 8) - x).detach() if self.act_bits == 8 else x  # straight-through
+            return F.linear(xq, self.dequantize_weight().to(x.dtype), self.bias)
+        shape = x.shape
+        y = self.bind()(x.reshape(-1, self.in_features).float().contiguous())
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, "
+                f"W8A{self.act_bits or 16}, bias={self.bias is not None}")

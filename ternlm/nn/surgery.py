@@ -60,10 +60,14 @@ def select_targets(model: nn.Module, config: QuantConfig) -> list[str]:
     return targets
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) of ``model`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+_set_module = replace_module  # the name the package's modules call it by
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | WeightConfig | None = None) -> nn.Module:

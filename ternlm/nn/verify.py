@@ -75,7 +75,9 @@ class VerifyReport:
             rows.append(f"total: {t['n_layers']} layers, {t['n_weights']:,} weights, "
                         f"{100 * t['ternary_share']:.2f}% ternary, {100 * t['zeros_share']:.2f}% zeros, "
                         f"{t['bits_per_weight']:.3f} bits/weight ({t['storage_bits_per_weight']:.3f} stored); "
-                        + ("all layers ternary" if self.ok else f"NOT TERNARY: {', '.join(self.failed)}"))
+                        + (("all layers ternary" if not any(l.module == "int8 (budget)" for l in self.layers)
+                            else "every other layer ternary, int8 ones kept by the bits budget")
+                           if self.ok else f"NOT TERNARY: {', '.join(self.failed)}"))
         return "\n".join(rows)
 
 
@@ -154,9 +156,24 @@ def verify(model: nn.Module, targets: list[str] | None = None) -> VerifyReport:
     from ternlm.moe.experts import ternary_experts
     from ternlm.nn.surgery import block_linear_layers
 
+    from ternlm.nn.int8_linear import Int8RowLinear
+
     if targets is None:
         targets = getattr(model, "ternlm_targets", None) or block_linear_layers(model)
     rows = [check_layer(n, model.get_submodule(n)) for n in targets]
     for n, m in ternary_experts(model):
         rows.extend(check_experts(n, m))
+    for n, m in model.named_modules():  # layers a bits budget kept at int8: reported, counted as not ternary
+        if isinstance(m, Int8RowLinear) and n not in targets:
+            rows.append(int8_row(n, m))
     return VerifyReport(rows)
+
+
+@torch.no_grad()
+def int8_row(name: str, m: nn.Module) -> LayerReport:
+    """The report row of an ``Int8RowLinear`` (kept at int8 on purpose: ok, 0% ternary)."""
+    n = m.in_features * m.out_features
+    q = m.qweight
+    bits = 8.0 + 32.0 * m.out_features / n
+    return LayerReport(name, "int8 (budget)", n, 0.0, (q == 0).float().mean().item(), m.out_features,
+                       m.scale.mean().item(), m.scale.min().item(), m.scale.max().item(), bits, bits, True)

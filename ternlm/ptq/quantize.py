@@ -111,9 +111,13 @@ def apply_transform(model: nn.Module, calib_ids: torch.Tensor, cfg: PTBitNetConf
     return info
 
 
-def _quantize_group(block, group, hs, cfg, layer_info):
+def _quantize_group(block, group, hs, cfg, layer_info, keep=()):
     for name in group:
         m = block.get_submodule(name)
+        if name in keep:  # kept at int8 by a bits budget: rounded now, so that what follows sees it
+            _round_int8_(m)
+            layer_info[name] = "int8"
+            continue
         codes, scale, info = quantize_layer(get_weight(m), hs[name], cfg.group_size, damp=cfg.damp,
                                             block_cols=cfg.block_cols, error_feedback=cfg.error_feedback,
                                             refit_iters=cfg.refit_iters, name=name)
@@ -121,19 +125,37 @@ def _quantize_group(block, group, hs, cfg, layer_info):
         layer_info[name] = info["rel_err"]
 
 
+@torch.no_grad()
+def _round_int8_(m: nn.Module) -> None:
+    """Round a linear's weight to int8 rows in place (the canonical int8 quantizer, per row)."""
+    from ternlm.config import Int8Config
+    from ternlm.nn.bitlinear import linear_weight_out_in
+    from ternlm.quant.int8 import dequantize_int8, quantize_int8
+
+    w = linear_weight_out_in(m)
+    w.copy_(dequantize_int8(quantize_int8(w.float(), Int8Config("absmax", "per_channel"))).to(w.dtype))
+
+
 def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitNetConfig | None = None, *,
-                      progress: bool = True, pack: bool = True, kernel: str = "auto") -> dict:
+                      progress: bool = True, pack: bool = True, kernel: str = "auto", keep=()) -> dict:
     """Quantize the model's block linears to ternary in place (PT-BitNet-style, no training).
 
     calib_ids: (n_seq, seq_len) token ids, at least ``cfg.n_seq`` rows of ``cfg.seq_len``.
     pack: True replaces each layer by a packed ``TernaryLinear``; False leaves the float
         fake-quantized ``FakeTernaryLinear`` (codes * scales, exactly the same numbers) in place,
         for layers the packed format cannot hold yet (a partial last group).
+    keep: block linears a bits budget keeps at int8 (``ternlm.ptq.budget``): rounded to int8 rows
+        at their turn (the layers after them calibrate against that) and, with pack, made
+        ``Int8RowLinear``.
     Returns a record: wall time, peak RSS, per-block losses and layer errors, bits/weight, config.
     """
     cfg = cfg or PTBitNetConfig()
     t0 = time.perf_counter()
     targets, stack_name, blocks, ids = _prepare(model, calib_ids, cfg)
+    keep = set(keep)
+    unknown = keep - set(targets)
+    if unknown:
+        raise TernlmError(f"layers to keep at int8 are not block linears: {', '.join(sorted(unknown)[:3])}")
     model.eval()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -146,7 +168,7 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
     for bi, block in bar:
         prefix = f"{stack_name}.{bi}."
         rec, x_q, x_fp = quantize_block(block, bi, _block_targets(targets, prefix), x_q, x_fp, kws[bi], cfg, gen,
-                                        prefix.rstrip("."))
+                                        prefix.rstrip("."), keep=_block_targets(sorted(keep), prefix))
         if rec is not None:
             records.append(rec)
             bar.set_postfix(rel_loss=f"{rec['rel_loss']:.3g}")
@@ -155,12 +177,19 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
     n_w = n_s = 0
     for t in targets:
         m = model.get_submodule(t)
+        if t in keep:
+            if pack:
+                from ternlm.nn.int8_linear import Int8RowLinear
+
+                _set_module(model, t, Int8RowLinear.from_module(m, 8 if cfg.act_bits == 8 else None))
+            continue
         n_w += m.in_features * m.out_features
         n_s += m.out_features * n_groups(m.in_features, cfg.group_size)
         if pack:
             pack_layer(model, t, cfg, kernel)
         else:
             m.requires_grad_(False)
+    targets = [t for t in targets if t not in keep]
     from ternlm.moe.experts import expert_modules
 
     experts = expert_modules(model)
@@ -227,7 +256,7 @@ def pack_layer(root: nn.Module, name: str, cfg: PTBitNetConfig, kernel: str = "a
 
 
 def quantize_block(block: nn.Module, bi: int, names: list[str], x_q: torch.Tensor, x_fp: torch.Tensor, kw: dict,
-                   cfg: PTBitNetConfig, gen: torch.Generator, where: str):
+                   cfg: PTBitNetConfig, gen: torch.Generator, where: str, keep=()):
     """Stage 1 + 2 on one block (its linears ``names``, relative to the block) in place.
 
     x_q / x_fp: the quantized and full-precision streams entering the block. Returns
@@ -246,7 +275,7 @@ def quantize_block(block: nn.Module, bi: int, names: list[str], x_q: torch.Tenso
     for gi, group in enumerate(spec.groups):
         if gi > 0 and cfg.sequential:
             hs.update(collect_hessians(block, group, x_q, kw, cfg.act_bits))
-        _quantize_group(block, group, hs, cfg, rec["layers"])
+        _quantize_group(block, group, hs, cfg, rec["layers"], keep)
     from ternlm.moe.experts import expert_modules
 
     for name in expert_modules(block):  # mixture of experts: routed-token Hessians per expert

@@ -45,6 +45,14 @@ def packed_row_bytes(in_features: int, fmt: str) -> int:
     return kp // 4 if fmt == "2bit" else kp // 5
 
 
+def ternary_layer_bytes(out_f: int, in_f: int, fmt: str, granularity: str, group_size: int) -> int:
+    """Bytes of an (out_f, in_f) packed ternary layer as stored: padded code rows + float32 scales."""
+    from ternlm.quant.ternary import n_groups
+
+    scales = {"per_tensor": 1, "per_channel": out_f, "per_group": out_f * n_groups(in_f, group_size)}[granularity]
+    return out_f * packed_row_bytes(in_f, fmt) + 4 * scales
+
+
 def _check_fmt(fmt: str) -> str:
     if fmt not in FORMATS:
         raise TernlmError(f"unknown packed format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -158,13 +158,14 @@ def _bind(*mods: nn.Module) -> Callable:
     expanded to per-channel (or per-group rows) and stacked, one kernel binding. nn.Linears stack
     their weights. Anything else runs one call per module into a concatenated output."""
     from ternlm.kernels import bind_linear
+    from ternlm.nn.int8_linear import Int8RowLinear
     from ternlm.nn.ternary_linear import TernaryLinear
 
     if len(mods) == 1:
         m = mods[0]
         if isinstance(m, FloatLinear):
             return m
-        return m.bind() if isinstance(m, TernaryLinear) else _float_linear(m)
+        return m.bind() if isinstance(m, (TernaryLinear, Int8RowLinear)) else _float_linear(m)
     m0 = mods[0]
     same = ("in_features", "fmt", "act_bits", "granularity", "group_size", "kernel")
     if all(isinstance(m, TernaryLinear) for m in mods) and \

@@ -144,8 +144,20 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 def _linear(ts: _Tensors, name: str, in_f: int, out_f: int, rec: dict, conv1d: bool):
     """A block linear: a ``TernaryLinear`` over the file's codes and scales when it is a target, else
     a float layer (GPT-2 Conv1D keeps its (in, out) layout and addmm, as HF computes it)."""
+    from ternlm.nn.int8_linear import Int8RowLinear
     from ternlm.nn.ternary_linear import TernaryLinear
 
+    if name in rec.get("int8_layers", ()):  # kept at int8 rows by a bits budget
+        bias = ts.opt(f"{name}.bias")
+        with torch.device("meta"):
+            m = Int8RowLinear(in_f, out_f, bias is not None, 8 if rec["act_bits"] == 8 else None)
+        state = {"qweight": ts.get(f"{name}.qweight"), "scale": ts.get(f"{name}.scale").float()}
+        if bias is not None:
+            state["bias"] = bias.float()
+        if tuple(state["qweight"].shape) != (out_f, in_f):
+            raise TernlmError(f"tensor {name}.qweight has shape {tuple(state['qweight'].shape)}, expected {(out_f, in_f)}")
+        m.load_state_dict(state, assign=True)
+        return m.eval()
     if name in rec["targets"]:
         bias = ts.opt(f"{name}.bias")
         with torch.device("meta"):

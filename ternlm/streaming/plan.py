@@ -145,14 +145,6 @@ def _component(name: str, module_type: str, targets: set, experts: set, embeds: 
     return "norms/biases/sinks"
 
 
-def _ternary_bytes(out_f: int, in_f: int, fmt: str, granularity: str, group_size: int) -> int:
-    from ternlm.quant.pack import packed_row_bytes
-    from ternlm.quant.ternary import n_groups
-
-    scales = {"per_tensor": 1, "per_channel": out_f, "per_group": out_f * n_groups(in_f, group_size)}[granularity]
-    return out_f * packed_row_bytes(in_f, fmt) + 4 * scales
-
-
 def make_plan(source, cfg=None) -> SizePlan:
     """The size plan of ``source`` (model directory, config.json path or config dict).
 
@@ -173,6 +165,7 @@ def make_plan(source, cfg=None) -> SizePlan:
     from ternlm.moe.experts import expert_modules
     from ternlm.nn.bitlinear import linear_weight_out_in
     from ternlm.nn.surgery import select_targets
+    from ternlm.quant.pack import ternary_layer_bytes
 
     tcfg = TernaryConfig(granularity=cfg.granularity, group_size=cfg.group_size)
     targets = set(select_targets(model, QuantConfig(weights=tcfg, include=cfg.include, exclude=cfg.exclude)))
@@ -236,12 +229,12 @@ def make_plan(source, cfg=None) -> SizePlan:
         if comp in ("attention", "mlp"):
             out_f, in_f = linear_weight_out_in(model.get_submodule(module)).shape
             for fmt in r.after:
-                r.after[fmt] += _ternary_bytes(out_f, in_f, fmt, cfg.granularity, cfg.group_size)
+                r.after[fmt] += ternary_layer_bytes(out_f, in_f, fmt, cfg.granularity, cfg.group_size)
             largest_matrix = max(largest_matrix, n)
         elif comp == "experts":
             e, a, b = prm.shape  # (experts, in, out): each slice an (out, in) ternary matrix
             for fmt in r.after:
-                r.after[fmt] += e * _ternary_bytes(b, a, fmt, cfg.granularity, cfg.group_size)
+                r.after[fmt] += e * ternary_layer_bytes(b, a, fmt, cfg.granularity, cfg.group_size)
             largest_matrix = max(largest_matrix, a * b)
         elif comp in ("embeddings", "lm_head") and int8_rows and prm.dim() == 2 and module in (emb_name, head):
             for fmt in r.after:  # int8 rows + one float32 scale per row

@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -52,7 +53,8 @@ LOG_FILE = "log.jsonl"
 PLOT_FILE = "curve.png"
 STATE_VERSION = 1
 # Config fields that do not change the training trajectory: a resumed run may change them.
-RESUME_FREE = ("out", "state_dir", "progress", "resume", "save_every", "eval_every", "eval_windows", "device")
+RESUME_FREE = ("out", "state_dir", "progress", "resume", "save_every", "eval_every", "eval_windows", "device",
+               "self_generate_dir")
 
 
 @dataclass
@@ -60,7 +62,10 @@ class DistillConfig:
     """teacher: any model ``ternlm.load`` reads (HF dir, GGUF dir/file, hub id); teacher_gguf_file
     picks a GGUF inside a directory. student: a ternlm packed checkpoint directory.
     texts: training text sources (files, dirs, hub datasets; ``text_config`` / ``text_split`` for
-    hub ones). eval_text: held-out text for the perplexity curve (never one of ``texts``; split
+    hub ones; token-shard directories of ``ternlm prepare-data``). text_weights: the share of windows
+    drawn from each source (the texts, then the self-generated corpus); default: by size.
+    self_generate: tokens sampled from the teacher itself (``ternlm.data.selfgen``: LLM-QAT's data-free
+    recipe), made once into ``self_generate_dir`` (default ``<state_dir>/selfgen``) and reused. eval_text: held-out text for the perplexity curve (never one of ``texts``; split
     ``eval_split``), scored on the first ``eval_windows`` windows of ``eval_window`` tokens.
     steps / batch_size / block_size / grad_accum: optimizer steps of grad_accum micro-batches of
     batch_size windows of block_size tokens. lr: peak learning rate (linear warm-up over
@@ -79,6 +84,10 @@ class DistillConfig:
     student: str = ""
     texts: tuple = ()
     out: str = ""
+    text_weights: tuple = ()       # sampling weight per source (texts, then the self-generated corpus)
+    self_generate: int = 0         # tokens sampled from the teacher itself (0 = none), cached as shards
+    self_generate_dir: str | None = None  # the cache (default: <state_dir>/selfgen)
+    self_generate_length: int = 256
     teacher_gguf_file: str | None = None
     eval_text: str | None = None
     text_config: str | None = None
@@ -117,6 +126,15 @@ class DistillConfig:
         if isinstance(self.texts, (str, Path)):
             self.texts = (str(self.texts),)
         self.texts = tuple(str(t) for t in self.texts)
+        self.text_weights = tuple(float(w) for w in self.text_weights)
+        n_src = len(self.texts) + (1 if self.self_generate else 0)
+        if self.text_weights and len(self.text_weights) != n_src:
+            raise TernlmError(f"{len(self.text_weights)} text weights for {n_src} sources (the texts"
+                              f"{' and the self-generated corpus' if self.self_generate else ''})")
+        if any(not (w >= 0) for w in self.text_weights) or (self.text_weights and sum(self.text_weights) <= 0):
+            raise TernlmError(f"text weights must be >= 0 and not all 0, got {self.text_weights}")
+        if not isinstance(self.self_generate, int) or self.self_generate < 0:
+            raise TernlmError(f"self_generate must be a number of tokens >= 0, got {self.self_generate!r}")
         ints = {"steps": 1, "batch_size": 1, "block_size": 2, "grad_accum": 1, "eval_window": 2,
                 "eval_windows": 1, "eval_every": 1, "save_every": 1, "warmup_steps": 0, "continuous_steps": 0,
                 "lambda_warmup_steps": 0}
@@ -172,10 +190,11 @@ def check_inputs(cfg: DistillConfig) -> None:
     for name in ("teacher", "student", "out"):
         if not getattr(cfg, name):
             raise TernlmError(f"distill needs a {name}")
-    if not cfg.texts:
-        raise TernlmError("distill needs at least one training text")
+    if not cfg.texts and not cfg.self_generate:
+        raise TernlmError("distill needs training text (--text) or a self-generated corpus (--self-generate N)")
     for t in cfg.texts:
-        check_source(t, "training text")
+        if not _is_shards(t):
+            check_source(t, "training text")
     if cfg.eval_text is not None:
         check_source(cfg.eval_text, "eval text")
         held = _source_key(cfg.eval_text, cfg.eval_split)
@@ -277,29 +296,89 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, verbose=False).input_ids, dtype=torch.long)
 
 
-def load_tokens(tokenizer, cfg: DistillConfig) -> tuple[torch.Tensor, str | None]:
-    """The training token stream (sources joined by EOS) and the held-out text."""
+def _is_shards(source: str) -> bool:
+    """A token-shard directory written by ``ternlm prepare-data`` (train_*.bin + meta.json)."""
+    p = Path(source).expanduser()
+    return p.is_dir() and (p / "meta.json").is_file() and any(p.glob("train_*.bin"))
+
+
+class Mix:
+    """The training tokens: sources (name, 1-D token array, weight). One source (or none weighted):
+    windows are drawn uniformly over the sources joined end to end (as one stream); weighted
+    sources: each window first picks its source by weight. Windows are a pure function of (seed,
+    step, micro), so a resumed run sees the same batches."""
+
+    def __init__(self, sources: list[tuple[str, object, float]], weighted: bool):
+        self.sources, self.weighted = sources, weighted
+        if not weighted:
+            self.stream = torch.cat([torch.as_tensor(np.asarray(t), dtype=torch.long) for _, t, _ in sources])
+
+    def describe(self) -> list[dict]:
+        total = sum(w for *_, w in self.sources)
+        return [{"source": n, "tokens": int(len(t)), "weight": (w / total if self.weighted else len(t) / total)}
+                for n, t, w in self.sources]
+
+    def batch(self, cfg: "DistillConfig", step: int, micro: int) -> torch.Tensor:
+        """The (batch_size, block_size) windows of a step's micro-batch."""
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
+        if not self.weighted:
+            return batch_at(self.stream, cfg, step, micro)
+        w = torch.tensor([wt for *_, wt in self.sources], dtype=torch.float64)
+        which = torch.multinomial(w, cfg.batch_size, replacement=True, generator=gen).tolist()
+        rows = []
+        for k in which:
+            toks = self.sources[k][1]
+            i = int(torch.randint(0, len(toks) - cfg.block_size, (1,), generator=gen))
+            rows.append(torch.as_tensor(np.asarray(toks[i:i + cfg.block_size]), dtype=torch.long))
+        return torch.stack(rows)
+
+
+def load_tokens(tokenizer, cfg: DistillConfig, selfgen_dir: Path | None = None) -> tuple[Mix, str | None]:
+    """The training tokens (texts joined by EOS, token shards, the self-generated corpus) and the
+    held-out text."""
     from ternlm.data.text import load_text
 
     eos = getattr(tokenizer, "eos_token_id", None)
-    parts, texts = [], []
+    sources, texts = [], []
     for src in cfg.texts:
-        text = load_text(src, config=cfg.text_config, split=cfg.text_split)
-        texts.append(text)
-        parts.append(_tokenize(tokenizer, text))
-        if eos is not None:
-            parts.append(torch.tensor([eos], dtype=torch.long))
+        if _is_shards(src):
+            from ternlm.data.shards import load_tokens as load_shards, read_meta
+
+            meta = read_meta(src)
+            if meta["vocab_size"] > len(tokenizer):
+                raise TernlmError(f"{src}: shards of a {meta['vocab_size']}-token vocabulary, the model has "
+                                  f"{len(tokenizer)}")
+            toks = load_shards(src, "train")
+        else:
+            text = load_text(src, config=cfg.text_config, split=cfg.text_split)
+            texts.append(text)
+            toks = _tokenize(tokenizer, text)
+            if eos is not None:
+                toks = torch.cat([toks, torch.tensor([eos], dtype=torch.long)])
+        sources.append((src, toks, 0.0))
+    if cfg.self_generate:
+        from ternlm.data.selfgen import corpus_tokens
+
+        sources.append((f"self-generated ({selfgen_dir})", corpus_tokens(selfgen_dir, cfg.self_generate), 0.0))
     eval_text = None
     if cfg.eval_text is not None:
         eval_text = load_text(cfg.eval_text, config=cfg.text_config, split=cfg.eval_split)
         if any(eval_text == t for t in texts) or any(len(t) > 200 and eval_text in t for t in texts):
             raise TernlmError(f"the eval text {cfg.eval_text} is contained in the training text")
-    tokens = torch.cat(parts)
+    weighted = bool(cfg.text_weights) or len(sources) > 1 and any(_is_shards(s) for s in cfg.texts) \
+        or (bool(cfg.self_generate) and len(sources) > 1)
+    weights = cfg.text_weights or tuple(float(len(t)) for _, t, _ in sources)
+    sources = [(n, t, float(w)) for (n, t, _), w in zip(sources, weights)]
+    for n, t, w in sources if weighted else ():
+        if w > 0 and len(t) < cfg.block_size + 1:
+            raise TernlmError(f"training source {n} is too short: {len(t)} tokens, a window needs "
+                              f"{cfg.block_size + 1}")
+    mix = Mix(sources, weighted)
     need = cfg.batch_size * cfg.block_size + 1
-    if tokens.numel() < need:
-        raise TernlmError(f"training text too short: {tokens.numel()} tokens, one batch needs at least {need} "
+    if not weighted and mix.stream.numel() < need:
+        raise TernlmError(f"training text too short: {mix.stream.numel()} tokens, one batch needs at least {need} "
                           f"(batch_size {cfg.batch_size} x block_size {cfg.block_size} + 1)")
-    return tokens, eval_text
+    return mix, eval_text
 
 
 def batch_at(tokens: torch.Tensor, cfg: DistillConfig, step: int, micro: int) -> torch.Tensor:
@@ -471,7 +550,15 @@ def distill(cfg: DistillConfig) -> dict:
     if tokenizer is None:
         raise TernlmError(f"neither {cfg.student} nor {cfg.teacher} has a tokenizer")
     check_pair(teacher, student, t_tok, tokenizer, cfg.hidden_weight > 0)
-    tokens, eval_text = load_tokens(tokenizer, cfg)
+    selfgen_dir = None
+    if cfg.self_generate:  # made once (and extended, never redone): a pure function of teacher and seed
+        from ternlm.data.selfgen import SelfGenConfig, self_generate
+
+        selfgen_dir = Path(cfg.self_generate_dir or state_dir / "selfgen")
+        self_generate(teacher, tokenizer, SelfGenConfig(tokens=cfg.self_generate, length=cfg.self_generate_length,
+                                                        seed=cfg.seed),
+                      selfgen_dir, teacher=str(cfg.teacher), progress=cfg.progress)
+    mix, eval_text = load_tokens(tokenizer, cfg, selfgen_dir)
 
     trainable_from_packed(student, lambda_warmup_steps=cfg.lambda_warmup_steps)
     teacher.to(device).eval().requires_grad_(False)
@@ -521,7 +608,7 @@ def distill(cfg: DistillConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "kd": 0.0, "hidden": 0.0, "ce": 0.0}
         for micro in range(cfg.grad_accum):
-            x = batch_at(tokens, cfg, step, micro).to(device)
+            x = mix.batch(cfg, step, micro).to(device)
             with _autocast(device, cfg):
                 with torch.no_grad():
                     t_out = teacher(input_ids=x, output_hidden_states=hidden)
@@ -582,7 +669,7 @@ def distill(cfg: DistillConfig) -> dict:
         packed, _ = load_again(out, tokenizer=False)
         final_ppl = _eval_ppl(packed, tokenizer, eval_text, cfg)
     evals = [(r["tokens"], r["eval_ppl"]) for r in records if r.get("eval_ppl") is not None]
-    summary = {"steps": cfg.steps, "tokens": tokens_seen, "train_seconds": round(elapsed, 1),
+    summary = {"steps": cfg.steps, "tokens": tokens_seen, "train_seconds": round(elapsed, 1), "data": mix.describe(),
                "teacher_ppl": teacher_ppl, "start_ppl": start_ppl, "final_ppl_packed": final_ppl,
                "curve": evals, "config": cfg.to_dict(), "out": str(out)}
     plot = plot_curve(records, state_dir / PLOT_FILE, f"distill {Path(cfg.student).name} from {Path(cfg.teacher).name}")
@@ -606,6 +693,8 @@ def _write_card(out: Path, cfg: DistillConfig, summary: dict, teacher: nn.Module
                    "perplexity, this checkpoint (packed)": summary["final_ppl_packed"]}
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "resume", "out", "state_dir")}
     settings["tokens seen"] = summary["tokens"]
+    settings["training data (what this run saw)"] = "; ".join(
+        f"{d['source']}: {d['tokens']:,} tokens, weight {d['weight']:.2f}" for d in summary.get("data", []))
     write_model_card(out, method="knowledge distillation (KD) from the full-precision teacher into the ternary "
                                  f"student {cfg.student}", settings=settings, metrics=metrics,
                      base_model=info.get("base_model"), license=info.get("license"),

@@ -206,3 +206,71 @@ def test_cli_distill_and_errors(pair, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("ternlm: error:") and "not a ternlm checkpoint" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---- recovery data: weighted sources, token shards, the teacher's own text
+
+
+def test_self_generated_corpus_is_deterministic_and_extends(pair, tmp_path):
+    from ternlm.data.selfgen import SelfGenConfig, corpus_tokens, self_generate
+
+    teacher, tok = load(str(pair / "teacher"))
+    cfg = SelfGenConfig(tokens=5 * 24, length=24, batch=2, seed=3)
+    a = corpus_tokens(self_generate(teacher, tok, cfg, tmp_path / "a", teacher="t", progress=False))
+    b = corpus_tokens(self_generate(teacher, tok, SelfGenConfig(tokens=5 * 24, length=24, batch=2, seed=3),
+                                    tmp_path / "b", teacher="t", progress=False))
+    assert a.shape == (5 * 24,) and (a == b).all()  # same seed: the same corpus
+    c = corpus_tokens(self_generate(teacher, tok, SelfGenConfig(tokens=5 * 24, length=24, batch=2, seed=4),
+                                    tmp_path / "c", teacher="t", progress=False))
+    assert not (a == c).all()
+    seqs = a.reshape(5, 24)
+    special = set(tok.all_special_ids)
+    assert all(int(s[0]) not in special for s in seqs)  # first tokens drawn from the ordinary vocabulary
+    with torch.no_grad():  # the greedy tokens after the first one are the teacher's argmax
+        nxt = teacher(input_ids=torch.as_tensor(seqs[:, :1])).logits[:, -1].argmax(-1)
+    assert (nxt.numpy() == seqs[:, 1]).all()
+    # asking for more extends the cache (the first sequences unchanged), in a different batch size
+    longer = corpus_tokens(self_generate(teacher, tok, SelfGenConfig(tokens=9 * 24, length=24, batch=4, seed=3),
+                                         tmp_path / "a", teacher="t", progress=False))
+    assert longer.shape == (9 * 24,) and (longer[: 5 * 24] == a).all()
+    with pytest.raises(TernlmError, match="made with other settings"):
+        self_generate(teacher, tok, SelfGenConfig(tokens=24, length=32, seed=3), tmp_path / "a", teacher="t",
+                      progress=False)
+
+
+def test_weighted_sources_shards_and_self_generated_text(pair, tmp_path):
+    """Windows come from each source in proportion to its weight; a prepare-data shard directory
+    and the self-generated corpus are sources like a text file; the summary says what was seen."""
+    from ternlm.data.shards import PrepareConfig, prepare_data
+
+    other = tmp_path / "other.txt"
+    other.write_text("Zebras quietly graze beside tall acacia trees on the savanna. " * 60)
+    prepare_data(PrepareConfig(sources=(str(other),), out=str(tmp_path / "shards"), tokenizer=str(pair / "teacher"),
+                               progress=False))
+    cfg = _cfg(pair, "mix", texts=(str(pair / "train.txt"), str(tmp_path / "shards")), text_weights=(0.75, 0.0, 0.25),
+               self_generate=8 * 32, self_generate_length=32, eval_text=None, steps=2)
+    teacher, tok = load(str(pair / "teacher"))
+    from ternlm.data.selfgen import SelfGenConfig, self_generate
+
+    sg = self_generate(teacher, tok, SelfGenConfig(tokens=8 * 32, length=32, seed=0), tmp_path / "sg", progress=False)
+    mix, _ = D.load_tokens(tok, cfg, sg)
+    zebra = set(tok(" Zebras quietly graze")["input_ids"])
+    fox = set(tok(" quick brown fox jumps")["input_ids"])
+    counts = {"fox": 0, "zebra": 0, "other": 0}
+    for step in range(40):
+        for row in mix.batch(cfg, step, 0).tolist():
+            counts["fox" if fox & set(row) else "zebra" if zebra & set(row) else "other"] += 1
+    assert counts["zebra"] == 0  # weight 0
+    assert 0.6 < counts["fox"] / 80 < 0.9 and counts["other"] > 0
+    assert torch.equal(mix.batch(cfg, 7, 0), mix.batch(cfg, 7, 0))  # a pure function of (seed, step)
+    desc = mix.describe()
+    assert [round(d["weight"], 2) for d in desc] == [0.75, 0.0, 0.25] and desc[2]["tokens"] == 8 * 32
+    # end to end: the run makes the corpus in its state dir and records what it saw
+    summary = D.distill(_cfg(pair, "mix-run", texts=(str(pair / "train.txt"),), self_generate=4 * 32,
+                             self_generate_length=32, text_weights=(0.5, 0.5), eval_text=None, steps=2))
+    assert [d["source"].startswith("self-generated") for d in summary["data"]] == [False, True]
+    assert "training data (what this run saw)" in (Path(summary["out"]) / "README.md").read_text()
+    with pytest.raises(TernlmError, match="2 text weights for 1 sources"):
+        _cfg(pair, "x", text_weights=(1.0, 1.0))
+    with pytest.raises(TernlmError, match="needs training text"):
+        D.check_inputs(_cfg(pair, "x", texts=()))
