@@ -15,6 +15,31 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 
+
+def pytest_sessionstart(session):
+    """TERNLM_REQUIRE_KERNELS=1 (CI): a failed C++ build fails the run at once instead of every kernel
+    test skipping or running the reference."""
+    if os.environ.get("TERNLM_REQUIRE_KERNELS") == "1":
+        from ternlm.errors import TernlmError
+        from ternlm.kernels import _ext
+
+        try:
+            _ext.extension()
+        except TernlmError as e:
+            pytest.exit(f"{e} (build it: pip install -e . with a C++ compiler)", returncode=1)
+
+
+def require_peer(module: str = "llama_cpp"):
+    """The llama.cpp peer (llama-cpp-python); skip without it, or fail when TERNLM_REQUIRE_PEER=1 (CI)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if os.environ.get("TERNLM_REQUIRE_PEER") == "1":
+            pytest.fail(f"{module} not importable ({e}) and TERNLM_REQUIRE_PEER=1", pytrace=False)
+        pytest.skip(f"could not import {module!r}: {e}")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

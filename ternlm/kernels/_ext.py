@@ -2,7 +2,9 @@
 
 Nothing here runs at import: the extension is imported on the first kernel call. When it cannot
 be imported (no compiler at install time, a non-matching build, or ``TERNLM_DISABLE_KERNELS=1``)
-every op runs its pure-PyTorch reference instead, and ONE warning per process says so.
+every op runs its pure-PyTorch reference instead, and ONE warning per process says so; with
+``TERNLM_REQUIRE_KERNELS=1`` (set by CI) an extension that fails to import is an error instead (a
+deliberate ``TERNLM_DISABLE_KERNELS=1`` / ``disable_extension()`` still falls back).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def extension():
                 _state["mod"] = _C
             except ImportError as e:
                 _state["reason"] = f"not importable ({e}); reinstall with a C++ compiler: pip install -e ."
+    if _state["mod"] is None and not _state["disabled"] and os.environ.get("TERNLM_REQUIRE_KERNELS") == "1":
+        raise TernlmError(f"ternlm compiled kernels unavailable: {_state['reason']}; TERNLM_REQUIRE_KERNELS=1 "
+                          "forbids the reference fallback")
     if _state["mod"] is None and not _state["warned"]:
         _state["warned"] = True
         warnings.warn(f"ternlm compiled kernels unavailable: {_state['reason']}. Falling back to the "

@@ -236,7 +236,9 @@ def _peer_model(arch):
 
 @pytest.mark.parametrize("arch,qtype", [("gpt2", "tq2_0"), ("llama", "tq1_0")])
 def test_llama_cpp_matches_ternlm(arch, qtype, tmp_path, gpt2_tokenizer):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    from tests.conftest import require_peer
+
+    llama_cpp = require_peer("llama_cpp")
     path = export_gguf(_peer_model(arch), tmp_path / "m.gguf", qtype, head_dtype="f32", tokenizer=gpt2_tokenizer)
     ours = from_gguf(path)  # exactly the weights llama.cpp reads (fp16 scales)
     text = "The quick brown fox jumps over the lazy dog."
