@@ -234,12 +234,20 @@ def _peer_model(arch):
     return convert(model, TernaryConfig(act_bits=None))
 
 
-@pytest.mark.parametrize("arch,qtype", [("gpt2", "tq2_0"), ("llama", "tq1_0")])
-def test_llama_cpp_matches_ternlm(arch, qtype, tmp_path, gpt2_tokenizer):
+@pytest.mark.parametrize("arch,qtype,rows", [("gpt2", "tq2_0", "float"), ("llama", "tq1_0", "float"),
+                                              ("llama", "tq2_0", "int8")])
+def test_llama_cpp_matches_ternlm(arch, qtype, rows, tmp_path, gpt2_tokenizer):
     from tests.conftest import require_peer
 
     llama_cpp = require_peer("llama_cpp")
-    path = export_gguf(_peer_model(arch), tmp_path / "m.gguf", qtype, head_dtype="f32", tokenizer=gpt2_tokenizer)
+    model = _peer_model(arch)
+    if rows == "int8":  # a checkpoint with int8 embedding rows: the GGUF gets them as Q8_0 by default
+        from ternlm.checkpoint import save_pretrained
+
+        model = save_pretrained(model, gpt2_tokenizer, tmp_path / "ck", embed_dtype="int8")
+        path = export_gguf(model, tmp_path / "m.gguf", qtype)
+    else:
+        path = export_gguf(model, tmp_path / "m.gguf", qtype, head_dtype="f32", tokenizer=gpt2_tokenizer)
     ours = from_gguf(path)  # exactly the weights llama.cpp reads (fp16 scales)
     text = "The quick brown fox jumps over the lazy dog."
     ids = gpt2_tokenizer(text).input_ids
