@@ -162,31 +162,25 @@ def empty_model(config, rec: dict) -> nn.Module:
     except Exception as e:
         raise TernlmError(f"cannot build a causal LM for model type {getattr(config, 'model_type', '?')!r}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    for name in rec["targets"]:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise TernlmError(f"ternary target {name!r} does not exist in {type(model).__name__}") from None
-        if not is_linear_like(old):
-            raise TernlmError(f"ternary target {name!r} is a {type(old).__name__}, not a linear layer")
-        out_f, in_f = linear_weight_out_in(old).shape
-        with torch.device("meta"):
-            new = TernaryLinear(in_f, out_f, old.bias is not None, rec["act_bits"], rec["fmt"],
-                                rec["granularity"], rec["group_size"])
-        _set_module(model, name, new)
     from ternlm.nn.int8_linear import Int8RowLinear
 
-    for name in rec.get("int8_layers", []):
+    def swap(name: str, what: str, make) -> None:
+        """Replace the linear ``name`` by the empty module ``make(in_f, out_f, has_bias)`` builds."""
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise TernlmError(f"int8 layer {name!r} does not exist in {type(model).__name__}") from None
+            raise TernlmError(f"{what} {name!r} does not exist in {type(model).__name__}") from None
         if not is_linear_like(old):
-            raise TernlmError(f"int8 layer {name!r} is a {type(old).__name__}, not a linear layer")
+            raise TernlmError(f"{what} {name!r} is a {type(old).__name__}, not a linear layer")
         out_f, in_f = linear_weight_out_in(old).shape
         with torch.device("meta"):
-            new = Int8RowLinear(in_f, out_f, old.bias is not None, rec["act_bits"] if rec["act_bits"] == 8 else None)
-        _set_module(model, name, new)
+            _set_module(model, name, make(in_f, out_f, old.bias is not None))
+
+    for name in rec["targets"]:
+        swap(name, "ternary target", lambda i, o, b: TernaryLinear(i, o, b, rec["act_bits"], rec["fmt"],
+                                                                   rec["granularity"], rec["group_size"]))
+    for name in rec.get("int8_layers", []):  # kept at int8 rows by a bits budget
+        swap(name, "int8 layer", lambda i, o, b: Int8RowLinear(i, o, b, 8 if rec["act_bits"] == 8 else None))
     if rec.get("experts"):
         from ternlm.moe.experts import TernaryExperts
 

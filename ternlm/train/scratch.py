@@ -40,6 +40,7 @@ from ternlm.errors import TernlmError
 
 VARIANTS = {"fp": "full precision", "w158a16": "W1.58A16", "w158a8": "W1.58A8", "w158a4": "W1.58A4"}
 VARIANT_ACT_BITS = {"w158a16": None, "w158a8": 8, "w158a4": 4}
+TRAINING_FILE = "ternlm_training.json"  # beside a trained ternary model: its variant and activation bits
 OPTIMIZERS = ("adamw", "muon")
 
 # Named sizes: (architecture, overrides of the HF config).
@@ -506,6 +507,9 @@ def finish_run(raw: nn.Module, cfg: TrainConfig, meta: dict, rows: list[dict], s
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
     raw.eval()
     save_model_with_knowledge(raw.cpu(), tok, out / MODEL_DIR)
+    if cfg.variant in VARIANT_ACT_BITS:  # what the model was trained to run as: ternlm quantize keeps it
+        save_json({"variant": cfg.variant, "act_bits": VARIANT_ACT_BITS[cfg.variant]},
+                  out / MODEL_DIR / TRAINING_FILE)
     evals = [r for r in rows if "val_loss" in r]
     steady = step_times[min(3, len(step_times) - 1):] if step_times else []
     summary = {
