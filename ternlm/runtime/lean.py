@@ -104,11 +104,11 @@ class _Tensors:
     """The checkpoint's tensors by name, read one at a time; every name must be asked for once."""
 
     def __init__(self, d: Path):
-        from ternlm.checkpoint import _open_weights, weight_files
+        from ternlm.checkpoint import open_weights, weight_files
 
         self.where, self.handles = {}, []
         for p in weight_files(d):
-            f = _open_weights(p)
+            f = open_weights(p)
             self.handles.append(f)
             for k in f.keys():
                 self.where[k] = (p, f)

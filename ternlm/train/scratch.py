@@ -216,12 +216,11 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    warm = int(cfg.warmup_frac * cfg.steps)
-    if step < warm:
-        return cfg.peak_lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.peak_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
+    """The one schedule (``ternlm.train.common.lr_at``): linear warm-up over ``warmup_frac`` of the steps,
+    then cosine decay to 10% of the peak."""
+    from ternlm.train.common import lr_at as schedule
+
+    return schedule(step, cfg.steps, int(cfg.warmup_frac * cfg.steps), cfg.peak_lr)
 
 
 # ---------------------------------------------------------------------------------------------
