@@ -22,6 +22,7 @@ _LAZY = {
     "split_dataset": "ternlm.data.sms",
     "load_text": "ternlm.data.text",
     "load": "ternlm.models.loading",
+    "from_pretrained": "ternlm.models.loading",  # deprecated alias: ternlm.load(path).model
     "source_kind": "ternlm.models.loading",
     "load_tokenizer": "ternlm.models.sources",
     "save_model": "ternlm.checkpoint",

@@ -36,7 +36,7 @@ READ_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_ROWS)
 QUANT_FILE = "ternlm_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_META_KEY = "ternlm_quantization"
+META_KEY = "ternlm_quantization"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def empty_model(config, rec: dict) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from ternlm.nn.bitlinear import is_linear_like, linear_weight_out_in
-    from ternlm.nn.surgery import _set_module
+    from ternlm.nn.surgery import replace_module
     from ternlm.nn.ternary_linear import TernaryLinear
 
     try:
@@ -162,31 +162,25 @@ def empty_model(config, rec: dict) -> nn.Module:
     except Exception as e:
         raise TernlmError(f"cannot build a causal LM for model type {getattr(config, 'model_type', '?')!r}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    for name in rec["targets"]:
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise TernlmError(f"ternary target {name!r} does not exist in {type(model).__name__}") from None
-        if not is_linear_like(old):
-            raise TernlmError(f"ternary target {name!r} is a {type(old).__name__}, not a linear layer")
-        out_f, in_f = linear_weight_out_in(old).shape
-        with torch.device("meta"):
-            new = TernaryLinear(in_f, out_f, old.bias is not None, rec["act_bits"], rec["fmt"],
-                                rec["granularity"], rec["group_size"])
-        _set_module(model, name, new)
     from ternlm.nn.int8_linear import Int8RowLinear
 
-    for name in rec.get("int8_layers", []):
+    def swap(name: str, what: str, make) -> None:
+        """Replace the linear ``name`` by the empty module ``make(in_f, out_f, has_bias)`` builds."""
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise TernlmError(f"int8 layer {name!r} does not exist in {type(model).__name__}") from None
+            raise TernlmError(f"{what} {name!r} does not exist in {type(model).__name__}") from None
         if not is_linear_like(old):
-            raise TernlmError(f"int8 layer {name!r} is a {type(old).__name__}, not a linear layer")
+            raise TernlmError(f"{what} {name!r} is a {type(old).__name__}, not a linear layer")
         out_f, in_f = linear_weight_out_in(old).shape
         with torch.device("meta"):
-            new = Int8RowLinear(in_f, out_f, old.bias is not None, rec["act_bits"] if rec["act_bits"] == 8 else None)
-        _set_module(model, name, new)
+            replace_module(model, name, make(in_f, out_f, old.bias is not None))
+
+    for name in rec["targets"]:
+        swap(name, "ternary target", lambda i, o, b: TernaryLinear(i, o, b, rec["act_bits"], rec["fmt"],
+                                                                   rec["granularity"], rec["group_size"]))
+    for name in rec.get("int8_layers", []):  # kept at int8 rows by a bits budget
+        swap(name, "int8 layer", lambda i, o, b: Int8RowLinear(i, o, b, 8 if rec["act_bits"] == 8 else None))
     if rec.get("experts"):
         from ternlm.moe.experts import TernaryExperts
 
@@ -198,7 +192,7 @@ def empty_model(config, rec: dict) -> nn.Module:
             with torch.device("meta"):
                 new = TernaryExperts.empty_like(old, rec["act_bits"], rec["fmt"], rec["granularity"],
                                                 rec["group_size"])
-            _set_module(model, name, new)
+            replace_module(model, name, new)
     return model
 
 
@@ -400,7 +394,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | Path, *, float_d
         (tmp / QUANT_FILE).write_text(text + "\n")
         for name, body in (extra_files or {}).items():
             (tmp / name).write_text(body)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", _META_KEY: text})
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", META_KEY: text})
 
     return atomic_dir(out_dir, write)
 
@@ -421,7 +415,7 @@ def read_record(directory: str | Path) -> dict:
     return check_record(rec, str(f))
 
 
-def _open_weights(path: Path):
+def open_weights(path: Path):
     from safetensors import safe_open
 
     if not path.is_file():
@@ -457,10 +451,10 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
     if not d.is_dir():
         raise TernlmError(f"no such checkpoint directory: {d}")
     rec = read_record(d)
-    files = [(p, _open_weights(p)) for p in weight_files(d)]
-    metas = [(p, (f.metadata() or {}).get(_META_KEY)) for p, f in files]
+    files = [(p, open_weights(p)) for p in weight_files(d)]
+    metas = [(p, (f.metadata() or {}).get(META_KEY)) for p, f in files]
     if (d / INDEX_FILE).is_file():  # sharded: the record is in the index
-        rec_in_index = json.loads((d / INDEX_FILE).read_text()).get("metadata", {}).get(_META_KEY)
+        rec_in_index = json.loads((d / INDEX_FILE).read_text()).get("metadata", {}).get(META_KEY)
         metas.append((d / INDEX_FILE, None if rec_in_index is None else json.dumps(rec_in_index)))
     for wpath, meta in metas:
         if meta is None:

@@ -652,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(fn=cmd_quantize, act_bits=d["act_bits"])
     for action in z._actions:  # quantize's activation default differs from TernaryConfig's: say which
         if action.dest == "act_bits":
-            action.help = _act_help(d["act_bits"])
+            action.type = lambda v: v if v == "auto" else _act_bits(v)
+            action.metavar = "{16,8,4,auto}"
+            action.help = ("activations: 8 = per-token int8 (W1.58A8), 4 = int4 (W1.58A4), 16 = float (W1.58A16); "
+                           "auto = what the model was trained with (a ternlm train run's variant), else 8 "
+                           "(default: auto)")
 
     _add_plan_parser(sub)
 

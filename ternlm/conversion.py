@@ -20,7 +20,7 @@ from ternlm.config import QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.nn.bitlinear import BitLinear
 from ternlm.config import ACT_BITS, FORMATS
-from ternlm.nn.surgery import _set_module, select_targets, ternary_linears
+from ternlm.nn.surgery import replace_module, select_targets, ternary_linears
 from ternlm.nn.ternary_linear import TernaryLinear
 
 # ``act_bits`` default: take the activation precision from the ternary config.
@@ -92,7 +92,7 @@ def convert(model: nn.Module, config: TernaryConfig | QuantConfig | None = None,
             new = TernaryLinear.from_ternary(old.ternary(), old.bias, bits_per_act, fmt, kernel)
         else:
             new = TernaryLinear.from_linear(old, tcfg, fmt, kernel)
-        _set_module(model, name, new)
+        replace_module(model, name, new)
 
     model.ternlm_quant_config = QuantConfig(weights=tcfg, include=include, exclude=exclude)
     model.ternlm_targets = list(targets)

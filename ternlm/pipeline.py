@@ -531,9 +531,9 @@ def _act_bits(model, bits):
 @torch.no_grad()
 def _plot_weight(model, layer: str) -> torch.Tensor:
     """The (out, in) weight a layer multiplies by, as a float tensor (for the histograms)."""
-    from ternlm.nn.verify import _effective_weight
+    from ternlm.nn.verify import effective_weight
 
-    return _effective_weight(model.get_submodule(layer)).float().clone()
+    return effective_weight(model.get_submodule(layer)).float().clone()
 
 
 def _lm_section(cfg: PipelineConfig, tok, text: str, stages: list):

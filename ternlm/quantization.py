@@ -44,7 +44,7 @@ class QuantizeConfig:
 
     method: str = "absmean"
     fmt: str = "2bit"
-    act_bits: int | None = 8
+    act_bits: int | None | str = "auto"  # auto: the training run's variant when the model has one, else 8
     granularity: str = "per_tensor"
     group_size: int = 128
     scale_mode: str = "absmean"
@@ -70,7 +70,7 @@ class QuantizeConfig:
     def __post_init__(self):
         self.include, self.exclude = tuple(self.include), tuple(self.exclude)
         for name, value, valid in (("method", self.method, METHODS), ("fmt", self.fmt, FORMATS),
-                                   ("act_bits", self.act_bits, ACT_BITS),
+                                   ("act_bits", self.act_bits, (*ACT_BITS, "auto")),
                                    ("granularity", self.granularity, GRANULARITIES),
                                    ("scale_mode", self.scale_mode, SCALE_MODES),
                                    ("float_dtype", self.float_dtype, FLOAT_DTYPES),
@@ -92,25 +92,58 @@ class QuantizeConfig:
                 raise TernlmError("--include/--exclude are not supported with --method pt-bitnet")
             self.ptbitnet()
 
+    @property
+    def acts(self) -> int | None:
+        """act_bits with ``auto`` read as 8 (``resolve`` replaces it by the source's own first)."""
+        return 8 if self.act_bits == "auto" else self.act_bits
+
+    def resolve(self, source) -> "QuantizeConfig":
+        """This config with ``act_bits="auto"`` replaced: the activation bits a ``ternlm train`` model was
+        trained with (its ``ternlm_training.json``), else 8."""
+        from dataclasses import replace
+
+        if self.act_bits != "auto":
+            return self
+        return replace(self, act_bits=trained_act_bits(source, default=8))
+
     def ptbitnet(self):
         from ternlm.ptq import PTBitNetConfig
 
         return PTBitNetConfig(calib_tokens=self.calib_tokens, seq_len=self.seq_len, group_size=self.group_size,
                               transform=self.transform, error_feedback=self.error_feedback,
                               reconstruct=self.reconstruct, reconstruct_steps=self.reconstruct_steps, seed=self.seed,
-                              act_bits=self.act_bits, fmt=self.fmt)
+                              act_bits=self.acts, fmt=self.fmt)
 
     def ptbitnet_ternary(self) -> TernaryConfig:
         """The ternary layout pt-bitnet writes (groups of group_size, fitted scales)."""
         return TernaryConfig(granularity="per_group", group_size=self.group_size, scale_mode="fit",
-                             act_bits=self.act_bits)
+                             act_bits=self.acts)
 
     def ternary(self) -> TernaryConfig:
         return TernaryConfig(granularity=self.granularity, group_size=self.group_size, scale_mode=self.scale_mode,
-                             act_bits=self.act_bits)
+                             act_bits=self.acts)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def trained_act_bits(source, default=8):
+    """The activation bits a ``ternlm train`` model (or run directory) was trained with, else ``default``."""
+    import json
+
+    from ternlm.models.sources import run_model_dir
+
+    p = run_model_dir(Path(str(source)).expanduser())
+    f = p / "ternlm_training.json"
+    if not f.is_file():
+        return default
+    try:
+        bits = json.loads(f.read_text()).get("act_bits", default)
+    except (OSError, ValueError):
+        raise TernlmError(f"cannot read {f}") from None
+    if bits not in ACT_BITS:
+        raise TernlmError(f"{f}: bad act_bits {bits!r}")
+    return bits
 
 
 def plan(source, cfg: QuantizeConfig | None = None):
@@ -147,7 +180,7 @@ def quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *, 
     """Quantize ``source`` into ``out_dir`` (see ``_quantize``) and write its model card (README.md)."""
     from ternlm.modelcard import source_info, write_model_card
 
-    cfg = cfg or QuantizeConfig()
+    cfg = (cfg or QuantizeConfig()).resolve(source)
     out = _quantize(source, out_dir, cfg, gguf_file=gguf_file, random_init=random_init, progress=progress,
                     stream=stream, resume=resume)
     info = source_info(source, gguf_file) if not random_init else {}
@@ -171,7 +204,7 @@ def _quantize(source, out_dir: str | Path, cfg: QuantizeConfig | None = None, *,
     from ternlm.models.loading import load, source_kind
     from ternlm.nn.surgery import select_targets
 
-    cfg = cfg or QuantizeConfig()
+    cfg = (cfg or QuantizeConfig()).resolve(source)
     check_output_dir(out_dir)
     if resume and stream is False:
         raise TernlmError("--resume continues a streaming run; it cannot be combined with stream=False")

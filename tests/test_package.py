@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import ternlm
 
@@ -81,3 +82,36 @@ def test_kernel_internals_stay_in_kernels():
     offenders = [f"{f.relative_to(root)}:{i}" for f in root.rglob("*.py") if "kernels" not in f.parts
                  for i, line in enumerate(f.read_text().splitlines(), 1) if private.search(line)]
     assert not offenders, offenders
+
+
+PKG = Path(ternlm.__file__).parent
+
+
+def _package_of(path: Path) -> str:
+    """ternlm/nn/verify.py -> ternlm.nn; ternlm/checkpoint.py -> ternlm."""
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1])
+
+
+def test_no_private_names_across_packages():
+    """A package's private names (``_name``) stay inside it: another package imports public names only,
+    so a refactor of one package cannot silently break another's reach into its internals."""
+    import ast
+
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        here = _package_of(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("ternlm"):
+                continue
+            mod = node.module
+            # the package that owns the imported names: the module's package, or the package itself
+            owner = mod if (PKG.parent / mod.replace(".", "/")).is_dir() else mod.rpartition(".")[0]
+            if owner == here or (owner == "ternlm" and here == "ternlm"):
+                continue
+            for alias in node.names:
+                if (mod, alias.name, here) == ("ternlm", "_C", "ternlm.kernels"):
+                    continue  # the compiled extension is ternlm._C (setup.py's name); kernels is its one user
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno} imports {alias.name} from {mod}")
+    assert not bad, "\n".join(bad)

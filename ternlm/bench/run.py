@@ -272,7 +272,7 @@ def bench_main(args) -> dict:
     res = run_bench(cfg)
     print(format_table(res))
     if getattr(args, "kernels", False):
-        from ternlm.kernels import microbench
+        from ternlm.bench import microbench
 
         print("\nkernel micro-benchmark (GPT-2 shapes, ternlm W2A8/W2A16 vs torch fp32 F.linear):")
         micro = microbench.run(threads=cfg.threads)

@@ -63,9 +63,9 @@ class TernlmLM(TemplateLM):
 
             model, tokenizer = load(pretrained, gguf_file=gguf_file)
             if quant:
-                from ternlm.eval.run import _quantize_in_memory
+                from ternlm.eval.run import quantize_in_memory
 
-                model = _quantize_in_memory(model, quant)
+                model = quantize_in_memory(model, quant)
         if tokenizer is None:
             raise TernlmError(f"no tokenizer for {pretrained or type(model).__name__}")
         if device not in (None, "", "cpu"):

@@ -23,7 +23,7 @@ from ternlm.eval.zeroshot import ZeroShotConfig
 QUANT_METHODS = ("int8_absmax", "int8_zeropoint", "llm_int8", "absmean")
 
 
-def _quantize_in_memory(model, method: str):
+def quantize_in_memory(model, method: str):
     from ternlm.config import QuantConfig, TernaryConfig, method_config
     from ternlm.nn.surgery import quantize_model
 
@@ -63,7 +63,7 @@ def evaluate_model(model_source, *, text=None, ppl: EvalConfig | None = None, ze
     if tok is None:
         raise TernlmError(f"no tokenizer files in {model_source}")
     if quant is not None:
-        model = _quantize_in_memory(model, quant)
+        model = quantize_in_memory(model, quant)
     out: dict = {"model": str(model_source), "model_kind": kind, "quant": quant, "precision": describe_model(model),
                  "load_seconds": time.perf_counter() - t_load}
     if text_str is not None:

@@ -61,11 +61,13 @@ def _gguf():
 
 
 def _arch(model_type: str):
+    """gguf-py's MODEL_ARCH for a model type (the architecture table's ``gguf_arch``)."""
+    from ternlm.arch import ROWS
+
     gguf = _gguf()
-    archs = {"gpt2": gguf.MODEL_ARCH.GPT2, "llama": gguf.MODEL_ARCH.LLAMA}
-    if model_type not in archs:
-        raise TernlmError(f"GGUF export supports model types {', '.join(archs)}, not {model_type!r}")
-    return archs[model_type]
+    if model_type not in ROWS:
+        raise TernlmError(f"GGUF export supports model types {', '.join(ROWS)}, not {model_type!r}")
+    return gguf.MODEL_ARCH[ROWS[model_type].gguf_arch.upper()]
 
 
 def _qtype(qtype: str):
@@ -114,13 +116,17 @@ def _unpermute_rows(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _rope_heads(config, hf_name: str) -> int | None:
-    """Head count whose rows must be permuted for this Llama tensor, or None."""
-    if getattr(config, "model_type", None) != "llama":
+    """Head count whose rows must be permuted for this tensor (the table's slots with ``rope``: Llama's
+    q/k, which llama.cpp stores for interleaved RoPE), or None."""
+    from ternlm.arch import ROWS
+
+    row = ROWS.get(getattr(config, "model_type", None))
+    if row is None:
         return None
-    if ".self_attn.q_proj." in hf_name:
-        return config.num_attention_heads
-    if ".self_attn.k_proj." in hf_name:
-        return config.num_key_value_heads or config.num_attention_heads
+    for slot in row.qkv:
+        if slot.rope and f".{slot.path}." in hf_name:
+            return config.num_attention_heads if slot.rope == "q" else \
+                (config.num_key_value_heads or config.num_attention_heads)
     return None
 
 

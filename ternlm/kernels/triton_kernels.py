@@ -34,13 +34,15 @@ products with codes in {-1, 0, 1} are exact); float32 activations use an IEEE fp
 
 Testing: ``tests/kernels/test_triton.py`` runs these kernels on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``) against the reference, so the suite needs no GPU. GPU speed is
-measured separately: ``python -m ternlm.kernels.gpu_bench`` (checks on the GPU, then timings against cuBLAS).
+measured separately: ``python -m ternlm.bench.gpu_bench`` (checks on the GPU, then timings against cuBLAS).
 
 Triton is imported lazily: this module imports (and ``triton_available()`` answers False) without it.
 The kernels are built on first use, after ``TRITON_INTERPRET`` has been read.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import functools
 import os
@@ -396,7 +398,7 @@ def _tiles(M: int, N: int) -> tuple[int, int, int]:
 
 
 # One-token kernels (decode): rows per program, 256-weight blocks per step, warps, measured on an H200
-# (python -m ternlm.kernels.gpu_bench; README): see gemv_config() and splitk_config().
+# (python -m ternlm.bench.gpu_bench; README): see gemv_config() and splitk_config().
 GEMV_BLOCK_X = 4096  # most activations per step of the in-kernel absmax (one step up to K = 4096)
 
 
@@ -419,9 +421,30 @@ def splitk_config() -> tuple[int, int, int]:
     return tuple(_SPLITK_OVERRIDE) if _SPLITK_OVERRIDE else (32, 4, 4)
 
 
-_GEMV_OVERRIDE: list = []  # the benchmark's sweeps set configurations here
+_GEMV_OVERRIDE: list = []  # the benchmark's sweeps set configurations here (through tile_override)
 _SPLITK_OVERRIDE: list = []
 _SPLITK_ENABLED = True  # the benchmark turns it off to time the unsplit kernel beside it
+
+
+@contextlib.contextmanager
+def tile_override(*, splitk: tuple | None = None, gemv: tuple | None = None, splitk_enabled: bool = True):
+    """Inside the block, one-token kernels use these tiles (``splitk``: BLOCK_N, BLOCK_B, warps;
+    ``gemv``: BLOCK_N, BLOCK_B, warps, stages) and split-K only when ``splitk_enabled``: the GPU
+    benchmark's sweeps. The defaults come back on exit."""
+    global _SPLITK_ENABLED
+    saved = (list(_SPLITK_OVERRIDE), list(_GEMV_OVERRIDE), _SPLITK_ENABLED)
+    _SPLITK_OVERRIDE[:] = list(splitk) if splitk else []
+    _GEMV_OVERRIDE[:] = list(gemv) if gemv else []
+    _SPLITK_ENABLED = splitk_enabled
+    try:
+        yield
+    finally:
+        _SPLITK_OVERRIDE[:], _GEMV_OVERRIDE[:] = saved[0], saved[1]
+        _SPLITK_ENABLED = saved[2]
+
+
+def tiles_are_default() -> bool:
+    return not _SPLITK_OVERRIDE and not _GEMV_OVERRIDE and _SPLITK_ENABLED
 _SCRATCH: dict = {}  # (device, stream) -> (float32 partial sums, int32 tickets), all zero between calls
 _SCRATCH_KEEP: list = []  # outgrown scratch stays allocated: a captured CUDA graph may point at it
 

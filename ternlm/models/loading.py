@@ -151,6 +151,16 @@ def _finish(model, task: str, src: Source):
     return model.eval()
 
 
+def from_pretrained(directory, *, kernel: str = "auto"):
+    """Deprecated: ``ternlm.load(directory).model`` (the name ``ternlm.from_pretrained`` had before
+    ``ternlm.load`` read every kind of model)."""
+    import warnings
+
+    warnings.warn("ternlm.from_pretrained is deprecated; use ternlm.load(path), which returns (model, tokenizer)",
+                  DeprecationWarning, stacklevel=2)
+    return load(directory, kernel=kernel, tokenizer=False).model
+
+
 def load_causal_lm(name_or_path: str | Path, *, gguf_file: str | None = None, random_init: bool = False,
                    dtype: torch.dtype = torch.float32):
     """``load(name_or_path, task="causal-lm").model``: a causal LM in eval mode, without its tokenizer.
@@ -246,6 +256,10 @@ def load(name_or_path: str | Path, *, task: str = "causal-lm", gguf_file: str | 
     """
     if task not in TASKS:
         raise TernlmError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    from ternlm.models.sources import run_model_dir
+
+    if Path(str(name_or_path)).expanduser().is_dir():  # a ternlm train run: its model/ directory
+        name_or_path = run_model_dir(Path(str(name_or_path)).expanduser())
     kind = source_kind(name_or_path, gguf_file)
     if kind in ("ternlm", "ternlm-gguf"):
         if task != "causal-lm":

@@ -38,9 +38,16 @@ def has_hf_weights(directory: Path) -> bool:
     return any((directory / f).is_file() for f in _WEIGHT_FILES) or any(directory.glob("*.safetensors"))
 
 
+def run_model_dir(path: Path) -> Path:
+    """A ``ternlm train`` run directory holds its model in ``model/``: that directory; else ``path``."""
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        return path / "model"
+    return path
+
+
 def resolve_source(name_or_path, gguf_file: str | None) -> Source:
     """Turn a path or hub id (+ optional GGUF name) into something from_pretrained accepts."""
-    path = Path(name_or_path).expanduser()
+    path = run_model_dir(Path(name_or_path).expanduser())
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise TernlmError(f"{path} is a file: pass the model directory (or a .gguf file)")

@@ -30,7 +30,7 @@ from ternlm.errors import TernlmError
 from ternlm.kernels import ops
 from ternlm.nn.ternary_linear import KernelChoice
 from ternlm.quant.pack import pack, packed_row_bytes
-from ternlm.quant.ternary import _scale_shape, ternarize
+from ternlm.quant.ternary import scale_shape, ternarize
 
 # class name of a module holding 3-D expert parameters -> the model types it belongs to
 SUPPORTED_EXPERTS = {"GptOssExperts": "gpt_oss", "MixtralExperts": "mixtral", "Qwen2MoeExperts": "qwen2_moe"}
@@ -39,7 +39,7 @@ SUPPORTED_EXPERTS = {"GptOssExperts": "gpt_oss", "MixtralExperts": "mixtral", "Q
 STYLES = ("gpt_oss", "mixtral")
 
 
-def _style(experts: nn.Module) -> str:
+def expert_style(experts: nn.Module) -> str:
     return "gpt_oss" if type(experts).__name__ == "GptOssExperts" else "mixtral"
 
 
@@ -89,11 +89,11 @@ class TernaryExperts(KernelChoice, nn.Module):
         self.kernel = kernel
         E, H, I2, I = num_experts, hidden_size, 2 * intermediate_size, intermediate_size
         self.register_buffer("gate_up_packed", torch.zeros(E, I2, packed_row_bytes(H, fmt), dtype=torch.uint8))
-        self.register_buffer("gate_up_scale", torch.ones(E, *_scale_shape(I2, H, granularity, group_size)))
+        self.register_buffer("gate_up_scale", torch.ones(E, *scale_shape(I2, H, granularity, group_size)))
         biased = style == "gpt_oss"
         self.register_buffer("gate_up_proj_bias", torch.zeros(E, I2) if biased else None)
         self.register_buffer("down_packed", torch.zeros(E, H, packed_row_bytes(I, fmt), dtype=torch.uint8))
-        self.register_buffer("down_scale", torch.ones(E, *_scale_shape(H, I, granularity, group_size)))
+        self.register_buffer("down_scale", torch.ones(E, *scale_shape(H, I, granularity, group_size)))
         self.register_buffer("down_proj_bias", torch.zeros(E, H) if biased else None)
         self._bindings = (None, {})
 
@@ -107,7 +107,7 @@ class TernaryExperts(KernelChoice, nn.Module):
                    group_size=128) -> "TernaryExperts":
         hidden, inter = expert_dims(experts)
         return cls(experts.num_experts, hidden, inter, act_bits, fmt, granularity, group_size,
-                   getattr(experts, "alpha", 1.702), getattr(experts, "limit", 7.0), style=_style(experts),
+                   getattr(experts, "alpha", 1.702), getattr(experts, "limit", 7.0), style=expert_style(experts),
                    act_fn=getattr(experts, "act_fn", None))
 
     @classmethod
@@ -207,11 +207,11 @@ def quantize_slices(mats, cfg: TernaryConfig, fmt: str) -> tuple[torch.Tensor, t
 
 def convert_experts(model: nn.Module, cfg: TernaryConfig, fmt: str = "2bit") -> list[str]:
     """Swap every known expert module of ``model`` for ``TernaryExperts``, in place; returns their names."""
-    from ternlm.nn.surgery import _set_module
+    from ternlm.nn.surgery import replace_module
 
     names = expert_modules(model)
     for n in names:
-        _set_module(model, n, TernaryExperts.from_experts(model.get_submodule(n), cfg, fmt))
+        replace_module(model, n, TernaryExperts.from_experts(model.get_submodule(n), cfg, fmt))
     model.ternlm_experts = names
     return names
 
@@ -231,7 +231,7 @@ def _source_names(module: str, which: str) -> tuple[str, str, str]:
 
 def check_expert_sources(lay: dict, reader) -> None:
     for module in lay["experts"]:
-        biased = _style(lay["model"].get_submodule(module)) == "gpt_oss"
+        biased = expert_style(lay["model"].get_submodule(module)) == "gpt_oss"
         for which in MATRICES:
             base, blocks, scales = _source_names(module, which)
             if not reader.has(base) and not (reader.has(blocks) and reader.has(scales)):
@@ -242,7 +242,7 @@ def check_expert_sources(lay: dict, reader) -> None:
                 raise TernlmError(f"tensor {base}_bias is not in the source files")
 
 
-def _expert_mats(module: str, which: str, reader, style: str):
+def expert_mats(module: str, which: str, reader, style: str):
     """Yield each expert's (out, in) float32 matrix, decoding MXFP4 one expert at a time."""
     from ternlm.moe.mxfp4 import decode
 
@@ -260,9 +260,9 @@ def _expert_mats(module: str, which: str, reader, style: str):
 def convert_expert_tensors(module: str, reader, lay: dict, cfg) -> dict[str, torch.Tensor]:
     """The output tensors of one expert module, as ``TernaryExperts.from_experts`` + save would write them."""
     out = {}
-    style = _style(lay["model"].get_submodule(module))
+    style = expert_style(lay["model"].get_submodule(module))
     for which in MATRICES:
-        packed, scale = quantize_slices(_expert_mats(module, which, reader, style), lay["tcfg"], cfg.fmt)
+        packed, scale = quantize_slices(expert_mats(module, which, reader, style), lay["tcfg"], cfg.fmt)
         out[f"{module}.{which}_packed"] = packed
         out[f"{module}.{which}_scale"] = scale
         if style == "gpt_oss":

@@ -32,7 +32,7 @@ from ternlm.config import TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.quant.activations import fake_quantize_activations
 from ternlm.quant.ste import ste
-from ternlm.quant.ternary import TernaryTensor, _scale_shape, dequantize_ternary, expand_scale, ternarize
+from ternlm.quant.ternary import TernaryTensor, scale_shape, dequantize_ternary, expand_scale, ternarize
 
 
 def conv1d_class():
@@ -101,7 +101,7 @@ class BitLinear(nn.Module):
 
         out_f, in_f = t.codes.shape
         cfg = replace(config or TernaryConfig(), granularity=t.granularity, group_size=t.group_size)
-        want = _scale_shape(out_f, in_f, t.granularity, t.group_size)
+        want = scale_shape(out_f, in_f, t.granularity, t.group_size)
         if tuple(t.scale.shape) != tuple(want):
             raise TernlmError(f"scale shape {tuple(t.scale.shape)} does not match {t.granularity} "
                               f"(group {t.group_size}) for a ({out_f}, {in_f}) weight; expected {want}")

@@ -67,8 +67,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-_set_module = replace_module  # the name the package's modules call it by
-
 
 def quantize_model(model: nn.Module, config: QuantConfig | WeightConfig | None = None) -> nn.Module:
     """Replace the selected linear layers in place; returns the model.
@@ -85,7 +83,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | WeightConfig | None =
         raise TernlmError(f"no linear layers matched in {type(model).__name__} "
                           f"(include={list(config.include) or 'transformer blocks'}, exclude={list(config.exclude)})")
     for name in targets:
-        _set_module(model, name, _build(model.get_submodule(name), config.weights))
+        replace_module(model, name, _build(model.get_submodule(name), config.weights))
     model.ternlm_quant_config = config
     model.ternlm_targets = targets
     return model
@@ -131,5 +129,5 @@ def trainable_from_packed(model: nn.Module, *, lambda_warmup_steps: int = 0) -> 
     base = qc.weights if isinstance(qc, QuantConfig) and isinstance(qc.weights, TernaryConfig) else TernaryConfig()
     for name, m in layers:
         cfg = replace(base, act_bits=m.act_bits, lambda_warmup_steps=lambda_warmup_steps, project_after_step=False)
-        _set_module(model, name, BitLinear.from_ternary(m.ternary(), m.bias, cfg))
+        replace_module(model, name, BitLinear.from_ternary(m.ternary(), m.bias, cfg))
     return model

@@ -21,7 +21,7 @@ from ternlm.config import KERNELS, TernaryConfig
 from ternlm.errors import TernlmError
 from ternlm.kernels import ops
 from ternlm.quant.pack import FORMATS, pack, packed_row_bytes, unpack
-from ternlm.quant.ternary import TernaryTensor, _scale_shape, ternarize
+from ternlm.quant.ternary import TernaryTensor, scale_shape, ternarize
 
 
 class KernelChoice:
@@ -60,7 +60,7 @@ class TernaryLinear(KernelChoice, nn.Module):
         self.kernel = kernel
         self.register_buffer("packed", torch.zeros(out_features, packed_row_bytes(in_features, fmt),
                                                    dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(_scale_shape(out_features, in_features, granularity, group_size),
+        self.register_buffer("scale", torch.ones(scale_shape(out_features, in_features, granularity, group_size),
                                                  dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._binding = (None, None)  # (key of the bound tensors, BoundLinear)

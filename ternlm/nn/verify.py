@@ -81,7 +81,7 @@ class VerifyReport:
         return "\n".join(rows)
 
 
-def _effective_weight(m: nn.Module) -> torch.Tensor:
+def effective_weight(m: nn.Module) -> torch.Tensor:
     if isinstance(m, BitLinear):
         return m.effective_weight().detach()
     if hasattr(m, "dequantize_weight"):
@@ -115,7 +115,7 @@ def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
     gran = getattr(cfg, "granularity", None) or getattr(m, "granularity", "per_channel")
     gsize = getattr(cfg, "group_size", None) or getattr(m, "group_size", 128)
     param = getattr(m, "weight", None)
-    return _check_matrix(name, type(m).__name__, _effective_weight(m).float(), gran, gsize,
+    return _check_matrix(name, type(m).__name__, effective_weight(m).float(), gran, gsize,
                          param.dtype if param is not None and param.is_floating_point() else None, rtol)
 
 

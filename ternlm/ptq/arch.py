@@ -71,30 +71,38 @@ def _get(block: nn.Module, name: str):
 
 
 def block_spec(block: nn.Module, config=None) -> BlockSpec:
+    """The block's layout from the architecture table (``ternlm.arch``): the row whose slots are exactly
+    the block's linear layers gives the groups (linears sharing an input, in forward order) and the
+    scale migrations; any other block gets every linear on its own, with no migration."""
+    from ternlm.arch import ROWS
+
     linears = [n for n, m in block.named_modules() if n and is_linear_like(m)]
-    llama = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    gpt2 = ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
-    if _has(block, *llama) and set(linears) == {n for n in llama if "proj" in n}:
-        attn = block.self_attn
-        hd = attn.head_dim
-        n_kv = get_weight(attn.k_proj).shape[0] // hd
-        n_h = get_weight(attn.q_proj).shape[0] // hd
-        rep = n_h // n_kv
-        # o column (head h, dim d) reads v row (kv head h // rep, dim d)
-        cols = torch.arange(n_h * hd)
-        o_map = (cols // hd // rep) * hd + cols % hd
-        inter = get_weight(block.mlp.up_proj).shape[0]
-        return BlockSpec("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                                   ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
-                         [NormMigration("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-                          RowMigration("self_attn.v_proj", torch.arange(n_kv * hd), "self_attn.o_proj", o_map),
-                          NormMigration("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-                          RowMigration("mlp.up_proj", torch.arange(inter), "mlp.down_proj", torch.arange(inter))])
-    if _has(block, *gpt2) and set(linears) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}:
-        e = get_weight(block.attn.c_proj).shape[1]
-        return BlockSpec("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
-                         [NormMigration("ln_1", ["attn.c_attn"]),
-                          RowMigration("attn.c_attn", torch.arange(2 * e, 3 * e), "attn.c_proj", torch.arange(e)),
-                          NormMigration("ln_2", ["mlp.c_fc"])])
+    for row in ROWS.values():
+        names = [s.path for s in row.linears]
+        if set(linears) != set(names) or not _has(block, row.norm1, row.norm2):
+            continue
+        groups = [[s.path for s in row.qkv], [row.o.path], [s.path for s in row.up], [row.down.path]]
+        return BlockSpec(row.model_type, groups, [_migration(block, row, m) for m in row.migrations()])
     return BlockSpec("generic", [[n] for n in linears])
+
+
+def _migration(block: nn.Module, row, m: tuple):
+    kind, src, dst = m
+    if kind == "norm":
+        return NormMigration(src, list(dst))
+    if kind == "up_to_down":
+        inter = get_weight(block.get_submodule(src)).shape[0]
+        return RowMigration(src, torch.arange(inter), dst, torch.arange(inter))
+    # v_to_o: v's rows scale o's columns through attention (grouped-query heads share a v head)
+    o_in = get_weight(block.get_submodule(dst)).shape[1]
+    if row.fused_qkv:  # GPT-2's c_attn: v is the last third of the rows
+        return RowMigration(src, torch.arange(2 * o_in, 3 * o_in), dst, torch.arange(o_in))
+    attn = block.get_submodule(row.o.path.rpartition(".")[0])
+    hd = attn.head_dim
+    n_kv = get_weight(block.get_submodule(src)).shape[0] // hd
+    n_h = o_in // hd
+    rep = n_h // n_kv
+    cols = torch.arange(n_h * hd)  # o column (head h, dim d) reads v row (kv head h // rep, dim d)
+    return RowMigration(src, torch.arange(n_kv * hd), dst, (cols // hd // rep) * hd + cols % hd)
+
+

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ternlm.moe.experts import MATRICES, TernaryExperts, _style, expert_dims
+from ternlm.moe.experts import MATRICES, TernaryExperts, expert_style, expert_dims
 from ternlm.moe.hessian import RoutedHessian
 from ternlm.ptq.rounding import expand_groups
 from ternlm.quant.activations import fake_quantize_activations
@@ -36,19 +36,19 @@ _ATTR = "_ternlm_ptq"
 def _matrix(experts: nn.Module, which: str, e: int) -> torch.Tensor:
     """Expert e's (out, in) float32 matrix."""
     w = getattr(experts, which + "_proj")[e].detach().float()
-    return w.t().contiguous() if _style(experts) == "gpt_oss" else w.contiguous()
+    return w.t().contiguous() if expert_style(experts) == "gpt_oss" else w.contiguous()
 
 
 def _set_matrix(experts: nn.Module, which: str, e: int, w: torch.Tensor) -> None:
     p = getattr(experts, which + "_proj")
     with torch.no_grad():
-        p[e].copy_(w.t() if _style(experts) == "gpt_oss" else w)
+        p[e].copy_(w.t() if expert_style(experts) == "gpt_oss" else w)
 
 
 def _gated(experts: nn.Module, e: int, xs: torch.Tensor) -> torch.Tensor:
     """Expert e's activation between its two matrices for tokens xs (n, hidden)."""
     w = experts.gate_up_proj[e].detach().float()  # the stored layout, no copy per call
-    if _style(experts) == "gpt_oss":  # (in, out)
+    if expert_style(experts) == "gpt_oss":  # (in, out)
         return experts._apply_gate(xs @ w + experts.gate_up_proj_bias[e].detach().float())
     gate, up = (xs @ w.t()).chunk(2, dim=-1)  # (out, in)
     return experts.act_fn(gate) * up
@@ -126,7 +126,7 @@ def quantize_experts(block: nn.Module, name: str, x_q: torch.Tensor, kw: dict, c
 
 def pack_experts(root: nn.Module, name: str, cfg, kernel: str = "auto") -> None:
     """Replace the calibrated expert module ``name`` under ``root`` by packed ``TernaryExperts``."""
-    from ternlm.nn.surgery import _set_module
+    from ternlm.nn.surgery import replace_module
     from ternlm.quant.pack import pack
 
     experts = root.get_submodule(name)
@@ -139,4 +139,4 @@ def pack_experts(root: nn.Module, name: str, cfg, kernel: str = "auto") -> None:
         setattr(new, which + "_scale", scales.contiguous())
         if new.style == "gpt_oss":
             setattr(new, which + "_proj_bias", getattr(experts, which + "_proj_bias").detach().float().clone())
-    _set_module(root, name, new)
+    replace_module(root, name, new)

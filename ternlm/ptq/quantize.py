@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ternlm.config import QuantConfig, TernaryConfig
 from ternlm.errors import TernlmError
-from ternlm.nn.surgery import _set_module, select_targets
+from ternlm.nn.surgery import replace_module, select_targets
 from ternlm.nn.ternary_linear import TernaryLinear
 from ternlm.ptq.arch import BlockSpec, block_spec, get_weight
 from ternlm.ptq.calibration import block_kwargs, block_stack, capture_block_inputs, run_block_batched
@@ -82,7 +82,7 @@ def _prepare(model: nn.Module, calib_ids: torch.Tensor, cfg: PTBitNetConfig):
     return targets, stack_name, blocks, calib_ids[: cfg.n_seq]
 
 
-def _block_targets(targets: list[str], prefix: str) -> list[str]:
+def block_targets(targets: list[str], prefix: str) -> list[str]:
     return [t[len(prefix):] for t in targets if t.startswith(prefix)]
 
 
@@ -102,7 +102,7 @@ def apply_transform(model: nn.Module, calib_ids: torch.Tensor, cfg: PTBitNetConf
     kws = block_kwargs(model, blocks, ids, kw)
     info = {}
     for bi, block in enumerate(blocks):
-        names = _block_targets(targets, f"{stack_name}.{bi}.")
+        names = block_targets(targets, f"{stack_name}.{bi}.")
         spec = _spec_for(block, names)
         if spec.migrations:
             hs = collect_hessians(block, names, x, kws[bi])
@@ -121,7 +121,7 @@ def _quantize_group(block, group, hs, cfg, layer_info, keep=()):
         codes, scale, info = quantize_layer(get_weight(m), hs[name], cfg.group_size, damp=cfg.damp,
                                             block_cols=cfg.block_cols, error_feedback=cfg.error_feedback,
                                             refit_iters=cfg.refit_iters, name=name)
-        _set_module(block, name, FakeTernaryLinear(codes, scale, m.bias, cfg.group_size, cfg.act_bits))
+        replace_module(block, name, FakeTernaryLinear(codes, scale, m.bias, cfg.group_size, cfg.act_bits))
         layer_info[name] = info["rel_err"]
 
 
@@ -167,8 +167,8 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
     bar = tqdm(list(enumerate(blocks)), desc="pt-bitnet", disable=not progress)
     for bi, block in bar:
         prefix = f"{stack_name}.{bi}."
-        rec, x_q, x_fp = quantize_block(block, bi, _block_targets(targets, prefix), x_q, x_fp, kws[bi], cfg, gen,
-                                        prefix.rstrip("."), keep=_block_targets(sorted(keep), prefix))
+        rec, x_q, x_fp = quantize_block(block, bi, block_targets(targets, prefix), x_q, x_fp, kws[bi], cfg, gen,
+                                        prefix.rstrip("."), keep=block_targets(sorted(keep), prefix))
         if rec is not None:
             records.append(rec)
             bar.set_postfix(rel_loss=f"{rec['rel_loss']:.3g}")
@@ -181,7 +181,7 @@ def ptbitnet_quantize(model: nn.Module, calib_ids: torch.LongTensor, cfg: PTBitN
             if pack:
                 from ternlm.nn.int8_linear import Int8RowLinear
 
-                _set_module(model, t, Int8RowLinear.from_module(m, 8 if cfg.act_bits == 8 else None))
+                replace_module(model, t, Int8RowLinear.from_module(m, 8 if cfg.act_bits == 8 else None))
             continue
         n_w += m.in_features * m.out_features
         n_s += m.out_features * n_groups(m.in_features, cfg.group_size)
@@ -252,7 +252,7 @@ def pack_layer(root: nn.Module, name: str, cfg: PTBitNetConfig, kernel: str = "a
     except TernlmError as e:
         raise TernlmError(f"cannot pack {name} as TernaryLinear ({e}); use pack=False for the float "
                           "fake-quantized layers") from None
-    _set_module(root, name, new)
+    replace_module(root, name, new)
 
 
 def quantize_block(block: nn.Module, bi: int, names: list[str], x_q: torch.Tensor, x_fp: torch.Tensor, kw: dict,

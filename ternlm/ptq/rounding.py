@@ -14,21 +14,18 @@ scale per group for fixed codes, against the output error (uses H). The two alte
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
+from ternlm.config import TernaryConfig
 from ternlm.errors import TernlmError
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    return math.ceil(in_features / group_size)
+from ternlm.quant.ternary import expand_scale, n_groups, ternarize  # noqa: F401 (n_groups re-exported)
 
 
 def expand_groups(scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """(out, n_groups) -> (out, in); the last group may be partial."""
-    return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
+    """(out, n_groups) -> (out, in); the last group may be partial (the canonical ``expand_scale``)."""
+    return expand_scale(scale, (scale.shape[0], in_features), "per_group", group_size)
 
 
 def group_ids(in_features: int, group_size: int) -> torch.Tensor:
@@ -41,15 +38,10 @@ def ternary_codes(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def absmean_grouped(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BitNet absmean per group (the naive baseline): codes, scales (out, n_groups)."""
-    out_f, in_f = w.shape
-    g = n_groups(in_f, group_size)
-    ids = group_ids(in_f, group_size)
-    counts = torch.bincount(ids, minlength=g).float()
-    gamma = torch.zeros(out_f, g).index_add_(1, ids, w.abs()) / counts
-    gamma = gamma.clamp_min(1e-8)
-    codes = ternary_codes(w, expand_groups(gamma, in_f, group_size))
-    return codes, gamma
+    """BitNet absmean per group (the naive baseline): float codes, scales (out, n_groups); the canonical
+    quantizer (``ternlm.quant.ternary.ternarize``), per group."""
+    t = ternarize(w, TernaryConfig(granularity="per_group", group_size=group_size))
+    return t.codes.float(), t.scale
 
 
 def search_scales(w: torch.Tensor, weight: torch.Tensor | None = None, n_grid: int = 16) -> torch.Tensor:

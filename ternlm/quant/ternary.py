@@ -66,7 +66,7 @@ def _grouped(w: torch.Tensor, granularity: str, group_size: int) -> list[torch.T
     return parts
 
 
-def _scale_shape(out_f: int, in_f: int, granularity: str, group_size: int) -> tuple:
+def scale_shape(out_f: int, in_f: int, granularity: str, group_size: int) -> tuple:
     if granularity == "per_group":
         return (out_f, n_groups(in_f, group_size))
     return {"per_tensor": (), "per_channel": (out_f,)}[granularity]
@@ -76,7 +76,7 @@ def absmean_scale(w: torch.Tensor, cfg: TernaryConfig) -> torch.Tensor:
     """gamma = mean(|W|) over each scale's group (float32, clamped to eps)."""
     parts = _grouped(w.detach().float().contiguous(), cfg.granularity, cfg.group_size)
     gamma = torch.cat([g.abs().mean(dim=-1).clamp_min(cfg.eps).reshape(g.shape[0], -1) for g in parts], 1)
-    return gamma.reshape(_scale_shape(*w.shape, cfg.granularity, cfg.group_size))
+    return gamma.reshape(scale_shape(*w.shape, cfg.granularity, cfg.group_size))
 
 
 def _ternarize_part(g: torch.Tensor, cfg: TernaryConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +111,7 @@ def ternarize(w: torch.Tensor, cfg: TernaryConfig | None = None) -> TernaryTenso
     scale = torch.cat([s.reshape(s.shape[0], -1) for _, s in parts], 1)
     return TernaryTensor(
         codes=codes.to(torch.int8).reshape(out_f, in_f),
-        scale=scale.reshape(_scale_shape(out_f, in_f, cfg.granularity, cfg.group_size)).contiguous(),
+        scale=scale.reshape(scale_shape(out_f, in_f, cfg.granularity, cfg.group_size)).contiguous(),
         granularity=cfg.granularity,
         group_size=cfg.group_size,
     )

@@ -4,44 +4,22 @@ model in ``ternlm.runtime.engine``, from checkpoint files in ``ternlm.runtime.le
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-ARCHS = ("gpt2", "llama")  # Hugging Face model_type values the engine runs
+from ternlm.arch import ARCHS, Arch  # noqa: F401  (the one table of architectures; re-exported)
+
 # GPT-2 MLP activations the compiled decode step computes, by the config's name for them
 GPT2_ACT_KINDS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 
 
-def act_kind(model_type: str, activation: str) -> str:
-    """The compiled decode step's name for a model's MLP activation ("" when it has none): Llama's
-    MLP is always gated SiLU here, GPT-2's one of GPT2_ACT_KINDS."""
-    return "gated_silu" if model_type == "llama" else GPT2_ACT_KINDS.get(activation, "")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the block step needs to know about a model, read once from its Hugging Face config."""
-
-    model_type: str
-    n_layer: int
-    hidden: int
-    n_head: int
-    n_kv_head: int       # < n_head: grouped-query attention
-    head_dim: int
-    inner: int           # MLP width
-    vocab_size: int
-    max_positions: int
-    norm: str            # "layernorm" | "rmsnorm"
-    norm_eps: float
-    positions: str       # "learned" | "rope" (theta and scaling live in the model's rotary module)
-    mlp: str             # "gelu" | "gated_silu"
-    tied_head: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def act_kind(a: Arch, activation: str) -> str:
+    """The compiled decode step's name for a model's MLP activation ("" when it has none): a gated
+    MLP is gated SiLU, GPT-2's one of GPT2_ACT_KINDS."""
+    return "gated_silu" if a.mlp == "gated_silu" else GPT2_ACT_KINDS.get(activation, "")
 
 
 @dataclass

@@ -90,24 +90,13 @@ class RuntimeConfig:
 
 
 def describe(model: nn.Module) -> Arch:
-    """The model's ``Arch``; a one-line TernlmError when the engine does not cover it."""
+    """The model's ``Arch`` (``ternlm.arch``: one row per architecture); a one-line TernlmError when the
+    engine does not cover it."""
     hc = getattr(model, "config", None)
-    mt = getattr(hc, "model_type", None)
-    if mt not in ARCHS:
+    if hc is None or getattr(hc, "model_type", None) not in ARCHS:
+        mt = getattr(hc, "model_type", None)
         raise TernlmError(f"the decode engine runs {', '.join(ARCHS)} models, not {mt or type(model).__name__!r}")
-    tied = _tied(model)
-    if mt == "gpt2":
-        if getattr(hc, "add_cross_attention", False) or getattr(hc, "reorder_and_upcast_attn", False):
-            raise TernlmError("the decode engine does not support cross-attention or reorder_and_upcast_attn")
-        return Arch(mt, hc.n_layer, hc.n_embd, hc.n_head, hc.n_head, hc.n_embd // hc.n_head,
-                    _out_features(model.transformer.h[0].mlp.c_fc), hc.vocab_size, hc.n_positions, "layernorm",
-                    hc.layer_norm_epsilon, "learned", "gelu", tied)
-    if getattr(hc, "hidden_act", "silu") != "silu":
-        raise TernlmError(f"the decode engine runs gated SiLU Llama MLPs, not {hc.hidden_act!r}")
-    attn = model.model.layers[0].self_attn
-    return Arch(mt, hc.num_hidden_layers, hc.hidden_size, hc.num_attention_heads,
-                hc.num_key_value_heads or hc.num_attention_heads, attn.head_dim, hc.intermediate_size, hc.vocab_size,
-                hc.max_position_embeddings, "rmsnorm", hc.rms_norm_eps, "rope", "gated_silu", tied)
+    return Arch.from_config(hc, tied=_tied(model))
 
 
 def _tied(model) -> bool:
@@ -288,36 +277,33 @@ def _norm_of(mod: nn.Module) -> tuple:
 
 
 def _parts_from_model(model: nn.Module, a: Arch, cfg: RuntimeConfig, max_seq_len: int) -> Parts:
+    row = a.row
     wte, wte_scale = _rows_of(model.get_input_embeddings())  # stored dtype: rows widened per use
     head_w, head_scale = (wte, wte_scale) if a.tied_head else _rows_of(model.get_output_embeddings())
-    blocks = []
-    if a.model_type == "gpt2":
-        tr = model.transformer
-        wpe = tr.wpe.weight.detach().float().contiguous()
-        cos = sin = None
-        if cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
-            act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
-        else:
-            act = tr.h[0].mlp.act
-        norm_f = _norm_of(tr.ln_f)
-        for blk in tr.h:
-            blocks.append((_norm_of(blk.ln_1), (blk.attn.c_attn,), blk.attn.c_proj, _norm_of(blk.ln_2),
-                           (blk.mlp.c_fc,), blk.mlp.c_proj, blk.attn.scaling))
-    else:
-        inner = model.model
-        wpe = None
+    wpe = cos = sin = None
+    if row.pos_embed:
+        wpe = model.get_submodule(row.pos_embed).weight.detach().float().contiguous()
+    if a.positions == "rope":
         with torch.no_grad():  # RoPE table (max_seq_len, hs) from the model's own rotary module
             pid = torch.arange(max_seq_len).unsqueeze(0)
-            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pid)
+            rot = model.get_submodule(row.stack.rpartition(".")[0]).rotary_emb
+            cos, sin = rot(torch.zeros(1, dtype=torch.float32), pid)
         cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()
-        norm_f = _norm_of(inner.norm)
+    blocks = []
+    stack = model.get_submodule(row.stack)
+    if a.mlp == "gated_silu":
         act = gated_silu(a.inner)
-        for L in inner.layers:
-            at, mlp = L.self_attn, L.mlp
-            blocks.append((_norm_of(L.input_layernorm), (at.q_proj, at.k_proj, at.v_proj), at.o_proj,
-                           _norm_of(L.post_attention_layernorm), (mlp.gate_proj, mlp.up_proj), mlp.down_proj,
-                           at.scaling))
-    kind = act_kind(a.model_type, getattr(model.config, "activation_function", ""))
+    elif cfg.gelu == "tanh" and model.config.activation_function in ("gelu_new", "gelu_pytorch_tanh"):
+        act = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+    else:
+        act = stack[0].get_submodule(row.down.path.rpartition(".")[0]).act  # the model's own module
+    for blk in stack:
+        get = blk.get_submodule
+        blocks.append((_norm_of(get(row.norm1)), tuple(get(s.path) for s in row.qkv), get(row.o.path),
+                       _norm_of(get(row.norm2)), tuple(get(s.path) for s in row.up), get(row.down.path),
+                       a.head_dim ** -0.5))
+    norm_f = _norm_of(model.get_submodule(row.final_norm))
+    kind = act_kind(a, getattr(model.config, "activation_function", ""))
     return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind, wte_scale, head_scale)
 
 

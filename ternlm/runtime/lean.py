@@ -30,9 +30,6 @@ from ternlm.errors import TernlmError
 from ternlm.quant.pack import upgrade_2bit
 from ternlm.runtime.arch import ARCHS, Arch, FloatLinear, Parts, act_kind, gated_silu
 
-GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu")
-
-
 def _read_config(d: Path) -> dict:
     f = d / "config.json"
     try:
@@ -44,21 +41,8 @@ def _read_config(d: Path) -> dict:
     return cfg
 
 
-def _rope_theta(cfg: dict) -> float:
-    """theta of default RoPE (``rope_parameters`` in current configs, ``rope_theta`` in older ones)."""
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict):
-        if rp.get("rope_type", "default") != "default":
-            raise TernlmError(f"the lean loader reads default RoPE only, not {rp.get('rope_type')!r}")
-        return float(rp.get("rope_theta", 10000.0))
-    rs = cfg.get("rope_scaling")
-    if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
-        raise TernlmError(f"the lean loader reads default RoPE only, not {rs.get('rope_type') or rs.get('type')!r}")
-    return float(cfg.get("rope_theta", 10000.0))
-
-
 def arch_of_checkpoint(directory) -> Arch:
-    """The engine's ``Arch`` from a checkpoint's config.json (what ``describe`` reads off the model)."""
+    """The engine's ``Arch`` from a checkpoint's config.json (``Arch.from_config``: the table's row)."""
     from ternlm.checkpoint import read_record
 
     d = Path(directory).expanduser()
@@ -66,49 +50,29 @@ def arch_of_checkpoint(directory) -> Arch:
         raise TernlmError(f"no such checkpoint directory: {d}")
     rec = read_record(d)
     cfg = _read_config(d)
-    mt = cfg.get("model_type")
-    if mt not in ARCHS:
-        raise TernlmError(f"the decode engine runs {', '.join(ARCHS)} models, not {mt!r}")
+    if cfg.get("model_type") not in ARCHS:
+        raise TernlmError(f"the decode engine runs {', '.join(ARCHS)} models, not {cfg.get('model_type')!r}")
     if rec.get("experts"):
         raise TernlmError("the lean loader does not read mixture-of-experts checkpoints")
     from ternlm.nn.knowledge import KNOWLEDGE_FILE
 
     if (d / KNOWLEDGE_FILE).exists():
         raise TernlmError("the lean loader does not read knowledge tokens")
-    try:
-        if mt == "gpt2":
-            for k in ("add_cross_attention", "reorder_and_upcast_attn", "scale_attn_by_inverse_layer_idx"):
-                if cfg.get(k):
-                    raise TernlmError(f"the lean loader does not read GPT-2 configs with {k}")
-            if not cfg.get("scale_attn_weights", True):
-                raise TernlmError("the lean loader does not read GPT-2 configs without scale_attn_weights")
-            if cfg.get("activation_function", "gelu_new") not in GPT2_ACTS:
-                raise TernlmError(f"the lean loader does not read activation {cfg['activation_function']!r}")
-            C, nh = cfg["n_embd"], cfg["n_head"]
-            return Arch(mt, cfg["n_layer"], C, nh, nh, C // nh, cfg.get("n_inner") or 4 * C, cfg["vocab_size"],
-                        cfg["n_positions"], "layernorm", cfg.get("layer_norm_epsilon", 1e-5), "learned", "gelu",
-                        cfg.get("tie_word_embeddings", True))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise TernlmError(f"the decode engine runs gated SiLU Llama MLPs, not {cfg['hidden_act']!r}")
-        _rope_theta(cfg)
-        C, nh = cfg["hidden_size"], cfg["num_attention_heads"]
-        return Arch(mt, cfg["num_hidden_layers"], C, nh, cfg.get("num_key_value_heads") or nh,
-                    cfg.get("head_dim") or C // nh, cfg["intermediate_size"], cfg["vocab_size"],
-                    cfg["max_position_embeddings"], "rmsnorm", cfg.get("rms_norm_eps", 1e-6), "rope", "gated_silu",
-                    cfg.get("tie_word_embeddings", False))
-    except KeyError as e:
-        raise TernlmError(f"{d / 'config.json'} has no {e.args[0]!r}") from None
+    a = Arch.from_config(cfg)
+    if a.positions == "rope" and a.rope_type != "default":
+        raise TernlmError(f"the lean loader reads default RoPE only, not {a.rope_type!r}")
+    return a
 
 
 class _Tensors:
     """The checkpoint's tensors by name, read one at a time; every name must be asked for once."""
 
     def __init__(self, d: Path):
-        from ternlm.checkpoint import _open_weights, weight_files
+        from ternlm.checkpoint import open_weights, weight_files
 
         self.where, self.handles = {}, []
         for p in weight_files(d):
-            f = _open_weights(p)
+            f = open_weights(p)
             self.handles.append(f)
             for k in f.keys():
                 self.where[k] = (p, f)
@@ -213,63 +177,58 @@ def _rope_tables(theta: float, head_dim: int, n: int) -> tuple[torch.Tensor, tor
 
 def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = None) -> Parts:
     """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint
-    (``cfg``: the engine's ``RuntimeConfig``)."""
+    (``cfg``: the engine's ``RuntimeConfig``), by the names the architecture's row gives."""
     from ternlm.checkpoint import read_record
 
     d = Path(directory).expanduser()
     a = arch or arch_of_checkpoint(d)
+    row = a.row
     rec = read_record(d)
     conf = _read_config(d)
     ts = _Tensors(d)
-    C, inner, q_out, kv_out = a.hidden, a.inner, a.n_head * a.head_dim, a.n_kv_head * a.head_dim
-    scaling = a.head_dim ** -0.5
-    blocks = []
+
     def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A table of rows as stored: float (``name.weight``) or int8 (``name.qweight`` + ``name.scale``)."""
         if ts.has(f"{name}.qweight"):
             return ts.get(f"{name}.qweight").contiguous(), ts.get(f"{name}.scale").float().contiguous()
         return ts.get(f"{name}.weight").contiguous(), None
 
-    if a.model_type == "gpt2":
-        wte, wte_scale = rows("transformer.wte")
-        wpe = _float(ts.get("transformer.wpe.weight"))
-        cos = sin = None
-        act = _gpt2_act(conf.get("activation_function", "gelu_new"), cfg)
-        for i in range(a.n_layer):
-            p = f"transformer.h.{i}"
-            blocks.append((_norm(ts, f"{p}.ln_1", True), (_linear(ts, f"{p}.attn.c_attn", C, 3 * C, rec, True),),
-                           _linear(ts, f"{p}.attn.c_proj", C, C, rec, True), _norm(ts, f"{p}.ln_2", True),
-                           (_linear(ts, f"{p}.mlp.c_fc", C, inner, rec, True),),
-                           _linear(ts, f"{p}.mlp.c_proj", inner, C, rec, True), scaling))
-        norm_f = _norm(ts, "transformer.ln_f", True)
-    else:
-        wte, wte_scale = rows("model.embed_tokens")
-        wpe = None
-        cos, sin = _rope_tables(_rope_theta(conf), a.head_dim, max_seq_len)
-        act = gated_silu(inner)
-        for i in range(a.n_layer):
-            p = f"model.layers.{i}"
-            at, mlp = f"{p}.self_attn", f"{p}.mlp"
-            qkv = (_linear(ts, f"{at}.q_proj", C, q_out, rec, False), _linear(ts, f"{at}.k_proj", C, kv_out, rec, False),
-                   _linear(ts, f"{at}.v_proj", C, kv_out, rec, False))
-            up = (_linear(ts, f"{mlp}.gate_proj", C, inner, rec, False), _linear(ts, f"{mlp}.up_proj", C, inner, rec, False))
-            blocks.append((_norm(ts, f"{p}.input_layernorm", False), qkv, _linear(ts, f"{at}.o_proj", q_out, C, rec, False),
-                           _norm(ts, f"{p}.post_attention_layernorm", False), up,
-                           _linear(ts, f"{mlp}.down_proj", inner, C, rec, False), scaling))
-        norm_f = _norm(ts, "model.norm", False)
+    C, inner, q_out, kv_out = a.hidden, a.inner, a.n_head * a.head_dim, a.n_kv_head * a.head_dim
+    # (in, out) of every slot: fused or separate attention inputs, gated or plain MLP inputs
+    qkv_shapes = [(C, q_out + 2 * kv_out)] if row.fused_qkv else [(C, q_out), (C, kv_out), (C, kv_out)]
+    up_shapes = [(C, inner)] * len(row.up)
+    norm_bias = a.norm == "layernorm"
+    wte, wte_scale = rows(row.embed)
+    wpe = _float(ts.get(f"{row.pos_embed}.weight")) if row.pos_embed else None
+    cos = sin = None
+    if a.positions == "rope":
+        cos, sin = _rope_tables(a.rope_theta, a.head_dim, max_seq_len)
+    act = gated_silu(inner) if a.mlp == "gated_silu" else _gpt2_act(conf.get("activation_function", "gelu_new"), cfg)
+    blocks = []
+    for i in range(a.n_layer):
+        p = row.block(i)
+
+        def lin(slot, shape):
+            return _linear(ts, f"{p}.{slot.path}", shape[0], shape[1], rec, slot.conv1d)
+
+        blocks.append((_norm(ts, f"{p}.{row.norm1}", norm_bias),
+                       tuple(lin(s, sh) for s, sh in zip(row.qkv, qkv_shapes)), lin(row.o, (q_out, C)),
+                       _norm(ts, f"{p}.{row.norm2}", norm_bias), tuple(lin(s, sh) for s, sh in zip(row.up, up_shapes)),
+                       lin(row.down, (inner, C)), a.head_dim ** -0.5))
+    norm_f = _norm(ts, row.final_norm, norm_bias)
     if tuple(wte.shape) != (a.vocab_size, C):
         raise TernlmError(f"token embedding has shape {tuple(wte.shape)}, expected {(a.vocab_size, C)}")
-    if ts.has("lm_head.weight") or ts.has("lm_head.qweight"):
-        head_w, head_scale = rows("lm_head")
+    if ts.has(f"{row.head}.weight") or ts.has(f"{row.head}.qweight"):
+        head_w, head_scale = rows(row.head)
         tied = False
     elif a.tied_head:
         head_w, head_scale, tied = wte, wte_scale, True
     else:
-        raise TernlmError("the checkpoint has no tensor lm_head.weight and its config does not tie it")
+        raise TernlmError(f"the checkpoint has no tensor {row.head}.weight and its config does not tie it")
     ts.check_all_read()
     if tied != a.tied_head:
         from dataclasses import replace
 
         a = replace(a, tied_head=tied)
-    kind = act_kind(a.model_type, conf.get("activation_function", "gelu_new"))
+    kind = act_kind(a, conf.get("activation_function", "gelu_new"))
     return Parts(a, wte, head_w, wpe, norm_f, act, cos, sin, blocks, kind, wte_scale, head_scale)

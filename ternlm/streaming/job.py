@@ -300,7 +300,7 @@ class Job:
 
     def finish(self, extra_files: dict[str, str] | None = None) -> Path:
         """The index, config, tokenizer and record, then the finished directory swapped in by rename."""
-        from ternlm.checkpoint import QUANT_FILE, _META_KEY
+        from ternlm.checkpoint import QUANT_FILE, META_KEY
         from ternlm.fileio import atomic_dir
         from ternlm.streaming.files import read_header
 
@@ -310,7 +310,7 @@ class Job:
             for name, e in read_header(part / shards[u]).items():
                 weight_map[name] = shards[u]
                 total += e.nbytes
-        index = {"metadata": {"total_size": total, _META_KEY: self.rec},
+        index = {"metadata": {"total_size": total, META_KEY: self.rec},
                  "weight_map": dict(sorted(weight_map.items()))}
         text = json.dumps(self.rec, indent=2, sort_keys=True)
 

@@ -81,11 +81,11 @@ def _read_float32(job: Job, keys: list[str], strip: str = "") -> dict[str, torch
 
 def _mxfp4_experts(job: Job, k: str) -> torch.Tensor:
     """A 3-D expert parameter stored as MXFP4 blocks + scales, in the Hugging Face layout, float32."""
-    from ternlm.moe.experts import _expert_mats, _style
+    from ternlm.moe.experts import expert_mats, expert_style
 
     module, _, leaf = k.rpartition(".")
-    style = _style(job.lay["model"].get_submodule(module))
-    mats = torch.stack(list(_expert_mats(module, leaf[: -len("_proj")], job.reader, style)))
+    style = expert_style(job.lay["model"].get_submodule(module))
+    mats = torch.stack(list(expert_mats(module, leaf[: -len("_proj")], job.reader, style)))
     return (mats.transpose(1, 2) if style == "gpt_oss" else mats).contiguous()
 
 
@@ -149,7 +149,7 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     from ternlm.ptq.calibration import block_stack
     from ternlm.moe.experts import expert_modules
     from ternlm.ptq.experts import pack_experts
-    from ternlm.ptq.quantize import _block_targets, expert_counts, pack_layer, ptq_log, quantize_block
+    from ternlm.ptq.quantize import block_targets, expert_counts, pack_layer, ptq_log, quantize_block
     from ternlm.ptq.rounding import n_groups
     from ternlm.ptq.config import PTQ_LOG
 
@@ -176,7 +176,7 @@ def stream_ptbitnet(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     bar = tqdm(list(enumerate(blocks)), desc="pt-bitnet (streaming)", unit="block", disable=not progress)
     for bi, _ in bar:
         prefix = f"{stack}.{bi}"
-        names = _block_targets(targets, prefix + ".")
+        names = block_targets(targets, prefix + ".")
         if prefix not in job.units:
             raise TernlmError(f"internal: block {prefix} has no output unit")
         if prefix in job.done:

@@ -37,6 +37,8 @@ def stream_quantize(source: str | Path, out_dir: str | Path, cfg, *, resume: boo
     directory); without it an existing partial run is an error rather than silently discarded.
     Returns the output path.
     """
+    if hasattr(cfg, "resolve"):  # act_bits="auto": the source's training precision, else 8
+        cfg = cfg.resolve(source)
     if cfg.method == "pt-bitnet":
         from ternlm.streaming.ptbitnet import stream_ptbitnet
 

@@ -40,6 +40,7 @@ from ternlm.errors import TernlmError
 
 VARIANTS = {"fp": "full precision", "w158a16": "W1.58A16", "w158a8": "W1.58A8", "w158a4": "W1.58A4"}
 VARIANT_ACT_BITS = {"w158a16": None, "w158a8": 8, "w158a4": 4}
+TRAINING_FILE = "ternlm_training.json"  # beside a trained ternary model: its variant and activation bits
 OPTIMIZERS = ("adamw", "muon")
 
 # Named sizes: (architecture, overrides of the HF config).
@@ -215,12 +216,11 @@ def make_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opti
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    warm = int(cfg.warmup_frac * cfg.steps)
-    if step < warm:
-        return cfg.peak_lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.peak_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
+    """The one schedule (``ternlm.train.common.lr_at``): linear warm-up over ``warmup_frac`` of the steps,
+    then cosine decay to 10% of the peak."""
+    from ternlm.train.common import lr_at as schedule
+
+    return schedule(step, cfg.steps, int(cfg.warmup_frac * cfg.steps), cfg.peak_lr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +506,9 @@ def finish_run(raw: nn.Module, cfg: TrainConfig, meta: dict, rows: list[dict], s
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
     raw.eval()
     save_model_with_knowledge(raw.cpu(), tok, out / MODEL_DIR)
+    if cfg.variant in VARIANT_ACT_BITS:  # what the model was trained to run as: ternlm quantize keeps it
+        save_json({"variant": cfg.variant, "act_bits": VARIANT_ACT_BITS[cfg.variant]},
+                  out / MODEL_DIR / TRAINING_FILE)
     evals = [r for r in rows if "val_loss" in r]
     steady = step_times[min(3, len(step_times) - 1):] if step_times else []
     summary = {

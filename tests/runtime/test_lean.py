@@ -98,7 +98,7 @@ def test_what_the_direct_reader_does_not_cover_is_a_one_line_error(tmp_path):
         DecodeEngine.from_checkpoint(ck)
     cfg["model_type"] = "mistral"
     (ck / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(TernlmError, match="runs gpt2, llama models, not 'mistral'"):
+    with pytest.raises(TernlmError, match="runs gpt2, llama, qwen2 models, not 'mistral'"):
         DecodeEngine.from_checkpoint(ck)
     with pytest.raises(TernlmError, match="no such checkpoint directory"):
         DecodeEngine.from_checkpoint(tmp_path / "nope")

@@ -184,3 +184,26 @@ def test_cli_one_line_errors(data, tmp_path, capsys):
     assert main(["train", "--data", str(data), "--variant", "int3", "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ternlm: error: unknown variant 'int3'") and err.count("\n") == 1
+
+
+def test_quantize_a_training_run_keeps_its_activation_precision(data, tmp_path):
+    """`ternlm quantize RUN_DIR` reads the run's model/ and packs it at the precision it was trained
+    with (W1.58A16 here), unless --act-bits says otherwise; ternlm.from_pretrained still works, with a
+    deprecation warning."""
+    import json
+    import warnings
+
+    import ternlm
+    from ternlm.quantization import QuantizeConfig, quantize
+
+    train(_cfg(data, tmp_path / "r", variant="w158a16", steps=2), progress=False)
+    out = quantize(tmp_path / "r", tmp_path / "q", progress=False)  # the run directory, not its model/
+    rec = json.loads((out / "ternlm_quantization.json").read_text())
+    assert rec["act_bits"] is None
+    out8 = quantize(tmp_path / "r", tmp_path / "q8", QuantizeConfig(act_bits=8), progress=False)
+    assert json.loads((out8 / "ternlm_quantization.json").read_text())["act_bits"] == 8
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model = ternlm.from_pretrained(out)
+    assert any(issubclass(x.category, DeprecationWarning) and "ternlm.load" in str(x.message) for x in w)
+    assert {m.act_bits for _, m in __import__("ternlm.nn.surgery", fromlist=["x"]).ternary_linears(model)} == {None}

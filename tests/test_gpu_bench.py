@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from ternlm.kernels import gpu_bench as gb  # noqa: E402
+from ternlm.bench import gpu_bench as gb  # noqa: E402
 from ternlm.kernels import triton_kernels as tk  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def test_check_passes_and_catches_a_wrong_kernel(cpu_bench, monkeypatch):
 def test_sweep_and_tables_run_the_kernels(cpu_bench):
     rows = gb.sweep_gemv(40, 512, configs=[(4, 1, 1), (8, 2, 2)])
     assert sorted((r["kernel"], r["BLOCK_N"]) for r in rows) == [("rows", 8), ("split-K", 4), ("split-K", 8)]
-    assert not tk._SPLITK_OVERRIDE and tk._SPLITK_ENABLED
+    assert tk.tiles_are_default()
     rows = gb.bench_gemv(shapes=((24, 300),), batches=(1, 3))
     assert [r["M"] for r in rows] == [1, 3] and rows[0]["w2a8_graph_us"] == 1.0
     assert any(isinstance(t, torch.Tensor) and t.shape == (3, 24) for t in cpu_bench)
