@@ -176,7 +176,9 @@ def _engine_for(model, n_prompt: int, cfg: GenerateConfig):
     from ternlm.runtime.engine import DecodeEngine, RuntimeConfig
 
     rc = RuntimeConfig(head=cfg.head, max_seq_len=n_prompt + cfg.max_new_tokens)
-    if not isinstance(model, (str, Path)):
+    from ternlm.runtime.lean import Checkpoint
+
+    if not isinstance(model, (str, Path, Checkpoint)):
         check_context(model, n_prompt, cfg.max_new_tokens)
         return DecodeEngine(model, rc)
     return DecodeEngine.from_checkpoint(model, rc)  # refuses a max_seq_len beyond the model's positions
@@ -225,11 +227,9 @@ def main_generate(model_path, prompt, cfg: GenerateConfig, gguf_file=None, out=N
         raise TernlmError("--head applies to the fast engine only")
     lean = _lean_source(model_path, gguf_file, cfg)
     if lean is not None:  # a ternlm checkpoint the engine reads directly: no Hugging Face model is built
-        tok = light_tokenizer(lean) or load_tokenizer(lean)
+        tok = light_tokenizer(lean.directory) or load_tokenizer(lean.directory)
         ids = tok(prompt, return_tensors="pt").input_ids[0]
-        from ternlm.runtime.lean import arch_of_checkpoint
-
-        check_context_length(ids.numel(), cfg.max_new_tokens, arch_of_checkpoint(lean).max_positions)
+        check_context_length(ids.numel(), cfg.max_new_tokens, lean.arch.max_positions)
         try:
             rt = _engine_for(lean, ids.numel(), cfg)
         except TernlmError:
@@ -259,9 +259,10 @@ def _print_rate(res: dict, engine: str) -> None:
           f"{res['prefill_seconds'] * 1e3:.0f} ms; {rate}]", file=sys.stderr)
 
 
-def _lean_source(model_path, gguf_file, cfg: GenerateConfig) -> Path | None:
-    """The checkpoint directory when the fast engine can be built straight from it (a ternlm checkpoint
-    of a covered architecture, with a tokenizer), else None (the model is then loaded as usual)."""
+def _lean_source(model_path, gguf_file, cfg: GenerateConfig):
+    """The checkpoint, read once (``ternlm.runtime.lean.Checkpoint``: record, config, Arch), when the fast
+    engine can be built straight from it (a ternlm checkpoint of a covered architecture, with a
+    tokenizer), else None (the model is then loaded as usual)."""
     from ternlm.models.loading import source_kind
 
     if cfg.engine == "hf" or gguf_file:
@@ -269,10 +270,10 @@ def _lean_source(model_path, gguf_file, cfg: GenerateConfig) -> Path | None:
     try:
         if source_kind(model_path) != "ternlm":
             return None
-        from ternlm.runtime.lean import arch_of_checkpoint
+        from ternlm.runtime.lean import read_checkpoint
 
-        arch_of_checkpoint(model_path)
+        ck = read_checkpoint(model_path)
     except TernlmError:
         return None
-    d = Path(str(model_path)).expanduser()
-    return d if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file() else None
+    d = ck.directory
+    return ck if (d / "tokenizer.json").is_file() or (d / "vocab.json").is_file() else None

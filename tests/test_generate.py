@@ -59,3 +59,29 @@ def test_engine_choice_covers_gpt2_and_llama_and_falls_back_in_one_line(lm):
     assert log.getvalue().count("\n") == 1 and "Hugging Face generate" in log.getvalue()
     with pytest.raises(TernlmError, match="--engine hf"):
         _pick_engine(neox, GenerateConfig(engine="fast"))
+
+
+def test_generate_classifies_the_model_once_and_reads_its_config_once(tmp_path, gpt2_tokenizer, monkeypatch):
+    """The user's path: `ternlm generate` on a checkpoint decides what the model is once and reads
+    config.json once (the engine is built from that one read), however many pieces need it."""
+    import io
+    import pathlib
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ternlm.checkpoint import save_pretrained
+    from ternlm.conversion import convert
+    from ternlm.generate import GenerateConfig, main_generate
+    import ternlm.models.loading as loading
+
+    torch.manual_seed(0)
+    ck = save_pretrained(convert(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, n_positions=64))),
+                         gpt2_tokenizer, tmp_path / "ck")
+    reads, kinds = [], []
+    real_read_text, real_kind = pathlib.Path.read_text, loading.source_kind
+    monkeypatch.setattr(pathlib.Path, "read_text",
+                        lambda self, *a, **k: (reads.append(self.name), real_read_text(self, *a, **k))[1])
+    monkeypatch.setattr(loading, "source_kind", lambda *a, **k: (kinds.append(a), real_kind(*a, **k))[1])
+    res = main_generate(str(ck), "Hello there", GenerateConfig(max_new_tokens=4), out=io.StringIO())
+    assert res["n_new_tokens"] == 4
+    assert reads.count("config.json") == 1 and len(kinds) == 1, (reads, kinds)

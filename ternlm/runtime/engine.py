@@ -322,12 +322,12 @@ class DecodeEngine:
         widened), so memory stays close to the file. Same results as ``DecodeEngine(ternlm.load(dir))``.
         A one-line TernlmError when the checkpoint is outside what this path reads
         (``ternlm.runtime.lean``); callers then build the model and use the constructor."""
-        from ternlm.runtime.lean import arch_of_checkpoint, parts_from_checkpoint
+        from ternlm.runtime.lean import parts_from_checkpoint, read_checkpoint
 
         cfg = config or RuntimeConfig()
         self = cls.__new__(cls)
-        a = arch_of_checkpoint(directory)
-        self._build(parts_from_checkpoint(directory, cfg, self._max_len(cfg, a), a), cfg)
+        ck = read_checkpoint(directory)  # a directory, or a Checkpoint already read
+        self._build(parts_from_checkpoint(ck, cfg, self._max_len(cfg, ck.arch)), cfg)
         return self
 
     @staticmethod

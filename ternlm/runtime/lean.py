@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -41,8 +42,20 @@ def _read_config(d: Path) -> dict:
     return cfg
 
 
-def arch_of_checkpoint(directory) -> Arch:
-    """The engine's ``Arch`` from a checkpoint's config.json (``Arch.from_config``: the table's row)."""
+class Checkpoint(NamedTuple):
+    """A checkpoint directory read once: its quantization record, config.json and the engine's Arch."""
+
+    directory: Path
+    rec: dict
+    config: dict
+    arch: Arch
+
+
+def read_checkpoint(directory) -> Checkpoint:
+    """Record + config.json + Arch of a ternlm checkpoint the lean loader covers, read once (a one-line
+    TernlmError for anything it does not cover)."""
+    if isinstance(directory, Checkpoint):
+        return directory
     from ternlm.checkpoint import read_record
 
     d = Path(directory).expanduser()
@@ -50,6 +63,15 @@ def arch_of_checkpoint(directory) -> Arch:
         raise TernlmError(f"no such checkpoint directory: {d}")
     rec = read_record(d)
     cfg = _read_config(d)
+    return Checkpoint(d, rec, cfg, _arch_of(d, rec, cfg))
+
+
+def arch_of_checkpoint(directory) -> Arch:
+    """The engine's ``Arch`` from a checkpoint's config.json (``Arch.from_config``: the table's row)."""
+    return read_checkpoint(directory).arch
+
+
+def _arch_of(d: Path, rec: dict, cfg: dict) -> Arch:
     if cfg.get("model_type") not in ARCHS:
         raise TernlmError(f"the decode engine runs {', '.join(ARCHS)} models, not {cfg.get('model_type')!r}")
     if rec.get("experts"):
@@ -176,15 +198,13 @@ def _rope_tables(theta: float, head_dim: int, n: int) -> tuple[torch.Tensor, tor
 
 
 def parts_from_checkpoint(directory, cfg, max_seq_len: int, arch: Arch | None = None) -> Parts:
-    """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint
-    (``cfg``: the engine's ``RuntimeConfig``), by the names the architecture's row gives."""
-    from ternlm.checkpoint import read_record
-
-    d = Path(directory).expanduser()
-    a = arch or arch_of_checkpoint(d)
+    """Everything the engine is built from, read tensor by tensor from a ternlm checkpoint (a directory
+    or a ``Checkpoint`` already read; ``cfg``: the engine's ``RuntimeConfig``), by the names the
+    architecture's row gives."""
+    ck = read_checkpoint(directory)
+    d, rec, conf = ck.directory, ck.rec, ck.config
+    a = arch or ck.arch
     row = a.row
-    rec = read_record(d)
-    conf = _read_config(d)
     ts = _Tensors(d)
 
     def rows(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
