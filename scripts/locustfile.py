@@ -22,7 +22,8 @@ class Client(HttpUser):
 
     @task
     def complete(self):
-        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+        # ignore_eos (llama-server's and ternlm's name; others ignore it): every request generates MAX_TOKENS
+        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True, "ignore_eos": True}
         if MODEL:
             body["model"] = MODEL
         t0 = time.perf_counter()

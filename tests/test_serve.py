@@ -199,7 +199,8 @@ def test_api_key_queue_disconnect_and_timeout(ckpt):
         s.served.batch.decode = lambda *a: (time.sleep(0.02), slow(*a))[1]
         # a streaming client that goes away frees its slot at once
         with httpx.stream("POST", s.url + "/v1/completions", headers=auth,
-                          json={"prompt": "hi", "max_tokens": 200, "temperature": 1.0, "stream": True}) as r:
+                          json={"prompt": "hi", "max_tokens": 200, "temperature": 1.0, "stream": True,
+                                "ignore_eos": True}) as r:
             next(r.iter_lines())
             # the one slot is busy and the queue holds none: the next request is turned away
             busy = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=auth)

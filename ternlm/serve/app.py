@@ -168,6 +168,7 @@ def sampling(body: dict) -> dict:
         "top_k": _field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0"),
         "seed": _field(body, "seed", int, None, None, "an integer"),
         "stream": _field(body, "stream", bool, False, None, "a boolean"),
+        "ignore_eos": _field(body, "ignore_eos", bool, False, None, "a boolean"),
     }
     stop = body.get("stop")
     if stop is None:
@@ -239,7 +240,8 @@ def build_app(served: Served):
         events: asyncio.Queue = asyncio.Queue()
         seed = sp["seed"] if sp["seed"] is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
         req = Request(ids, sp["max_tokens"], sp["temperature"], sp["top_p"], sp["top_k"], seed, sp["stop"],
-                      time.monotonic() + cfg.timeout, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                      time.monotonic() + cfg.timeout, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                      ignore_eos=sp["ignore_eos"])
         try:
             sched.submit(req)
         except QueueFull as e:

@@ -35,6 +35,7 @@ class Request:
     stop: tuple = ()
     deadline: float | None = None  # time.monotonic() after which it ends with an error
     emit: Callable[["Event"], None] = lambda ev: None
+    ignore_eos: bool = False  # generate max_tokens even past end-of-text (llama-server's and vLLM's name)
     # filled in by the scheduler
     tokens: list = field(default_factory=list)
     text: str = ""   # the text so far (after stop-string handling)
@@ -194,7 +195,7 @@ class Scheduler:
         if req.first_token is None:
             req.first_token = time.monotonic()
         self.stats["generated_tokens"] += 1
-        if self.eos is not None and tok == self.eos:
+        if self.eos is not None and tok == self.eos and not req.ignore_eos:
             self._finish(i, finish="stop")
             return
         req.tokens.append(tok)
