@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet torch==2.13.0
-extras="dev,eval"
-if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,eval,bnb,triton"; fi
+extras="dev,eval,serve"
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then extras="dev,eval,serve,bnb,triton"; fi
 "$PY" -m pip install --quiet -e ".[${extras}]"
 if [ "${TERNLM_WITH_PEER:-0}" = "1" ]; then
   LLAMA_VERSION=${LLAMA_VERSION:-0.3.36}

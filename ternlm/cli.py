@@ -727,10 +727,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_distill_parser(sub)
     _add_scratch_parsers(sub)
+    from ternlm.serve.app import ServeConfig
+
+    ds = _defaults(ServeConfig)
+    v = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching",
+                       description="Serve a model (a ternlm checkpoint, or a GPT-2 / Llama / Qwen2 model) over HTTP: "
+                                   "/v1/completions, /v1/chat/completions (streaming as server-sent events), "
+                                   "/tokenize, /detokenize, /v1/models, /health, /metrics, and a chat page at /.")
+    v.add_argument("model", help="ternlm checkpoint directory, model directory, GGUF file or hub id")
+    v.add_argument("--host", default=ds["host"], help=f"address to bind (default: {ds['host']}, this machine only)")
+    v.add_argument("--port", type=int, default=ds["port"], help=f"(default: {ds['port']})")
+    v.add_argument("--slots", type=int, default=ds["slots"],
+                   help=f"sequences decoding together, each with its own KV cache (default: {ds['slots']})")
+    v.add_argument("--ctx", type=int, default=ds["ctx"], help=f"tokens per slot, prompt + completion (default: {ds['ctx']})")
+    v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: none)")
+    v.add_argument("--queue", type=int, default=ds["queue"],
+                   help=f"requests that may wait for a slot; more get 429 (default: {ds['queue']})")
+    v.add_argument("--timeout", type=float, default=ds["timeout"], help=f"seconds a request may run (default: {ds['timeout']:g})")
+    v.add_argument("--chunk", type=int, default=ds["chunk"],
+                   help=f"prompt tokens prefilled per turn between the others' tokens (default: {ds['chunk']})")
+    v.add_argument("--grace", type=float, default=ds["grace"],
+                   help=f"seconds running requests get when the server stops (default: {ds['grace']:g})")
+    v.add_argument("--name", default=None, help="model name in the API (default: the model path's last part)")
+    v.set_defaults(fn=cmd_serve)
     sub.add_parser("lm-eval", add_help=False, help="lm-eval-harness's command line with the ternlm model registered",
                    description="ternlm lm-eval --model ternlm --model_args pretrained=DIR --tasks hellaswag: every "
                                "argument goes to lm-eval (pip install 'ternlm[eval]').")
     return p
+
+
+def cmd_serve(a) -> int:
+    from ternlm.serve.app import ServeConfig, serve
+
+    return serve(ServeConfig(model=a.model, host=a.host, port=a.port, slots=a.slots, ctx=a.ctx, api_key=a.api_key,
+                             queue=a.queue, timeout=a.timeout, chunk=a.chunk, grace=a.grace, model_name=a.name))
 
 
 def _lm_eval(argv: list) -> int:

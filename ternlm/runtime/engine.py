@@ -510,7 +510,7 @@ class DecodeEngine:
         if ids.numel() + max_new_tokens - 1 > self.max_seq_len:
             raise TernlmError(f"prompt ({ids.numel()}) + max_new_tokens ({max_new_tokens}) exceeds "
                               f"max_seq_len ({self.max_seq_len})")
-        pick = _sampler(temperature, top_k, top_p, seed)
+        pick = make_sampler(temperature, top_k, top_p, seed)
         with self.decoding():
             t0 = time.perf_counter()
             tok = pick(self.prefill(ids))
@@ -566,7 +566,9 @@ class DecodeEngine:
 GPT2Runtime = DecodeEngine  # the engine's first name, kept for callers
 
 
-def _sampler(temperature: float, top_k: int, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:
+def make_sampler(temperature: float, top_k: int, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:
+    """logits (V,) -> a token: greedy at temperature 0, else temperature -> top-k -> top-p (HF's order)
+    and a multinomial draw from a generator seeded with ``seed``."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return lambda logits: int(logits.argmax())
