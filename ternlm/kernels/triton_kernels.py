@@ -496,18 +496,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _start(x, packed, scale, in_features, bias, group_size):
+    """A wrapper's checks and its float32 (M, N) output: ``(_check's tuple, y, done)``, done when the shape
+    leaves nothing to compute (y then holds the answer: empty, or the bias alone)."""
+    checked = _check(x, packed, scale, in_features, bias, group_size)
+    M, N, b = x.shape[0], checked[0].shape[0], checked[5]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return checked, y, True
+    if in_features == 0:
+        return checked, (y.zero_() if b is None else y.copy_(b.expand(M, N))), True
+    return checked, y, False
+
+
 def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                      bias: torch.Tensor | None = None, group_size: int | None = None,
                      act_bits: int = 8) -> torch.Tensor:
     """W1.58A8 (A4 with act_bits=4) on 2-bit weights: per-token absmax int x (torch quantizer) .
     codes, int32 in-kernel."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
-    M, N = x.shape[0], packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    if M == 0 or N == 0:
+    (packed, mode, groups, gsize, s, b), y, done = _start(x, packed, scale, in_features, bias, group_size)
+    if done:
         return y
-    if in_features == 0:
-        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    M, N = y.shape
     if M == 1 and gemv_fits(in_features, act_bits):
         return _gemv(x, packed, mode, groups, gsize, s, b, in_features, float(QMAX[act_bits]))
     _, tl = _require_triton()
@@ -527,13 +537,10 @@ def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                       bias: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
     """W1.58A16 on 2-bit weights: float x . codes in fp32, times the scale (+ bias). Returns float32."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
-    M, N = x.shape[0], packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    if M == 0 or N == 0:
+    (packed, mode, groups, gsize, s, b), y, done = _start(x, packed, scale, in_features, bias, group_size)
+    if done:
         return y
-    if in_features == 0:
-        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    M, N = y.shape
     _require_triton()
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()  # e.g. float64: the reference computes in float32 too
