@@ -201,7 +201,8 @@ def test_api_key_queue_disconnect_and_timeout(ckpt):
         with httpx.stream("POST", s.url + "/v1/completions", headers=auth,
                           json={"prompt": "hi", "max_tokens": 200, "temperature": 1.0, "stream": True,
                                 "ignore_eos": True}) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # held: a dropped iterator closes the stream, which frees the slot
+            next(lines)
             # the one slot is busy and the queue holds none: the next request is turned away
             busy = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, headers=auth)
             assert busy.status_code == 429 and busy.headers["retry-after"] and "server busy" in busy.json()["error"]["message"]

@@ -142,6 +142,19 @@ def _check_out(out: torch.Tensor, M: int, N: int) -> torch.Tensor:
     return out
 
 
+def _check_call(x: torch.Tensor, out: torch.Tensor | None, in_features: int, out_features: int,
+                device: torch.device) -> int:
+    """A bound kernel's call: x must be (M, in_features) on the weight's device, out (if any) (M, out_features)
+    float32. Returns M."""
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise TernlmError(f"expected activations (M, {in_features}), got {tuple(x.shape)}")
+    if x.device != device:
+        raise TernlmError(f"activations on {x.device}, weight bound on {device}")
+    if out is not None:
+        _check_out(out, x.shape[0], out_features)
+    return x.shape[0]
+
+
 class BoundLinear:
     """A packed ternary weight bound to its kernel: ``f(x (M, in), out=None) -> float32 (M, out)``.
 
@@ -190,12 +203,7 @@ class BoundLinear:
                      "triton": self._triton, "reference": self._reference}[self.backend]
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise TernlmError(f"expected activations (M, {self.in_features}), got {tuple(x.shape)}")
-        if x.device != self.device:
-            raise TernlmError(f"activations on {x.device}, weight bound on {self.device}")
-        if out is not None:
-            _check_out(out, x.shape[0], self.out_features)
+        _check_call(x, out, self.in_features, self.out_features, self.device)
         return self._run(x, out)
 
     def _native_a8(self, x, out):
@@ -429,12 +437,7 @@ class BoundInt8Linear:
         self._args = (self.w.data_ptr(), N, kx, self.scale.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.device != self.w.device:
-            raise TernlmError(f"expected activations (M, {self.in_features}) on {self.w.device}, got "
-                              f"{tuple(x.shape)} on {x.device}")
-        M, N = x.shape[0], self.out_features
-        if out is not None:
-            _check_out(out, M, N)
+        M, N = _check_call(x, out, self.in_features, self.out_features, self.w.device), self.out_features
         if self._fn is None:
             fn = reference.int8_linear_a8 if self.act_bits == 8 else reference.int8_linear_a16
             y = fn(x, self.w, self.scale, self.in_features, self.bias)
@@ -503,12 +506,7 @@ class BoundFloatRows:
         self._mod = _ext.extension() if self.backend == "native" else None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features or x.device != self.w.device:
-            raise TernlmError(f"expected activations (M, {self.in_features}) on {self.w.device}, got "
-                              f"{tuple(x.shape)} on {x.device}")
-        M, N = x.shape[0], self.out_features
-        if out is not None:
-            _check_out(out, M, N)
+        M, N = _check_call(x, out, self.in_features, self.out_features, self.w.device), self.out_features
         if self._mod is None:
             y = reference.float_rows_linear(x, self.w, self.in_features)
             return y if out is None else out.copy_(y)

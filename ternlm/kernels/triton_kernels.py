@@ -161,38 +161,32 @@ def _kernels(interpret: bool):
                          row_epilogue=row_epilogue)
 
     @triton.jit
-    def w2a8_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
-                    stride_qm, stride_qk, stride_wn, stride_ym,
-                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # q (M, K) int8, xs (M,) float32 token scales, w (N, row_bytes) uint8 packed,
-        # s: 0-d / (N,) / (N, G) float32 weight scales, y (M, N) float32
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rj = tl.arange(0, 64)
+    def tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # this program's (BLOCK_M, BLOCK_N) output tile: its rows and columns, their masks, and the
+        # activation rows' and packed weight rows' base pointers
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok = rm < M
         n_ok = rn < N
-        q_rows = q_ptr + rm.to(tl.int64)[:, None] * stride_qm  # (BLOCK_M, 1)
+        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm  # (BLOCK_M, 1)
         w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: |acc| <= 127 * K
-        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per group: sum of scaled groups
-        NP = tl.cdiv(K, 64)  # 64-weight planes of a row: NP // 4 full blocks, then NP % 4 tail planes
-        for p in range(0, NP):
-            boff, shift = plane_bytes(p, NP, rj)
-            wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
-            k0 = p * 64
-            kk = k0 + rj
-            xq = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
-            w = ((wb >> shift[:, None]) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes of plane p
-            acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
-            if SCALE_MODE == 2:  # a group ends after this plane: fold its exact accumulator in, scaled
-                flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
-                accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
-                acc = tl.where(flush, 0, acc)
-        xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
-        # same float32 ops, same order as the reference: (acc * act_scale) * w_scale (+ bias)
+        return rm, rn, m_ok, n_ok, x_rows, w_rows
+
+    @triton.jit
+    def plane_tile(x_rows, w_rows, p, NP, K, stride_xk, m_ok, n_ok):
+        # plane p's (BLOCK_M, 64) activations (0 past K) and (64, BLOCK_N) int8 codes
+        rj = tl.arange(0, 64)
+        boff, shift = plane_bytes(p, NP, rj)
+        wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)
+        kk = p * 64 + rj
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk[None, :] < K), other=0)
+        return xt, ((wb >> shift[:, None]) & 3).to(tl.int8) - 1
+
+    @triton.jit
+    def tile_store(acc, accf, xs, s_ptr, b_ptr, y_ptr, rm, rn, m_ok, n_ok, stride_ym,
+                   SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr):
+        # the reference's float32 ops in its order: (acc * act_scale) * w_scale (+ bias); per group
+        # (SCALE_MODE 2) accf holds the scaled groups. W2A16 passes act scales of 1 (exact).
         if SCALE_MODE == 0:
             y = acc.to(tl.float32) * xs[:, None] * tl.load(s_ptr)
         elif SCALE_MODE == 1:
@@ -201,8 +195,31 @@ def _kernels(interpret: bool):
             y = accf * xs[:, None]
         if HAS_BIAS:
             y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+    if interpret:
+        globals().update(tile_rows=tile_rows, plane_tile=plane_tile, tile_store=tile_store)
+
+    @triton.jit
+    def w2a8_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
+                    stride_qm, stride_qk, stride_wn, stride_ym,
+                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # q (M, K) int8, xs (M,) float32 token scales, w (N, row_bytes) uint8 packed,
+        # s: 0-d / (N,) / (N, G) float32 weight scales, y (M, N) float32
+        rm, rn, m_ok, n_ok, q_rows, w_rows = tile_rows(q_ptr, w_ptr, M, N, stride_qm, stride_wn, BLOCK_M, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact: |acc| <= 127 * K
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per group: sum of scaled groups
+        NP = tl.cdiv(K, 64)  # 64-weight planes of a row: NP // 4 full blocks, then NP % 4 tail planes
+        for p in range(0, NP):
+            xq, w = plane_tile(q_rows, w_rows, p, NP, K, stride_qk, m_ok, n_ok)
+            acc = tl.dot(xq, w, acc, out_dtype=tl.int32)
+            if SCALE_MODE == 2:  # a group ends after this plane: fold its exact accumulator in, scaled
+                flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
+                accf = tl.where(flush, accf + acc.to(tl.float32) * gs[None, :], accf)
+                acc = tl.where(flush, 0, acc)
+        xs = tl.load(xs_ptr + rm, mask=m_ok, other=0.0)
+        tile_store(acc, accf, xs, s_ptr, b_ptr, y_ptr, rm, rn, m_ok, n_ok, stride_ym, SCALE_MODE, HAS_BIAS)
 
     @triton.jit
     def w2a16_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, G, GS,
@@ -212,25 +229,12 @@ def _kernels(interpret: bool):
         # x (M, K) fp16/bf16/fp32, w (N, row_bytes) uint8 packed, s as in w2a8, y (M, N) float32.
         # DOT_F32: dot in IEEE fp32 (fp32 activations; bf16 ones under the interpreter, whose dot
         # cannot multiply bf16); otherwise the codes are cast to x's 16-bit type for the tensor cores.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rj = tl.arange(0, 64)
-        m_ok = rm < M
-        n_ok = rn < N
-        x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        w_rows = w_ptr + rn.to(tl.int64)[None, :] * stride_wn
+        rm, rn, m_ok, n_ok, x_rows, w_rows = tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         NP = tl.cdiv(K, 64)
         for p in range(0, NP):
-            boff, shift = plane_bytes(p, NP, rj)
-            wb = tl.load(w_rows + boff[:, None], mask=n_ok[None, :], other=0x55)  # (64, BLOCK_N)
-            k0 = p * 64
-            kk = k0 + rj
-            xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
-            w = ((wb >> shift[:, None]) & 3).to(tl.int8) - 1  # (64, BLOCK_N) codes, as in w2a8
+            xt, w = plane_tile(x_rows, w_rows, p, NP, K, stride_xk, m_ok, n_ok)
             if DOT_F32:
                 acc = tl.dot(xt.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
             else:
@@ -239,16 +243,8 @@ def _kernels(interpret: bool):
                 flush, gs = group_end(p, NP, GS, G, s_ptr, rn, n_ok)
                 accf = tl.where(flush, accf + acc * gs[None, :], accf)
                 acc = tl.where(flush, 0.0, acc)
-        if SCALE_MODE == 0:
-            y = acc * tl.load(s_ptr)
-        elif SCALE_MODE == 1:
-            y = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        else:
-            y = accf
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], y,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tile_store(acc, accf, tl.full((BLOCK_M,), 1.0, tl.float32), s_ptr, b_ptr, y_ptr, rm, rn, m_ok, n_ok,
+                   stride_ym, SCALE_MODE, HAS_BIAS)
 
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, G, GS, stride_wn, eps, qmax,
@@ -500,18 +496,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _start(x, packed, scale, in_features, bias, group_size):
+    """A wrapper's checks and its float32 (M, N) output: ``(_check's tuple, y, done)``, done when the shape
+    leaves nothing to compute (y then holds the answer: empty, or the bias alone)."""
+    checked = _check(x, packed, scale, in_features, bias, group_size)
+    M, N, b = x.shape[0], checked[0].shape[0], checked[5]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return checked, y, True
+    if in_features == 0:
+        return checked, (y.zero_() if b is None else y.copy_(b.expand(M, N))), True
+    return checked, y, False
+
+
 def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                      bias: torch.Tensor | None = None, group_size: int | None = None,
                      act_bits: int = 8) -> torch.Tensor:
     """W1.58A8 (A4 with act_bits=4) on 2-bit weights: per-token absmax int x (torch quantizer) .
     codes, int32 in-kernel."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
-    M, N = x.shape[0], packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    if M == 0 or N == 0:
+    (packed, mode, groups, gsize, s, b), y, done = _start(x, packed, scale, in_features, bias, group_size)
+    if done:
         return y
-    if in_features == 0:
-        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    M, N = y.shape
     if M == 1 and gemv_fits(in_features, act_bits):
         return _gemv(x, packed, mode, groups, gsize, s, b, in_features, float(QMAX[act_bits]))
     _, tl = _require_triton()
@@ -531,13 +537,10 @@ def linear_a8_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 def linear_a16_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                       bias: torch.Tensor | None = None, group_size: int | None = None) -> torch.Tensor:
     """W1.58A16 on 2-bit weights: float x . codes in fp32, times the scale (+ bias). Returns float32."""
-    packed, mode, groups, gsize, s, b = _check(x, packed, scale, in_features, bias, group_size)
-    M, N = x.shape[0], packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
-    if M == 0 or N == 0:
+    (packed, mode, groups, gsize, s, b), y, done = _start(x, packed, scale, in_features, bias, group_size)
+    if done:
         return y
-    if in_features == 0:
-        return y.zero_() if b is None else y.copy_(b.expand(M, N))
+    M, N = y.shape
     _require_triton()
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         x = x.float()  # e.g. float64: the reference computes in float32 too

@@ -190,6 +190,19 @@ def sampling(body: dict) -> dict:
 # The app
 
 
+# the two generation endpoints' response shapes: ids and object names, a whole response's choice, a streamed
+# chunk's delta, and the chunk a chat stream opens with
+COMPLETION_SHAPE = {
+    "prefix": "cmpl", "object": "text_completion", "chunk": "text_completion", "first": None,
+    "choice": lambda text, fin: {"index": 0, "text": text, "logprobs": None, "finish_reason": fin},
+    "delta": lambda text, fin: {"index": 0, "text": text, "logprobs": None, "finish_reason": fin}}
+CHAT_SHAPE = {
+    "prefix": "chatcmpl", "object": "chat.completion", "chunk": "chat.completion.chunk",
+    "first": {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    "choice": lambda text, fin: {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fin},
+    "delta": lambda text, fin: {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": fin}}
+
+
 def build_app(served: Served):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -304,77 +317,66 @@ def build_app(served: Served):
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def completions(request: HTTPRequest):
-        try:
+    def api(handler):
+        """An endpoint whose BadRequest becomes its OpenAI-style error response."""
+        async def endpoint(request: HTTPRequest):
+            try:
+                return await handler(request)
+            except BadRequest as e:
+                return fail(e)
+        return endpoint
+
+    def prompt_ids(prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return served.encode(prompt)
+        if not (isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt)):
+            raise BadRequest("'prompt' must be a string or a list of token ids", param="prompt")
+        if any(not 0 <= t < served.batch.vocab_size for t in prompt):
+            raise BadRequest("prompt token ids outside the vocabulary", param="prompt")
+        return list(prompt)
+
+    def message_ids(messages) -> list[int]:
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise BadRequest("'messages' must be a non-empty list of {role, content} strings", param="messages")
+        return served.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
+
+    def generation(ids_of, field: str, shape: dict):
+        """/v1/completions and /v1/chat/completions: the request's ids, then run them in that response shape."""
+        @api
+        async def endpoint(request: HTTPRequest):
             body = await body_of(request)
             sp = sampling(body)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                ids = served.encode(prompt)
-            elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                             for t in prompt):
-                if any(not 0 <= t < served.batch.vocab_size for t in prompt):
-                    raise BadRequest("prompt token ids outside the vocabulary", param="prompt")
-                ids = list(prompt)
-            else:
-                raise BadRequest("'prompt' must be a string or a list of token ids", param="prompt")
+            ids = ids_of(body.get(field))
             check_fits(ids, sp["max_tokens"])
-            shape = {"prefix": "cmpl", "object": "text_completion", "chunk": "text_completion", "first": None,
-                     "choice": lambda text, fin: {"index": 0, "text": text, "logprobs": None, "finish_reason": fin},
-                     "delta": lambda text, fin: {"index": 0, "text": text, "logprobs": None, "finish_reason": fin}}
             return await run(request, ids, sp, shape)
-        except BadRequest as e:
-            return fail(e)
+        return endpoint
 
-    async def chat(request: HTTPRequest):
-        try:
-            body = await body_of(request)
-            sp = sampling(body)
-            messages = body.get("messages")
-            if not (isinstance(messages, list) and messages and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages)):
-                raise BadRequest("'messages' must be a non-empty list of {role, content} strings", param="messages")
-            ids = served.chat_ids([{"role": m["role"], "content": m["content"]} for m in messages])
-            check_fits(ids, sp["max_tokens"])
-            shape = {"prefix": "chatcmpl", "object": "chat.completion", "chunk": "chat.completion.chunk",
-                     "first": {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
-                     "choice": lambda text, fin: {"index": 0, "message": {"role": "assistant", "content": text},
-                                                  "finish_reason": fin},
-                     "delta": lambda text, fin: {"index": 0, "delta": {"content": text} if text else {},
-                                                 "finish_reason": fin}}
-            return await run(request, ids, sp, shape)
-        except BadRequest as e:
-            return fail(e)
+    completions = generation(prompt_ids, "prompt", COMPLETION_SHAPE)
+    chat = generation(message_ids, "messages", CHAT_SHAPE)
 
+    @api
     async def tokenize(request: HTTPRequest):
-        try:
-            body = await body_of(request)
-            content = body.get("content")
-            if not isinstance(content, str):
-                raise BadRequest("'content' must be a string", param="content")
-            return JSONResponse({"tokens": served.encode(content)})
-        except BadRequest as e:
-            return fail(e)
+        content = (await body_of(request)).get("content")
+        if not isinstance(content, str):
+            raise BadRequest("'content' must be a string", param="content")
+        return JSONResponse({"tokens": served.encode(content)})
 
+    @api
     async def detokenize(request: HTTPRequest):
-        try:
-            body = await body_of(request)
-            tokens = body.get("tokens")
-            if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and
-                                                     0 <= t < served.batch.vocab_size for t in tokens)):
-                raise BadRequest("'tokens' must be a list of token ids in the vocabulary", param="tokens")
-            return JSONResponse({"content": served.tokenizer.decode(tokens)})
-        except BadRequest as e:
-            return fail(e)
+        tokens = (await body_of(request)).get("tokens")
+        if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) and
+                                                 0 <= t < served.batch.vocab_size for t in tokens)):
+            raise BadRequest("'tokens' must be a list of token ids in the vocabulary", param="tokens")
+        return JSONResponse({"content": served.tokenizer.decode(tokens)})
 
+    @api
     async def models(request: HTTPRequest):
-        try:
-            authorized(request)
-        except BadRequest as e:
-            return fail(e)
+        authorized(request)
         return JSONResponse({"object": "list", "data": [{"id": served.name, "object": "model",
                                                           "created": int(served.started), "owned_by": "ternlm",
                                                           "meta": {"ctx": served.ctx, "slots": cfg.slots}}]})
