@@ -9,9 +9,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TOOLS=${LLAMA_TOOLS:-"llama-quantize llama-imatrix llama-perplexity llama-bench"}
+LLAMA_VERSION=${LLAMA_VERSION:-0.3.36}
 if ! .venv-llama/bin/python -c "import llama_cpp" 2>/dev/null; then
   "$PY" -m venv .venv-llama
-  CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-llama/bin/pip install --quiet llama-cpp-python numpy
+  # the wheel scripts/test.sh builds for the GGUF agreement tests (TERNLM_WITH_PEER=1), else build it here
+  if ls .cache/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl > /dev/null 2>&1; then
+    .venv-llama/bin/pip install --quiet numpy .cache/wheels/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+  else
+    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-llama/bin/pip install --quiet "llama-cpp-python==$LLAMA_VERSION" numpy
+  fi
 fi
 if [ ! -d .venv-llama/llama.cpp ]; then
   version=$(.venv-llama/bin/python -c "import llama_cpp; print(llama_cpp.__version__)")
