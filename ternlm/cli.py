@@ -405,6 +405,12 @@ def _add_distill_parser(sub) -> None:
                    help="blend latent -> ternary weights over this many steps")
     k.add_argument("--train-embeddings", action="store_true", help="also train embeddings / LM head")
     k.add_argument("--eval-every", type=int, default=d["eval_every"])
+    k.add_argument("--eval-tasks", default=None,
+                   help="zero-shot tasks also scored at every evaluation point (names as in ternlm eval --tasks, "
+                        "or all); reported, never trained on")
+    k.add_argument("--eval-tasks-limit", type=int, default=d["eval_tasks_limit"],
+                   help=f"documents per task at each point (default: {d['eval_tasks_limit']})")
+    k.add_argument("--tasks-dir", default=None, help="zero-shot task files (as ternlm eval --tasks-dir)")
     k.add_argument("--save-every", type=int, default=d["save_every"])
     k.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:N")
     k.add_argument("--bf16", default=d["bf16"], choices=("auto", "on", "off"), help="bf16 autocast (auto: on CUDA)")
@@ -431,13 +437,16 @@ def cmd_distill(a) -> int:
         weight_decay=a.weight_decay, grad_clip=a.grad_clip, temperature=a.temperature,
         hidden_weight=a.hidden_weight, continuous_steps=a.continuous_steps, lambda_warmup_steps=a.lambda_warmup,
         train_embeddings=a.train_embeddings, eval_every=a.eval_every, save_every=a.save_every,
-        state_dir=a.state_dir, device=a.device, bf16=a.bf16, float_dtype=a.float_dtype, embed_dtype=a.embed_dtype,
+        eval_tasks=a.eval_tasks, eval_tasks_limit=a.eval_tasks_limit, eval_tasks_dir=a.tasks_dir, state_dir=a.state_dir, device=a.device, bf16=a.bf16, float_dtype=a.float_dtype, embed_dtype=a.embed_dtype,
         seed=a.seed,
         resume=a.resume, progress=not a.quiet)
     s = distill(cfg)
     ppl = ""
     if s["final_ppl_packed"] is not None:
         ppl = (f"; perplexity {s['start_ppl']:.2f} -> {s['final_ppl_packed']:.2f} (teacher {s['teacher_ppl']:.2f})")
+    if s.get("final_zeroshot_packed") is not None:
+        ppl += (f"; zero-shot average {s['start_zeroshot']:.4f} -> {s['final_zeroshot_packed']:.4f} "
+                f"(teacher {s['teacher_zeroshot']:.4f})")
     print(f"saved {s['out']}: {s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s{ppl}")
     return 0
 

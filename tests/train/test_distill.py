@@ -274,3 +274,28 @@ def test_weighted_sources_shards_and_self_generated_text(pair, tmp_path):
         _cfg(pair, "x", text_weights=(1.0, 1.0))
     with pytest.raises(TernlmError, match="needs training text"):
         D.check_inputs(_cfg(pair, "x", texts=()))
+
+
+def test_zeroshot_at_every_evaluation_point(pair, tmp_path):
+    """--eval-tasks: the zero-shot average is logged at step 0 (teacher and student), at each
+    evaluation point and for the packed output, and plotted beside the perplexity."""
+    from tests.conftest import require_data
+
+    tasks_dir = require_data("zeroshot")
+    cfg = _cfg(pair, "zs_out", state_dir=str(tmp_path / "zs_state"), steps=4, eval_every=2, save_every=2,
+               eval_tasks="piqa,arc_easy", eval_tasks_limit=3, eval_tasks_dir=str(tasks_dir))
+    s = D.distill(cfg)
+    log = D.read_log(tmp_path / "zs_state" / D.LOG_FILE)
+    points = [r for r in log if r.get("eval_zeroshot") is not None]
+    assert [r["step"] for r in points] == [0, 2, 4]
+    assert all(0.0 <= r["eval_zeroshot"] <= 1.0 for r in points)
+    assert 0.0 <= log[0]["teacher_zeroshot"] <= 1.0
+    assert [t for t, _ in s["zeroshot_curve"]] == [r["tokens"] for r in points]
+    assert 0.0 <= s["final_zeroshot_packed"] <= 1.0 and s["teacher_zeroshot"] == log[0]["teacher_zeroshot"]
+    assert (Path(s["out"]) / "distill_curve.png").is_file()
+    assert "zero-shot average, this checkpoint (packed)" in (Path(s["out"]) / "README.md").read_text()
+
+
+def test_unknown_eval_task_fails_before_models_load(pair):
+    with pytest.raises(TernlmError, match="unknown task"):
+        _cfg(pair, "zs_bad", eval_tasks="piqa,nonsense")
