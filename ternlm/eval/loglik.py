@@ -12,8 +12,11 @@ Requests that share a context (the choices of a multiple-choice question) are sc
 sequence: the context once, then every continuation after it, each attending to the context and
 to itself only (a 4-D attention mask) at the positions it would have on its own. The result is
 the same as scoring each request alone (checked on the first batch of every run against the plain
-forward pass; a model for which it differs, or that refuses the mask, is scored request by
-request). Sequences are batched longest first up to ``batch_tokens`` tokens a batch, and the LM
+forward pass; a model for which it differs by more than the plain pass's own noise, or that
+refuses the mask, is scored request by request). The noise is measured, not assumed: the plain
+pass is repeated with a few tokens appended, which changes nothing a causal model computes for the
+request but the shapes its kernels see. Float models move by ~1e-5 nats; W1.58A8 models, whose
+per-token int8 roundings flip on last-bit changes, by up to about half a nat. Sequences are batched longest first up to ``batch_tokens`` tokens a batch, and the LM
 head runs only at the positions that predict a continuation token.
 
     scorer = LoglikScorer(model, tokenizer)
@@ -292,16 +295,31 @@ class LoglikScorer:
         return out
 
     @torch.inference_mode()
-    def _plain(self, ctx: list[int], cont: list[int]) -> float:
-        """One request through the model's own forward (no mask, no head shortcut): the reference."""
+    def _plain(self, ctx: list[int], cont: list[int], extra: int = 0) -> float:
+        """One request through the model's own forward (no mask, no head shortcut): the reference.
+        ``extra`` more tokens after it (the continuation repeated) change nothing a causal model
+        computes for the request, only the shapes its kernels see (see ``_noise``)."""
         from ternlm.eval.classification import model_device
 
-        ids = torch.tensor([(ctx + cont)[:-1]], device=model_device(self.model))
-        logits = self.model(input_ids=ids).logits[0, -len(cont):].float().cpu()
+        seq = (ctx + cont)[:-1]
+        n = len(seq)
+        seq = seq + (cont * (extra // len(cont) + 1))[:extra]
+        ids = torch.tensor([seq], device=model_device(self.model))
+        logits = self.model(input_ids=ids).logits[0, n - len(cont):n].float().cpu()
         return float(F.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum())
 
+    def _noise(self, ctx: list[int], cont: list[int], want: float) -> float:
+        """How far the plain pass moves by the input's length alone (nats). Float models move by
+        rounding only (~1e-5); models that quantize activations per token (W1.58A8) can move by a
+        large fraction of a nat, because a last-bit change in attention (whose kernels block the
+        sequence by its length) flips an int8 rounding, and 30 layers amplify it. The shared pass
+        differs from the plain one in the same way and is no less right within that noise."""
+        room = self.max_length - len(ctx) - len(cont) + 1
+        return max((abs(self._plain(ctx, cont, k) - want) for k in (16, 64) if k <= room), default=0.0)
+
     def _probe(self, row: _Row, pairs) -> None:
-        """Check the shared-context pass against the plain pass on one row; fall back if they differ."""
+        """Check the shared-context pass against the plain pass on one row; fall back if they differ
+        by more than the plain pass's own numerical noise (``_noise``) allows."""
         self._checked = True
         try:
             shared = self._run([row])[0][0]
@@ -310,10 +328,18 @@ class LoglikScorer:
             return
         ctx = row.tokens[: row.ctx_len]
         for req, got in zip(row.requests, shared):
-            want = self._plain(ctx, list(pairs[req][1]))
-            if not math.isclose(got, want, abs_tol=PROBE_TOL, rel_tol=1e-4):
-                self._fall_back(f"shared-context scores differ from the plain pass ({got:.4f} vs {want:.4f})")
-                return
+            cont = list(pairs[req][1])
+            want = self._plain(ctx, cont)
+            if math.isclose(got, want, abs_tol=PROBE_TOL, rel_tol=1e-4):
+                continue
+            noise = self._noise(ctx, cont, want)
+            if abs(got - want) <= PROBE_TOL + 2 * noise:
+                self.stats.notes.append(f"shared-context and plain scores differ by {abs(got - want):.3f} nats, within "
+                                        f"the plain pass's own {noise:.3f} from the input's length alone")
+                continue
+            self._fall_back(f"shared-context scores differ from the plain pass ({got:.4f} vs {want:.4f}; the "
+                            f"input's length alone moves it by {noise:.4f})")
+            return
 
     def _fall_back(self, why: str) -> None:
         self.stats.mode = "plain"

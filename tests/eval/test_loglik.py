@@ -112,6 +112,27 @@ def test_falls_back_when_the_shared_pass_differs(tiny_gpt2_config, gpt2_tokenize
         assert ll == pytest.approx(hand_loglik(m, gpt2_tokenizer, c, x)[0], abs=1e-4)
 
 
+def test_noise_from_the_input_length_alone_is_not_a_difference(tiny_gpt2_config, gpt2_tokenizer):
+    """A model whose outputs move with the input's length (as W1.58A8 models do, through int8
+    roundings of last-bit changes) keeps the shared pass when it differs from the plain pass by no
+    more than the plain pass differs from itself at other lengths; the note says by how much."""
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(tiny_gpt2_config).eval()
+    fwd = m.transformer.forward
+
+    def noisy(*a, **k):
+        out = fwd(*a, **k)
+        T, C = out[0].shape[1], out[0].shape[2]
+        out.last_hidden_state = out[0] + 0.02 * torch.sin(torch.arange(C) * (T % 5 + 1.0))
+        return out
+
+    m.transformer.forward = noisy
+    s = LoglikScorer(m, gpt2_tokenizer)
+    s.loglikelihood(REQUESTS)
+    assert s.stats.mode == "shared"
+    assert any("within the plain pass's own" in n for n in s.stats.notes)
+
+
 def test_non_finite_logits_are_an_error(model, gpt2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
