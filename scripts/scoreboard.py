@@ -26,6 +26,10 @@ LABELS = {
     "absmean": "ternlm ternary absmean, per tensor (W1.58A8)",
     "ptbitnet": "ternlm pt-bitnet, groups of 64 (W1.58A8)",
     "ptbitnet-distill": "ternlm pt-bitnet + distillation (W1.58A8)",
+    "ptbitnet-g128": "ternlm pt-bitnet, groups of 128 (W1.58A8)",
+    "ptbitnet-g1536": "ternlm pt-bitnet, one scale per row (groups of 1536; W1.58A8)",
+    "ptbitnet-g1536-base3": "ternlm pt-bitnet, one scale per row, base-3 1.6-bit codes (W1.58A8)",
+    "ptbitnet-b3.0": "ternlm pt-bitnet g64, budget 3.0 bits: most sensitive linears int8 (W1.58A8)",
 }
 
 
@@ -88,7 +92,9 @@ def markdown(found: list[dict]) -> str:
     for r in sorted(found, key=lambda r: -(r["stats"] or {}).get("bpw", 99)):
         z = r["res"]["zeroshot"]
         s = r["stats"]
-        cells = [label(r["name"], s), f"{s['mb']:.1f}" if s else "—", f"{s['bpw']:.2f}" if s else "—",
+        twin = r["res"].get("identical_to")
+        name = label(r["name"], s) + (f" (byte-identical to {twin})" if twin else "")
+        cells = [name, f"{s['mb']:.1f}" if s else "—", f"{s['bpw']:.2f}" if s else "—",
                  _ppl(r["res"]["perplexity"]["perplexity"])]
         for t in TASK_ORDER:
             tr = z["tasks"].get(t)
