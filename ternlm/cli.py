@@ -308,8 +308,11 @@ def cmd_eval(a) -> int:
         from ternlm.errors import TernlmError
 
         raise TernlmError("--limit and --tasks-dir go with --tasks")
-    res = evaluate_model(a.model, text=a.text, ppl=ppl, zeroshot=zs, quant=a.quant, gguf_file=a.gguf_file,
-                         json_out=a.json, progress=not a.quiet)
+    from ternlm.models.loading import quiet_transformers
+
+    with quiet_transformers(a.quiet):  # --quiet: no bars from transformers' loaders either
+        res = evaluate_model(a.model, text=a.text, ppl=ppl, zeroshot=zs, quant=a.quant, gguf_file=a.gguf_file,
+                             json_out=a.json, progress=not a.quiet)
     print(f"{a.model}: {res['precision']['precision']}" + (f" (quantized in memory: {a.quant})" if a.quant else ""))
     if "perplexity" in res:
         r = res["perplexity"]

@@ -96,7 +96,7 @@ def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dt
     try:
         # A classifier built from an LM checkpoint gets a fresh head on purpose; transformers' load
         # report about it is noise. Missing backbone weights are still caught below.
-        with _quiet_transformers(new_head_ok):
+        with quiet_transformers(new_head_ok):
             model, info = auto_cls.from_pretrained(src.ref, output_loading_info=True, **kwargs, **dtype_kw,
                                                    **hub_load_kwargs(src))
     except ValueError as e:
@@ -122,19 +122,35 @@ def _load(auto_cls, name_or_path, *, task: str, gguf_file, random_init: bool, dt
 
 
 @contextlib.contextmanager
-def _quiet_transformers(quiet: bool):
-    """transformers logs errors only, while ``quiet``."""
+def quiet_transformers(quiet: bool = True):
+    """transformers logs errors only and shows no progress bars, while ``quiet`` (its GGUF reader's
+    bar is a plain tqdm of its own module, so it is switched off there)."""
     if not quiet:
         yield
         return
+    import functools
+
     from transformers.utils import logging as hf_logging
 
     prev = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf package: no GGUF reader, no bar
+        gguf_utils = None
+    gguf_bar = getattr(gguf_utils, "tqdm", None)
+    if gguf_bar is not None:
+        gguf_utils.tqdm = functools.partial(gguf_bar, disable=True)
     try:
         yield
     finally:
         hf_logging.set_verbosity(prev)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if gguf_bar is not None:
+            gguf_utils.tqdm = gguf_bar
 
 
 def _load_error(src: Source, e: Exception) -> TernlmError:

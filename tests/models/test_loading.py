@@ -278,3 +278,19 @@ def test_load_recognises_every_kind(tmp_path, tiny_dir, gpt2_tokenizer):
 def test_load_smollm2_gguf_is_plain_gguf():
     d = require_data("smollm2-135m")
     assert source_kind(d) == "gguf"
+
+
+def test_quiet_transformers_silences_the_gguf_readers_bar_and_restores_it():
+    pytest.importorskip("gguf")
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from ternlm.models.loading import quiet_transformers
+
+    before = gguf_utils.tqdm
+    with quiet_transformers(True):
+        bar = gguf_utils.tqdm(range(3))
+        assert bar.disable
+        assert not hf_logging.is_progress_bar_enabled()
+    assert gguf_utils.tqdm is before
+    assert hf_logging.is_progress_bar_enabled()
