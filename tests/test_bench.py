@@ -9,7 +9,8 @@ from ternlm.bench import BenchConfig, bench_command, bench_main, format_table, r
 from ternlm.errors import TernlmError
 
 ROW_KEYS = {"system", "variant", "decode_tok_s", "prefill_tok_s", "file_bytes", "peak_rss_mb", "bytes_per_token",
-            "achieved_gbs", "pct_of_copy_bw", "x_hf_fp32", "x_llama_tq2_same_head"}
+            "achieved_gbs", "pct_of_copy_bw", "x_hf_fp32", "x_llama_tq2_same_head", "x_llama_bench"}
+ENV_KEYS = {"git_commit", "git_dirty", "cpu_model", "cpu_count", "threads", "kernel_level"}
 
 
 def _tiny(**kw):
@@ -22,14 +23,17 @@ def _tiny(**kw):
 def test_run_bench_tiny(tmp_path):
     res = run_bench(_tiny(rounds=2), log=lambda *a: None)
     assert {"config", "command", "copy_bandwidth_gbs", "machine", "rows", "skipped"} <= res.keys()
+    assert ENV_KEYS <= res["machine"].keys() and res["machine"]["threads"] == 2
     got = {(r["system"], r["variant"]) for r in res["rows"]} | {(s["system"], s["variant"]) for s in res["skipped"]}
+    # llama.cpp's own llama-bench adds a row (or a skip) when it is there
+    got -= {("llama_bench", "tq2_0-q8_0"), ("llama_bench", "all")}
     assert got == {("ternlm", "a8-2bit-int8"), ("hf", "fp32"), ("llama_cpp", "tq2_0-q8_0")}
     assert len(res["rows"]) == len({(r["system"], r["variant"]) for r in res["rows"]})  # one row each, all rounds
     systems = {r["system"] for r in res["rows"]}
     assert {"ternlm", "hf"} <= systems  # the peer may be skipped (not installed), never these
     for r in res["rows"]:
         assert ROW_KEYS <= r.keys()
-        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["peak_rss_mb"] > 0 and r["bytes_per_token"] > 0
     for s in res["skipped"]:
         assert s["reason"]
     assert "ternlm" in format_table(res)

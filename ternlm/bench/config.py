@@ -15,14 +15,13 @@ TERNLM_VARIANTS = ("a8-2bit-fp32", "a8-2bit-int8", "a8-2bit-fp16", "a16-2bit-int
 HF_VARIANTS = ("fp32", "bf16")
 # llama.cpp files: ternary TQ2_0 blocks with an f16 or q8_0 head/embedding, and all-f16
 LLAMA_VARIANTS = ("tq2_0-f16", "tq2_0-q8_0", "f16")
-# bytes per weight of each storage, for the bytes-per-token estimate
-BPW = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "2bit": 0.25, "base3": 0.2, "tq2_0": 66 / 256,
-        "q8_0": 34 / 32, "f16": 2.0}
 # which llama.cpp file has the same LM-head precision as a ternlm head
 SAME_HEAD = {"fp16": "tq2_0-f16", "int8": "tq2_0-q8_0"}  # fp32 / bf16 heads have no llama.cpp twin here
 # the peer's interpreter and converter, as scripts/setup_llama_peer.sh builds them (or set the variables)
 DEFAULT_LLAMA_PYTHON = os.environ.get("TERNLM_LLAMA_PYTHON", ".venv-llama/bin/python")
 DEFAULT_CONVERT_SCRIPT = ".venv-llama/llama.cpp/convert_hf_to_gguf.py"
+# llama.cpp's own timing tool (setup_llama_peer.sh builds it); used when present, "off" skips it
+DEFAULT_LLAMA_BENCH = os.environ.get("TERNLM_LLAMA_BENCH", ".venv-llama/tools/llama-bench")
 
 
 @dataclass
@@ -46,13 +45,15 @@ class BenchConfig:
     profile: bool = True              # per-component decode breakdown for the first ternlm variant
     seed: int = 0
     model: str | None = None          # benchmark this model (any directory ternlm.load reads) instead of the synthetic GPT-2
-    llama_gguf: str | None = None     # with --model: the GGUF file llama.cpp runs beside it (e.g. a shipped Q4_1)
+    llama_gguf: tuple = ()            # GGUF files llama.cpp also runs, one row each named after the file stem
+    llama_bench: str | None = None    # llama-bench binary (default: DEFAULT_LLAMA_BENCH when present; "off": none)
 
     def __post_init__(self):
         self.systems = tuple(self.systems)
         self.ternlm_variants = tuple(self.ternlm_variants)
         self.hf_variants = tuple(self.hf_variants)
         self.llama_variants = tuple(self.llama_variants)
+        self.llama_gguf = (self.llama_gguf,) if isinstance(self.llama_gguf, str) else tuple(self.llama_gguf or ())
         for s in self.systems:
             if s not in ("ternlm", "hf", "llama_cpp"):
                 raise TernlmError(f"unknown system {s!r}; choose ternlm, hf, llama_cpp")
@@ -64,17 +65,38 @@ class BenchConfig:
             raise TernlmError(f"llama.cpp variants are {LLAMA_VARIANTS}")
         if self.model is not None and not os.path.exists(self.model):
             raise TernlmError(f"--model {self.model}: no such directory")
-        if self.llama_gguf is not None:
-            if self.model is None:
-                raise TernlmError("--llama-gguf names the peer's file for --model; the synthetic run builds its own")
-            if not os.path.isfile(self.llama_gguf):
-                raise TernlmError(f"--llama-gguf {self.llama_gguf}: no such file")
+        for g in self.llama_gguf:
+            if not os.path.isfile(g):
+                raise TernlmError(f"--llama-gguf {g}: no such file")
+        stems = [gguf_name(g) for g in self.llama_gguf]
+        dup = sorted({s for s in stems if stems.count(s) > 1 or (self.model is None and s in self.llama_variants)})
+        if dup:
+            raise TernlmError(f"--llama-gguf rows are named after the file stem, and {', '.join(dup)} is taken twice; "
+                              "rename a file")
+        if self.llama_bench not in (None, "off") and not os.path.isfile(self.llama_bench):
+            raise TernlmError(f"--llama-bench {self.llama_bench}: no such file (scripts/setup_llama_peer.sh builds it "
+                              "into .venv-llama/tools/)")
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.threads < 1 or self.repeats < 1 or self.rounds < 1:
             raise TernlmError("prompt_tokens >= 1, new_tokens >= 2, threads >= 1, repeats >= 1, rounds >= 1 "
                               "are required")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def gguf_name(path: str) -> str:
+    """The row name of a ``--llama-gguf`` file: its stem (``runs/llama/Q2_K.gguf`` -> ``Q2_K``)."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def llama_bench_tool(cfg: BenchConfig) -> tuple[str | None, str]:
+    """(llama-bench binary, why not): the named one, else DEFAULT_LLAMA_BENCH when it is there."""
+    if cfg.llama_bench == "off":
+        return None, "--llama-bench off"
+    path = cfg.llama_bench or DEFAULT_LLAMA_BENCH
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path, ""
+    return None, f"{path} not found (scripts/setup_llama_peer.sh builds it; or --llama-bench PATH)"
 
 
 def parse_variant(v: str) -> tuple:
@@ -95,7 +117,10 @@ def bench_command(cfg: BenchConfig) -> str:
         if v == getattr(d, f.name) or f.name in ("overrides",):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(v, tuple):
+        if f.name == "llama_gguf":  # repeatable
+            for g in v:
+                args += [flag, g]
+        elif isinstance(v, tuple):
             args += [flag, ",".join(v)]
         elif isinstance(v, bool):
             args.append(flag if v else "--no-" + f.name.replace("_", "-"))
@@ -123,7 +148,12 @@ _HELP = {
     "seed": "random seed of the model weights and the prompt",
     "model": "benchmark this model directory (ternlm checkpoint, GGUF dir, HF dir) on the decode engine (one row "
              "per LM-head storage in --ternlm-variants) against HF generate on the same model",
-    "llama_gguf": "with --model: the GGUF file llama.cpp runs (e.g. the shipped Q4_1 file or ternlm's export)",
+    "llama_gguf": "a GGUF file llama.cpp also runs, as its own row named after the file stem; repeatable (e.g. the "
+                  "shipped Q4_1 file, ternlm's export, or a Q2_K / IQ2_M file of similar bytes from "
+                  "scripts/llama_quants.py)",
+    "llama_bench": "llama.cpp's llama-bench binary: each GGUF also timed by llama.cpp itself, without the Python "
+                   "bindings' per-token overhead (default: $TERNLM_LLAMA_BENCH or .venv-llama/tools/llama-bench "
+                   "when present; off: skip)",
 }
 
 
@@ -134,7 +164,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         h = _HELP.get(f.name)
-        if f.type == "bool":
+        if f.name == "llama_gguf":
+            p.add_argument(flag, dest=f.name, action="append", metavar="PATH", help=h)
+        elif f.type == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         elif f.type in ("int",):
             p.add_argument(flag, dest=f.name, type=int, help=h)

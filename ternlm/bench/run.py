@@ -4,14 +4,23 @@ The model is GPT-2-shaped (config from ``BenchConfig.model_config``), randomly i
 ternary-valued block weights (speed does not depend on the values). Every system runs in its own
 subprocess so its peak RSS is its own; every row reports decode and prefill tokens/s, model file
 bytes, peak RSS, and achieved GB/s (weight bytes a decoded token reads / time per token) against
-the copy bandwidth measured at the start of the run. Ratios are only meaningful within one run.
+the copy bandwidth measured at the start of the run. Ratios are only meaningful within one run, whose
+environment (git commit, CPU model, threads, ternlm's kernel level) the results and the table record.
 
     ternlm bench --threads 2 --json bench.json      (or: python -m ternlm.bench ...)
 
 With ``--model DIR`` it benchmarks that model instead (any directory ``ternlm.load`` reads; GPT-2 or
 Llama architecture): the decode engine once per LM-head storage, HF ``generate`` on the same loaded
-model, and llama.cpp on ``--llama-gguf FILE`` when named. Bytes per token come from the engine's own
-weight accounting (ternlm), the model's parameters (HF) and the GGUF file size (llama.cpp, an upper bound).
+model, and llama.cpp on each ``--llama-gguf FILE`` (repeatable; in either mode, one row per file, named
+after its stem: e.g. a Q2_K or IQ2_M file of about ternlm's bytes from scripts/llama_quants.py). Every
+GGUF is timed twice when llama.cpp's ``llama-bench`` is there (``--llama-bench``): through the Python
+bindings (system ``llama_cpp``, the same loop as the other workers) and by llama-bench itself (system
+``llama_bench``, without the bindings' per-token overhead).
+
+Bytes per token count the weights one decode step reads, the same way for every system: every block
+tensor, the LM head and one row of each embedding table (all of a table that is also the head), KV
+cache excluded -- from the engine's own accounting (ternlm), the loaded parameters (HF) and the GGUF
+file's tensors (llama.cpp).
 """
 
 from __future__ import annotations
@@ -24,10 +33,10 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from ternlm.bench.config import (BPW, DEFAULT_LLAMA_PYTHON, BenchConfig, bench_command,
+from ternlm.bench.config import (DEFAULT_LLAMA_PYTHON, BenchConfig, bench_command, gguf_name, llama_bench_tool,
                                  parse_variant)
 from ternlm.bench.files import hf_config, prepare_files
-from ternlm.bench.report import format_table, ratios
+from ternlm.bench.report import environment_line, format_table, ratios
 from ternlm.bench.workers import prompt_ids
 from ternlm.errors import TernlmError
 
@@ -46,14 +55,30 @@ def copy_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
-def bytes_per_token(hc, linear_store: str, head_store: str, embed_row: str | None = None) -> int:
-    """Weight bytes one decoded token reads: block linears, LM head, LayerNorms (KV cache excluded)."""
-    C, L = hc.n_embd, hc.n_layer
-    inner = hc.n_inner or 4 * C
-    lin = L * (C * 3 * C + C * C + C * inner + inner * C)
-    head = hc.vocab_size * C
-    small = L * (4 * C + 3 * C + C + inner + C) + 2 * C  # LN weights + linear biases (fp32)
-    return int(lin * BPW[linear_store] + head * BPW[head_store] + small * 4)
+# GGUF tables a decode step reads one row of (token_embd in full when there is no output.weight: tied head)
+GGUF_EMBEDDINGS = ("token_embd.weight", "position_embd.weight", "token_types.weight")
+
+
+def gguf_bytes_per_token(path) -> int:
+    """Weight bytes one decoded token reads from a GGUF file, counted from its tensors: all of every
+    tensor (blocks, norms, output head) but one row of each embedding table (KV cache excluded)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct errors, ... on a file that is not GGUF
+        raise TernlmError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    names = {t.name for t in reader.tensors}
+    total = 0
+    for t in reader.tensors:
+        nbytes = int(t.n_bytes)
+        if t.name in GGUF_EMBEDDINGS and not (t.name == "token_embd.weight" and "output.weight" not in names):
+            rows = 1
+            for d in t.shape[1:]:  # ggml order: the row length first
+                rows *= int(d)
+            nbytes //= max(rows, 1)
+        total += nbytes
+    return total
 
 
 def _run_worker(kind: str, spec: dict, python: str | None = None, timeout: float = 1800) -> dict:
@@ -87,6 +112,8 @@ def _llama_python(cfg: BenchConfig) -> tuple[str | None, str]:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Build the model files, run every system in its own subprocess, return the results dict."""
+    for g in cfg.llama_gguf:  # a file that is not GGUF fails now, not after the model files are built
+        gguf_bytes_per_token(g)
     if cfg.model:
         return _run_model_bench(cfg, log)
     tmp = None
@@ -98,6 +125,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         work = Path(tmp.name)
     try:
         hc = hf_config(cfg)
+        env = environment(cfg.threads)
+        log(environment_line(env))
         log(f"model: GPT-2 n_layer={hc.n_layer} n_embd={hc.n_embd} vocab={hc.vocab_size}; "
             f"{cfg.prompt_tokens}-token prompt, {cfg.new_tokens} greedy tokens, {cfg.threads} threads")
         bw = copy_bandwidth_gbs()
@@ -123,29 +152,27 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 jobs.append(("ternlm", v, "ternlm", spec, None, extras))
         if "hf" in cfg.systems:
             for v in cfg.hf_variants:
-                store = "fp32" if v == "fp32" else "bf16"
                 size = files["hf_bytes"] if v == "fp32" else files["hf_bytes"] // 2
                 jobs.append(("hf", v, "hf", {**base_spec, "variant": v}, None,
-                             lambda res, size=size, store=store, v=v: (res.pop("param_bytes", None) and size,
-                                                                       bytes_per_token(hc, store, store), {"head": v})))
+                             lambda res, size=size, v=v: (res.pop("param_bytes", None) and size,
+                                                          res.pop("decode_bytes"), {"head": v})))
         if "llama_cpp" in cfg.systems:
-            py, why = _llama_python(cfg)
+            ggufs = []
             for v in cfg.llama_variants:
-                reason = why or files.get(f"gguf_{v}_skip")
+                reason = files.get(f"gguf_{v}_skip")
                 if reason:
                     skipped.append({"system": "llama_cpp", "variant": v, "reason": reason})
                     log(f"  llama.cpp {v}: skipped ({reason})")
                     continue
-                lin, head = (v.split("-") if "-" in v else (v, v))
-                spec = {**base_spec, "variant": v, "gguf": files[f"gguf_{v}"], "ids": prompt_ids(base_spec).tolist()}
-                jobs.append(("llama_cpp", v, "llama_cpp", spec, py,
-                             lambda res, v=v, lin=lin, head=head: (
-                                 files[f"gguf_{v}_bytes"], bytes_per_token(hc, lin, head),
-                                 {"head": {"f16": "fp16", "q8_0": "int8"}[head], "gguf_tool": files.get(f"gguf_{v}_tool")})))
+                head = v.split("-")[1] if "-" in v else v
+                ggufs.append((v, files[f"gguf_{v}"], {"head": {"f16": "fp16", "q8_0": "int8"}[head],
+                                                      "gguf_tool": files.get(f"gguf_{v}_tool")}))
+            ggufs += [(gguf_name(g), g, {"head": "gguf", "gguf_file": g}) for g in cfg.llama_gguf]
+            jobs += _llama_jobs(cfg, ggufs, base_spec, skipped, log)
 
         rows, skipped = _run_jobs(cfg, jobs, bw, skipped, log)
         return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw,
-                "machine": _machine(),
+                "machine": env,
                 "files": {k: v for k, v in files.items() if k.endswith("_bytes") or k.endswith("_tool")},
                 "rows": rows, "skipped": skipped}
     finally:
@@ -153,12 +180,121 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             tmp.cleanup()
 
 
-def _machine() -> dict:
+def _llama_jobs(cfg: BenchConfig, ggufs: list, base_spec: dict, skipped: list, log) -> list:
+    """Jobs for llama.cpp on each (row name, GGUF path, row extras): the Python bindings' worker, and
+    llama.cpp's own llama-bench when it is there. Both rows count the bytes from the file's tensors."""
+    if not ggufs:
+        return []
+    py, why = _llama_python(cfg)
+    tool, tool_why = llama_bench_tool(cfg)
+    ids = prompt_ids(base_spec).tolist()
+    jobs = []
+    for name, path, extra in ggufs:
+        size, bpt = os.path.getsize(path), gguf_bytes_per_token(path)
+
+        def extras(res, size=size, bpt=bpt, extra=extra):
+            return size, bpt, dict(extra)
+        if why:
+            skipped.append({"system": "llama_cpp", "variant": name, "reason": why})
+            log(f"  llama.cpp {name}: skipped ({why})")
+        else:
+            jobs.append(("llama_cpp", name, "llama_cpp", {**base_spec, "gguf": path, "ids": ids}, py, extras))
+        if tool:
+            jobs.append(("llama_bench", name, "llama_bench", {**base_spec, "gguf": path, "llama_bench": tool}, None,
+                         extras))
+    if not tool and cfg.llama_bench != "off":
+        skipped.append({"system": "llama_bench", "variant": "all", "reason": tool_why})
+        log(f"  llama-bench: skipped ({tool_why})")
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# What the numbers were measured on
+
+
+def git_state(path=None) -> tuple[str, bool | None]:
+    """(short commit, tree dirty) of the git checkout ``path`` (default: the one ternlm is imported
+    from), or ("unknown", None) outside one -- an installed ternlm inside another repository's tree
+    counts as outside. Untracked files do not make the tree dirty."""
+    root = Path(path) if path else Path(__file__).resolve().parents[2]
+
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=20)
+        if r.returncode:
+            raise OSError(r.stderr.strip())
+        return r.stdout.strip()
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return "unknown", None
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, no commit yet
+        return "unknown", None
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo on Linux, sysctl on macOS, else what ``platform`` says."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and val.strip():
+                    return val.strip()
+    except OSError:
+        pass
+    try:
+        r = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def physical_cores() -> int | None:
+    """Distinct (package, core) pairs in /proc/cpuinfo; None where it does not say."""
+    try:
+        cores, phys = set(), "0"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() == "physical id":
+                    phys = val.strip()
+                elif key.strip() == "core id":
+                    cores.add((phys, val.strip()))
+        return len(cores) or None
+    except OSError:
+        return None
+
+
+def kernel_level() -> str | None:
+    """The dispatch level ternlm's compiled kernels run at here (what the ternlm workers report), or None
+    when the extension is not importable (the reference kernels run)."""
+    import warnings
+
+    from ternlm.kernels import get_level
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return get_level()
+    except TernlmError:  # TERNLM_REQUIRE_KERNELS=1 without the extension: the workers fail and say so
+        return None
+
+
+def environment(threads: int) -> dict:
+    """What a run's numbers depend on beyond its config: code version, CPU, threads, kernel level."""
     import platform
 
     import torch
 
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+    import ternlm
+
+    commit, dirty = git_state()
+    return {"git_commit": commit, "git_dirty": dirty, "ternlm": ternlm.__version__, "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(), "physical_cores": physical_cores(), "threads": threads,
+            "kernel_level": kernel_level(), "platform": platform.platform(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 
@@ -169,6 +305,8 @@ def _dir_bytes(path: str) -> int:
 
 def _run_model_bench(cfg: BenchConfig, log=print) -> dict:
     """``--model DIR``: the engine (one row per head storage) vs HF generate vs llama.cpp on a named GGUF."""
+    env = environment(cfg.threads)
+    log(environment_line(env))
     log(f"model: {cfg.model}; {cfg.prompt_tokens}-token prompt, {cfg.new_tokens} greedy tokens, {cfg.threads} threads")
     bw = copy_bandwidth_gbs()
     log(f"copy bandwidth: {bw:.1f} GB/s")
@@ -187,28 +325,26 @@ def _run_model_bench(cfg: BenchConfig, log=print) -> dict:
             jobs.append(("ternlm", f"engine-{head}", "ternlm",
                          {**base_spec, "head": head, "profile": cfg.profile and i == 0}, None, extras))
     if "hf" in cfg.systems:
-        jobs.append(("hf", "generate", "hf", {**base_spec, "variant": "fp32"}, None,
-                     lambda res: (size, res.pop("param_bytes"), {"head": "model"})))
+        def hf_extras(res):
+            res.pop("param_bytes")
+            return size, res.pop("decode_bytes"), {"head": "model"}
+        jobs.append(("hf", "generate", "hf", {**base_spec, "variant": "fp32"}, None, hf_extras))
     if "llama_cpp" in cfg.systems:
         if not cfg.llama_gguf:
             skipped.append({"system": "llama_cpp", "variant": "gguf", "reason": "no --llama-gguf file named"})
-        else:
-            py, why = _llama_python(cfg)
-            if why:
-                skipped.append({"system": "llama_cpp", "variant": Path(cfg.llama_gguf).name, "reason": why})
-                log(f"  llama.cpp: skipped ({why})")
-            else:
-                gsize = os.path.getsize(cfg.llama_gguf)
-                jobs.append(("llama_cpp", Path(cfg.llama_gguf).name, "llama_cpp",
-                             {**base_spec, "gguf": cfg.llama_gguf, "ids": prompt_ids(base_spec).tolist()}, py,
-                             lambda res: (gsize, gsize, {"head": "gguf"})))
+        jobs += _llama_jobs(cfg, [(gguf_name(g), g, {"head": "gguf", "gguf_file": g}) for g in cfg.llama_gguf],
+                            base_spec, skipped, log)
     rows, skipped = _run_jobs(cfg, jobs, bw, skipped, log)
-    peer = next((r for r in rows if r["system"] == "llama_cpp"), None)
+    # ratios against the first --llama-gguf file: through the bindings and by llama-bench
+    first = gguf_name(cfg.llama_gguf[0]) if cfg.llama_gguf else None
+    peer = next((r for r in rows if r["system"] == "llama_cpp" and r["variant"] == first), None)
+    lb = next((r for r in rows if r["system"] == "llama_bench" and r["variant"] == first), None)
     hf = next((r for r in rows if r["system"] == "hf"), None)
     for r in rows:
         r["x_hf_fp32"] = r["decode_tok_s"] / hf["decode_tok_s"] if hf else None  # HF generate, same model
         r["x_llama_gguf"] = r["decode_tok_s"] / peer["decode_tok_s"] if peer and r["system"] == "ternlm" else None
-    return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw, "machine": _machine(),
+        r["x_llama_bench"] = r["decode_tok_s"] / lb["decode_tok_s"] if lb and r["system"] == "ternlm" else None
+    return {"config": cfg.to_dict(), "command": bench_command(cfg), "copy_bandwidth_gbs": bw, "machine": env,
             "files": {"model_bytes": size}, "rows": rows, "skipped": skipped}
 
 
@@ -232,7 +368,7 @@ def _run_jobs(cfg: BenchConfig, jobs: list, bw: float, skipped: list, log) -> tu
                     skipped.append({"system": system, "variant": v, "reason": str(e)})
                     log(f"  {system} {v}: failed ({e})")
                     continue
-                log(f"  {system:9s} {v:14s} decode {res['decode_tok_s']:7.1f} tok/s  "
+                log(f"  {system:11s} {v:14s} decode {res['decode_tok_s']:7.1f} tok/s  "
                     f"prefill {res['prefill_tok_s']:7.1f} tok/s")
                 old = best.get((system, v))
                 if old is None:
@@ -266,6 +402,8 @@ def bench_main(args) -> dict:
                 continue
             if f.name.endswith(("systems", "variants")) and isinstance(v, str):
                 v = tuple(x for x in v.split(",") if x)
+            elif f.name == "llama_gguf":  # repeatable flag: a list (or one path)
+                v = (v,) if isinstance(v, str) else tuple(v)
             kw[f.name] = v
         cfg = BenchConfig(**kw)
     print(f"ternlm bench config: {json.dumps(cfg.to_dict(), sort_keys=True)}")

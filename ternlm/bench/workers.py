@@ -1,10 +1,12 @@
 """Benchmark workers: each runs in a fresh process (``python -m ternlm.bench.workers KIND SPEC``), so its
 peak RSS is its own, and prints one JSON line. The llama.cpp worker is ``llama_worker.py`` beside this
-file, run by path under the peer's interpreter."""
+file, run by path under the peer's interpreter; the ``llama_bench`` worker runs llama.cpp's own
+``llama-bench`` tool and reads its JSON."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 from ternlm.bench.config import parse_variant
@@ -74,6 +76,26 @@ def _worker_ternlm(spec: dict) -> dict:
     return out
 
 
+def model_bytes(model) -> tuple[int, int]:
+    """(bytes of an HF model's parameters and buffers, shared tensors once; of those, the bytes a decode
+    step reads): one row of each embedding table, unless the table is also the LM head."""
+    import torch
+
+    seen, param_bytes = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            param_bytes += t.numel() * t.element_size()
+    head = model.get_output_embeddings()
+    head_ptr = head.weight.data_ptr() if head is not None else None
+    decode_bytes = param_bytes
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and m.weight.data_ptr() != head_ptr:
+            w = m.weight
+            decode_bytes -= (w.shape[0] - 1) * w[0].numel() * w.element_size()
+    return param_bytes, decode_bytes
+
+
 def _worker_hf(spec: dict) -> dict:
     import torch
     from transformers import GPT2LMHeadModel
@@ -87,11 +109,7 @@ def _worker_hf(spec: dict) -> dict:
         model = _load_model(spec)
     else:
         model = GPT2LMHeadModel.from_pretrained(spec["hf_dir"], dtype=dtype).eval()
-    seen, param_bytes = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            param_bytes += t.numel() * t.element_size()
+    param_bytes, decode_bytes = model_bytes(model)
     ids = prompt_ids(spec)
     n = spec["new_tokens"]
     hf_generate(model, ids, GenerateConfig(max_new_tokens=4), pad_token_id=0, ignore_eos=True)  # warm-up
@@ -99,7 +117,57 @@ def _worker_hf(spec: dict) -> dict:
             for _ in range(spec["repeats"])]
     return {"decode_tok_s": max(r["decode_tok_s"] for r in runs),
             "prefill_tok_s": max(r["n_prompt_tokens"] / r["prefill_seconds"] for r in runs), "n_new_tokens": n,
-            "param_bytes": param_bytes, "baseline_rss_mb": base, "peak_rss_mb": peak_rss_mb()}
+            "param_bytes": param_bytes, "decode_bytes": decode_bytes, "baseline_rss_mb": base,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def parse_llama_bench(text: str) -> dict:
+    """Prefill (pp) and decode (tg) tokens/s from ``llama-bench -o json`` output: the best sample of each,
+    as the other rows report the best of their repeats, with llama-bench's mean beside it."""
+    from ternlm.errors import TernlmError
+
+    try:
+        tests = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TernlmError(f"llama-bench printed no JSON ({e})") from None
+    out: dict = {}
+    for t in tests if isinstance(tests, list) else []:
+        key = "decode" if t.get("n_gen", 0) > 0 and t.get("n_prompt", 0) == 0 else \
+            "prefill" if t.get("n_prompt", 0) > 0 and t.get("n_gen", 0) == 0 else None
+        if key is None:
+            continue
+        out[f"{key}_tok_s"] = max(t.get("samples_ts") or [t["avg_ts"]])
+        out[f"{key}_mean_tok_s"] = t["avg_ts"]
+        out["n_new_tokens" if key == "decode" else "n_prompt_tokens"] = t["n_gen" if key == "decode" else "n_prompt"]
+        out["llama_bench"] = {k: t.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends",
+                                                    "model_type", "n_threads", "repack", "flash_attn")}
+    if "decode_tok_s" not in out or "prefill_tok_s" not in out:
+        raise TernlmError("llama-bench JSON has no prompt-only (pp) and generation-only (tg) test")
+    return out
+
+
+def _worker_llama_bench(spec: dict) -> dict:
+    """``llama-bench -p P -n N -t T -r R -o json`` on the spec's GGUF. The tool is this process's only
+    child, so the children's peak RSS is the tool's. Its CPU extra buffer types (weights repacked for
+    AMX and similar) are on by default; a run killed by a signal is retried once with ``--repack 0``."""
+    import resource
+
+    from ternlm.errors import TernlmError
+
+    cmd = [spec["llama_bench"], "-m", spec["gguf"], "-p", str(spec["prompt_tokens"]), "-n", str(spec["new_tokens"]),
+           "-t", str(spec["threads"]), "-r", str(spec["repeats"]), "-ngl", "0", "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    retried = r.returncode < 0
+    if retried:
+        r = subprocess.run(cmd + ["--repack", "0"], capture_output=True, text=True, timeout=1800)
+    if r.returncode:
+        tail = " | ".join((r.stderr or r.stdout).strip().splitlines()[-2:])
+        raise TernlmError(f"llama-bench failed (rc {r.returncode}): {tail}")
+    out = parse_llama_bench(r.stdout)
+    out["llama_bench"]["retried_without_repack"] = retried
+    out["llama_bench"]["command"] = " ".join(cmd[1:] + (["--repack", "0"] if retried else []))
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    return out
 
 
 def prompt_ids(spec: dict):
@@ -111,7 +179,7 @@ def prompt_ids(spec: dict):
 
 
 
-WORKERS = {"ternlm": _worker_ternlm, "hf": _worker_hf}
+WORKERS = {"ternlm": _worker_ternlm, "hf": _worker_hf, "llama_bench": _worker_llama_bench}
 
 
 def main(argv=None) -> None:
