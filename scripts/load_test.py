@@ -63,6 +63,7 @@ class RSS:
 
 
 def start(cmd: list[str], port: int, env=None, log: Path | None = None) -> subprocess.Popen:
+    """Start a server; ready once GET /v1/models answers (llama-cpp-python's server has no /health)."""
     out = open(log, "w") if log else subprocess.DEVNULL
     p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     import urllib.request
@@ -71,7 +72,7 @@ def start(cmd: list[str], port: int, env=None, log: Path | None = None) -> subpr
         if p.poll() is not None:
             sys.exit(f"{cmd[0]} exited with {p.returncode} (log: {log})")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as r:
                 if r.status == 200:
                     return p
         except Exception:
@@ -118,9 +119,11 @@ def servers(a) -> dict:
                     "--ctx", str(a.ctx), "--queue", "256", "--name", "model"], port, "model"),
         "llama-server": ([str(REPO / ".venv-llama" / "tools" / "llama-server"), "-m", a.gguf, "--port", str(port),
                           "-t", str(a.threads), "-np", str(a.slots), "-c", str(a.ctx * a.slots), "-cb",
-                          "--no-webui"], port, None),
-        "llama-cpp-python": ([llama_py, "-m", "llama_cpp.server", "--model", a.gguf, "--port", str(port),
-                              "--n_threads", str(a.threads), "--n_ctx", str(a.ctx)], port, None),
+                          "--no-webui", "--no-repack"], port, None),
+        "llama-cpp-python": ([llama_py, str(REPO / "scripts" / "llama_cpp_server.py"), "--model", a.gguf, "--port", str(port),
+                              "--n_threads", str(a.threads), "--n_ctx", str(a.ctx),
+                              # queue concurrent requests instead of cutting the running one short (its default)
+                              "--interrupt_requests", "False"], port, None),
     }
 
 

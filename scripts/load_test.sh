@@ -6,6 +6,7 @@
 #
 #   bash scripts/load_test.sh                   # 1, 4, 16, 64 clients, 60 s each
 #   bash scripts/load_test.sh --soak 600        # ternlm serve alone, 16 clients for 10 minutes
+# llama-server runs with --no-repack: its AMX weight repacking crashes (SIGSEGV) on this Sapphire Rapids VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -13,6 +13,14 @@ def rss():
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 import llama_cpp
+if not spec.get("repack", True):  # no extra CPU buffer types (AMX weight repacking): Llama() does not expose it
+    import llama_cpp.llama_cpp as _C
+    _default_params = _C.llama_model_default_params
+    def _no_repack():
+        p = _default_params()
+        p.use_extra_bufts = False
+        return p
+    _C.llama_model_default_params = _no_repack
 base = rss()
 llm = llama_cpp.Llama(model_path=spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
                       n_ctx=max(512, spec["prompt_tokens"] + spec["new_tokens"] + 8), n_batch=512, verbose=False)

@@ -88,6 +88,11 @@ def _run_worker(kind: str, spec: dict, python: str | None = None, timeout: float
         cmd = [sys.executable, "-m", "ternlm.bench.workers", kind, json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if kind == "llama_cpp" and r.returncode < 0 and spec.get("repack", True):
+        # llama.cpp's repacked CPU weights (AMX) crash on some CPUs: once more without them, and say so
+        out = _run_worker(kind, {**spec, "repack": False}, python, timeout)
+        out["retried_without_repack"] = True
+        return out
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     if r.returncode or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]

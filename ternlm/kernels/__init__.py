@@ -17,6 +17,7 @@ _LAZY = {
     "select_backend": "ternlm.kernels.ops",
     "check_group_size": "ternlm.kernels.ops",
     "attn_decode": "ternlm.kernels.ops",
+    "attn_decode_batch": "ternlm.kernels.ops",
     "rope": "ternlm.kernels.reference",
     "pad_int8_rows": "ternlm.kernels.ops",
     "int8_row_stride": "ternlm.kernels.ops",

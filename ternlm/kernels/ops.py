@@ -633,3 +633,67 @@ def attn_decode(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     mod.attn_decode(_ext.level_id(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nh, nkv, hs, L, pos,
                     float(scale), cp, sp, out.data_ptr(), _ext.get_num_threads())
     return out
+
+
+def attn_decode_batch(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots, positions,
+                      scale: float, *, layer: int | None = None, n_head: int | None = None,
+                      cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """``attn_decode`` for S sequences in one call: row j of ``qkv`` (S, W) is sequence ``slots[j]``'s new
+    token at position ``positions[j]``, attending over that slot's cache. Caches hold every slot: (B, nkv,
+    L, hs), or (B, n_layer, nkv, L, hs) with ``layer`` chosen. ``cos``, ``sin`` are whole RoPE tables
+    (>= L, hs); row ``positions[j]`` serves sequence j. Returns ``out`` (S, n_head * hs), row j equal to
+    ``attn_decode`` of that sequence alone (the compiled kernel runs the same per-sequence code, the
+    sequences spread over threads)."""
+    slots = [int(s) for s in slots]
+    pos = [int(p) for p in positions]
+    S = len(slots)
+    if k_cache.shape != v_cache.shape or k_cache.dim() not in (4, 5):
+        raise TernlmError(f"expected caches (slots, [n_layer,] n_kv_head, max_len, head_dim), got "
+                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.dim() == 5:
+        if layer is None or not 0 <= layer < k_cache.shape[1]:
+            raise TernlmError(f"5-D caches need layer= in [0, {k_cache.shape[1]}), got {layer}")
+        kc, vc = k_cache[:, layer], v_cache[:, layer]
+    else:
+        kc, vc = k_cache, v_cache
+    B, nkv, L, hs = kc.shape
+    nh = n_head or nkv
+    if nh % nkv:
+        raise TernlmError(f"n_head {nh} is not a multiple of the cache's {nkv} kv heads")
+    if len(pos) != S or qkv.dim() != 2 or qkv.shape != (S, (nh + 2 * nkv) * hs):
+        raise TernlmError(f"expected qkv ({S}, {(nh + 2 * nkv) * hs}) and {S} positions, got {tuple(qkv.shape)} "
+                          f"and {len(pos)}")
+    if any(not 0 <= s < B for s in slots) or len(set(slots)) != S:
+        raise TernlmError(f"slots must be distinct and in [0, {B}), got {slots}")
+    if any(not 0 <= p < L for p in pos):
+        raise TernlmError(f"positions must be in [0, {L}) (the cache's max_len), got {pos}")
+    if out is None:
+        out = torch.empty(S, nh * hs)
+    mod = _ext.extension() if _resolve(backend, qkv.device, "2bit", None) == "native" else None
+    f32 = all(t.dtype == torch.float32 for t in (qkv, kc, vc, out)) and qkv.stride(1) == 1 and out.stride(1) == 1 \
+        and k_cache.is_contiguous() and v_cache.is_contiguous() and (
+            cos is None or (cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+                            and cos.shape[1:] == (hs,) and sin.shape == cos.shape and cos.shape[0] >= L))
+    if mod is None or not f32:
+        for j, (s, p) in enumerate(zip(slots, pos)):
+            cj, sj = (None, None) if cos is None else (cos[p], sin[p])
+            out[j] = reference.attn_decode(qkv[j], kc[s], vc[s], p, scale, nh, cj, sj)
+        return out
+    idx = torch.tensor(slots, dtype=torch.int64) * (kc.stride(0) * 4)
+    kb, vb = idx + kc.data_ptr(), idx + vc.data_ptr()
+    pt = torch.tensor(pos, dtype=torch.int64)
+    cp, sp = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
+    mod.attn_decode_batch(_ext.level_id(), S, qkv.data_ptr(), qkv.stride(0), kb.data_ptr(), vb.data_ptr(), 0, nh,
+                          nkv, hs, L, float(scale), pt.data_ptr(), cp, sp, out.data_ptr(), out.stride(0),
+                          _ext.get_num_threads())
+    return out
+    off = layer * nkv * L * hs if lay else 0
+    kb = torch.tensor([c.data_ptr() for c in k_caches], dtype=torch.int64)
+    vb = torch.tensor([c.data_ptr() for c in v_caches], dtype=torch.int64)
+    pt = torch.tensor(pos, dtype=torch.int64)
+    cp, sp = (0, 0) if cos is None else (cos.data_ptr(), sin.data_ptr())
+    mod.attn_decode_batch(_ext.level_id(), S, qkv.data_ptr(), qkv.stride(0), kb.data_ptr(), vb.data_ptr(), off, nh,
+                          nkv, hs, L, float(scale), pt.data_ptr(), cp, sp, out.data_ptr(), out.stride(0),
+                          _ext.get_num_threads())
+    return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ternlm.errors import TernlmError
-from ternlm.kernels import attn_decode, rope
+from ternlm.kernels import attn_decode_batch, rope
 
 
 class BatchEngine:
@@ -30,9 +30,8 @@ class BatchEngine:
         self.e = engine
         self.slots, self.ctx = slots, ctx
         e = engine
-        shape = (e.n_layer, e.n_kv_head, ctx, e.hs)
-        self.k = [torch.zeros(shape) for _ in range(slots)]
-        self.v = [torch.zeros(shape) for _ in range(slots)]
+        shape = (slots, e.n_layer, e.n_kv_head, ctx, e.hs)  # slot s's cache is k[s], v[s]
+        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
         self.pos = [0] * slots  # tokens held in each slot's cache
 
     @property
@@ -41,7 +40,7 @@ class BatchEngine:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(t.numel() * 4 for t in self.k + self.v)
+        return (self.k.numel() + self.v.numel()) * 4
 
     def reset(self, slot: int) -> None:
         self.pos[slot] = 0
@@ -98,18 +97,16 @@ class BatchEngine:
             if self.pos[s] >= self.ctx:
                 raise TernlmError(f"slot {s}'s KV cache is full ({self.ctx} positions)")
         ids = torch.tensor(tokens, dtype=torch.long)
-        positions = torch.tensor([self.pos[s] for s in slots], dtype=torch.long)
+        pos = [self.pos[s] for s in slots]
+        positions = torch.tensor(pos, dtype=torch.long)
         h = self._embed(ids, positions)  # (S, C)
         nh, hs = e.n_head, e.hs
         y = torch.empty(S, nh * hs)
         for i, b in enumerate(e.blocks):
             qkv = b.qkv(b.norm1(h))  # (S, (nh + 2 nkv) hs): one GEMM for every slot
-            for j, s in enumerate(slots):
-                p = int(positions[j])
-                cos = sin = None
-                if e.cos is not None:
-                    cos, sin = e.cos[p], e.sin[p]
-                attn_decode(qkv[j], self.k[s][i], self.v[s][i], p, b.scaling, out=y[j], n_head=nh, cos=cos, sin=sin)
+            # every slot's attention over its own cache in one call
+            attn_decode_batch(qkv, self.k, self.v, slots, pos, b.scaling, layer=i, n_head=nh, cos=e.cos,
+                              sin=e.sin, out=y)
             h = h + b.o(y)
             h = h + b.down(b.act(b.up(b.norm2(h))))
         for s in slots:

@@ -195,7 +195,10 @@ def test_kernels_work_in_a_forked_child():
 # (M, N, K): per-group shapes with K off every group size (a partial last group), GEMV (M < 8,
 # the direct 2-bit paths for groups of 256 and of whole 64-weight planes) and GEMM (M >= 8) tiles, and GPT-2's 576-wide case
 GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (1, 12, 576), (1, 16, 960), (2, 5, 257), (3, 33, 576), (5, 13, 777), (9, 9, 300),
-                (17, 6, 513), (70, 37, 640)]
+                (17, 6, 513), (70, 37, 640),
+                # groups of exactly 64 with whole 4-row tiles at several tokens: the multi-token decode tile
+                # (full blocks and tail planes, a partial last group, 1-4 tokens per call)
+                (2, 12, 576), (7, 8, 300), (16, 8, 960), (64, 12, 768)]
 GROUP_SIZES = [32, 64, 128, 192, 256]
 
 
@@ -370,6 +373,49 @@ def test_attn_decode_gqa_rope_matches_reference(level, nh, nkv, hs, L, pos, rope
     got = ops.attn_decode(qkv, k2, v2, pos, hs ** -0.5, backend="native", n_head=nh, cos=cos, sin=sin)
     assert torch.equal(k2, kr) and torch.equal(v2, vr)  # rotated k and v are cached bit for bit
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("layered", [False, True])
+def test_attn_decode_batch_is_each_sequence_alone(level, rope, layered):
+    # 3 of 5 slots at different positions, GQA: every row (and every written cache row) is what one
+    # attn_decode call on that slot's cache gives, bit for bit; the other slots' caches are untouched
+    nh, nkv, hs, L, B, n_layer, layer = 9, 3, 64, 40, 5, 2, 1
+    g = torch.Generator().manual_seed(7 + rope + 2 * layered)
+    shape = (B, n_layer, nkv, L, hs) if layered else (B, nkv, L, hs)
+    kc, vc = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cos, sin = (torch.randn(L, hs, generator=g), torch.randn(L, hs, generator=g)) if rope else (None, None)
+    slots, pos = [4, 0, 2], [39, 0, 17]
+    qkv = torch.randn(3, (nh + 2 * nkv) * hs, generator=g)
+    k2, v2 = kc.clone(), vc.clone()
+    got = ops.attn_decode_batch(qkv, k2, v2, slots, pos, hs ** -0.5, layer=layer if layered else None, n_head=nh,
+                                cos=cos, sin=sin, backend="native")
+    kr, vr = kc.clone(), vc.clone()
+    for j, (s, p) in enumerate(zip(slots, pos)):
+        ks, vs = (kr[s, layer], vr[s, layer]) if layered else (kr[s], vr[s])
+        one = ops.attn_decode(qkv[j], ks, vs, p, hs ** -0.5, backend="native", n_head=nh,
+                              cos=None if cos is None else cos[p], sin=None if sin is None else sin[p])
+        assert torch.equal(got[j], one)
+        want = reference.attn_decode(qkv[j], ks.clone(), vs.clone(), p, hs ** -0.5, nh,
+                                     None if cos is None else cos[p], None if sin is None else sin[p])
+        torch.testing.assert_close(got[j], want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(k2, kr) and torch.equal(v2, vr)
+    ref = ops.attn_decode_batch(qkv, kc.clone(), vc.clone(), slots, pos, hs ** -0.5,
+                                layer=layer if layered else None, n_head=nh, cos=cos, sin=sin, backend="reference")
+    torch.testing.assert_close(ref, got, rtol=1e-5, atol=1e-6)
+
+
+def test_attn_decode_batch_checks_its_arguments():
+    kc = torch.zeros(2, 3, 4, 8)
+    q = torch.zeros(1, 12 * 8)
+    with pytest.raises(TernlmError, match="slots"):
+        ops.attn_decode_batch(q, kc, kc.clone(), [2], [0], 1.0, n_head=6)
+    with pytest.raises(TernlmError, match="positions"):
+        ops.attn_decode_batch(q, kc, kc.clone(), [0], [4], 1.0, n_head=6)
+    with pytest.raises(TernlmError, match="layer"):
+        ops.attn_decode_batch(q, kc[None], kc[None].clone(), [0], [0], 1.0, n_head=6)
+    with pytest.raises(TernlmError, match="expected qkv"):
+        ops.attn_decode_batch(torch.zeros(2, 12 * 8), kc, kc.clone(), [0], [0], 1.0, n_head=6)
 
 
 def test_attn_decode_gqa_checks_shapes():
