@@ -6,8 +6,9 @@
 //
 // One binary for every x86-64: each instruction set's kernels are compiled from the same source
 // under __attribute__((target(...))) and chosen at run time with __builtin_cpu_supports, so the
-// build needs no -march flag. Levels: 0 scalar, 1 AVX2, 2 AVX-512BW, 3 AVX-512 VNNI. On other
-// architectures only the scalar level exists.
+// build needs no -march flag. Levels: 0 scalar, 1 AVX2, 2 AVX-512BW, 3 AVX-512 VNNI, 4 AMX-INT8 (the
+// VNNI level with the tile GEMM of csrc/amx.inc at several tokens). On other architectures only the
+// scalar level exists.
 //
 // Weight layouts are documented with bit diagrams in ternlm/quant/pack.py. Both store code + 1
 // in {0,1,2}; the integer kernels compute sum((c+1) * x) with u8 x s8 dot instructions and
@@ -34,12 +35,13 @@
 // -DTL_PORTABLE_ONLY builds what a non-x86 machine gets (the scalar level only).
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(TL_PORTABLE_ONLY)
 #define TL_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define TL_X86 0
 #endif
 
-enum { LV_SCALAR = 0, LV_AVX2 = 1, LV_AVX512 = 2, LV_VNNI = 3, LV_COUNT = 4 };
+enum { LV_SCALAR = 0, LV_AVX2 = 1, LV_AVX512 = 2, LV_VNNI = 3, LV_AMX = 4, LV_COUNT = 5 };
 enum { FMT_2BIT = 0, FMT_BASE3 = 1 };
 
 // out[m * 4 + r] for an MR x NR tile (MR tokens, NR weight rows). n: for the packed 2-bit tiles the
@@ -70,12 +72,15 @@ typedef float (*SoftmaxExpFn)(float* p, int64_t n, float mx);
 typedef float (*ScoresFn)(const float* q, const float* K, int64_t T, int64_t hs, float scale, float* p);
 typedef void (*WsumFn)(float* o, const float* p, const float* V, int64_t T, int64_t hs);
 
+struct A8GroupJob;
+
 struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
   TileI pl[4][4];   // the same, one sum per 64-weight plane: out[(b * 4 + s) * 16 + m * 4 + r]
   TileG pg1;        // the same with the per-group float epilogue, one token x 4 rows
   TileG pg64;       // pg1 for groups of exactly 64 with G == np (ppg 1), or null (the scalar level)
   TileGM pgm[4];    // pg64 for 1-4 tokens at once (pgm[MR - 1]), or null
+  int (*amx_g64)(const A8GroupJob& j, int nth);  // the AMX GEMM for groups of 64 (csrc/amx.inc), or null
   TileI u8[4][4];   // decoded u8 weights, int8 activations
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
@@ -279,6 +284,13 @@ static Isa g_isa[LV_COUNT];
 static bool g_have[LV_COUNT];
 static int g_best = LV_SCALAR;
 
+#if TL_X86
+namespace amx_ns {  // csrc/amx.inc
+static bool available();
+static int gemm_g64(const A8GroupJob& j, int nth);
+}  // namespace amx_ns
+#endif
+
 static void init_isas() {
   scalar_ns::fill(g_isa[LV_SCALAR]);
   g_have[LV_SCALAR] = true;
@@ -303,6 +315,9 @@ static void init_isas() {
   g_have[LV_AVX2] = avx2;
   g_have[LV_AVX512] = bw;
   g_have[LV_VNNI] = vnni;
+  g_isa[LV_AMX] = g_isa[LV_VNNI];
+  g_have[LV_AMX] = vnni && amx_ns::available();
+  if (g_have[LV_AMX]) g_isa[LV_AMX].amx_g64 = amx_ns::gemm_g64;
 #endif
   for (int l = 0; l < LV_COUNT; l++)
     if (g_have[l]) g_best = l;
@@ -702,6 +717,15 @@ static inline void a8g_store(const A8GroupJob& j, int64_t m0, int64_t n0, int mr
   }
 }
 
+#if TL_X86
+#include "amx.inc"
+#endif
+
+// From this many tokens the AMX level runs groups of 64 on the tile GEMM (SmolLM2 g64 gate/up 3072 x 576
+// and down 576 x 1536, 2 threads, best of 5 against the VNNI tiles: 0.83-0.99x at 4 tokens, 1.3-1.7x at
+// 8, 1.7-2.4x at 16, 2.7-3.9x at 64, 2.6-4.3x at 256).
+static const int64_t AMX_MIN_M = 8;
+
 static int a8_group_run(const A8GroupJob& j, int nth) {
   const Groups& gp = j.gp;
   const int64_t ntile = cdiv(j.N, 4), R = gp.R;
@@ -728,6 +752,8 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
     });
     return 0;
   }
+  if (j.fmt == FMT_2BIT && j.M >= AMX_MIN_M && gp.g == 64 && gp.G == j.Kp / 64 && j.N % 16 == 0 && j.I->amx_g64)
+    return j.I->amx_g64(j, nth);
   if (j.fmt == FMT_2BIT && j.M > 1 && gp.g == 64 && gp.G == j.Kp / 64 && j.N % 4 == 0 && j.I->pgm[0]) {
     // groups of exactly 64, several tokens: the decode tile's epilogue for up to 4 tokens per weight
     // load instead of the plane sums below and their scalar epilogue (SmolLM2 g64, one layer's q/k/v, o,

@@ -16,7 +16,7 @@ import warnings
 from ternlm.errors import TernlmError
 
 # Dispatch levels, slowest to fastest; the extension reports which ones this CPU can run.
-LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 3}
+LEVELS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512_vnni": 3, "amx": 4}
 _LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
 
 _state = {"tried": False, "mod": None, "reason": None, "warned": False,
@@ -67,7 +67,7 @@ def available_levels() -> list[str]:
 
 
 def set_level(name: str | None) -> None:
-    """Force one dispatch level (``scalar``, ``avx2``, ``avx512``, ``avx512_vnni``); None = best."""
+    """Force one dispatch level (``scalar``, ``avx2``, ``avx512``, ``avx512_vnni``, ``amx``); None = best."""
     global _forced_level
     if name is None:
         _forced_level = -1

@@ -53,6 +53,8 @@ def test_levels_cover_this_cpu():
         assert "avx2" in LEVELS
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= set(flags):
         assert "avx512_vnni" in LEVELS
+    if {"avx512_vnni", "amx_tile", "amx_int8"} <= set(flags):
+        assert "amx" in LEVELS
 
 
 @pytest.mark.parametrize("act_bits", [8, 4])
@@ -198,7 +200,9 @@ GROUP_SHAPES = [(1, 7, 100), (1, 64, 768), (1, 12, 576), (1, 16, 960), (2, 5, 25
                 (17, 6, 513), (70, 37, 640),
                 # groups of exactly 64 with whole 4-row tiles at several tokens: the multi-token decode tile
                 # (full blocks and tail planes, a partial last group, 1-4 tokens per call)
-                (2, 12, 576), (7, 8, 300), (16, 8, 960), (64, 12, 768)]
+                (2, 12, 576), (7, 8, 300), (16, 8, 960), (64, 12, 768),
+                # and whole 16-row chunks from 8 tokens: the AMX tile GEMM (token tiles of 16, the last one padded)
+                (8, 16, 576), (20, 32, 960), (33, 48, 300)]
 GROUP_SIZES = [32, 64, 128, 192, 256]
 
 
