@@ -73,6 +73,7 @@ typedef float (*ScoresFn)(const float* q, const float* K, int64_t T, int64_t hs,
 typedef void (*WsumFn)(float* o, const float* p, const float* V, int64_t T, int64_t hs);
 
 struct A8GroupJob;
+struct A8Job;
 
 struct Isa {
   TileI p2[4][4];   // packed 2-bit weights, int8 activations
@@ -81,6 +82,7 @@ struct Isa {
   TileG pg64;       // pg1 for groups of exactly 64 with G == np (ppg 1), or null (the scalar level)
   TileGM pgm[4];    // pg64 for 1-4 tokens at once (pgm[MR - 1]), or null
   int (*amx_g64)(const A8GroupJob& j, int nth);  // the AMX GEMM for groups of 64 (csrc/amx.inc), or null
+  int (*amx_a8)(const A8Job& j, int nth);         // the AMX GEMM for per-tensor / per-row scales, or null
   TileI u8[4][4];   // decoded u8 weights, int8 activations
   TileF fs8[4];     // decoded signed int8 codes, float activations (one token)
   DecodeFn dec2, dec3;
@@ -288,6 +290,7 @@ static int g_best = LV_SCALAR;
 namespace amx_ns {  // csrc/amx.inc
 static bool available();
 static int gemm_g64(const A8GroupJob& j, int nth);
+static int gemm_a8(const A8Job& j, int nth);
 }  // namespace amx_ns
 #endif
 
@@ -317,7 +320,7 @@ static void init_isas() {
   g_have[LV_VNNI] = vnni;
   g_isa[LV_AMX] = g_isa[LV_VNNI];
   g_have[LV_AMX] = vnni && amx_ns::available();
-  if (g_have[LV_AMX]) g_isa[LV_AMX].amx_g64 = amx_ns::gemm_g64;
+  if (g_have[LV_AMX]) g_isa[LV_AMX].amx_g64 = amx_ns::gemm_g64, g_isa[LV_AMX].amx_a8 = amx_ns::gemm_a8;
 #endif
   for (int l = 0; l < LV_COUNT; l++)
     if (g_have[l]) g_best = l;
@@ -567,8 +570,14 @@ static inline void a8_store(const A8Job& j, int64_t m0, int64_t n0, int mr, int 
   }
 }
 
+// From this many tokens the AMX level runs packed 2-bit and base-3 rows on the tile GEMM (SmolLM2 g64 gate/up 3072 x 576
+// and down 576 x 1536, 2 threads, best of 5 against the VNNI tiles: 0.83-0.99x at 4 tokens, 1.3-1.7x at
+// 8, 1.7-2.4x at 16, 2.7-3.9x at 64, 2.6-4.3x at 256).
+static const int64_t AMX_MIN_M = 8;
+
 static int a8_run(const A8Job& j, int nth) {
   const int64_t ntile = cdiv(j.N, 4);
+  if (j.M >= AMX_MIN_M && j.N % 16 == 0 && j.Kx % 64 == 0 && j.I->amx_a8) return j.I->amx_a8(j, nth);
   if (j.fmt == FMT_2BIT && j.M < DIRECT_MAX_M) {
     // NOTE: many short tasks (nth x 64): a helper preempted mid-task stalls the caller less. Tasks of
     // >= 16k multiply-adds were faster with the weights in
@@ -721,10 +730,7 @@ static inline void a8g_store(const A8GroupJob& j, int64_t m0, int64_t n0, int mr
 #include "amx.inc"
 #endif
 
-// From this many tokens the AMX level runs groups of 64 on the tile GEMM (SmolLM2 g64 gate/up 3072 x 576
-// and down 576 x 1536, 2 threads, best of 5 against the VNNI tiles: 0.83-0.99x at 4 tokens, 1.3-1.7x at
-// 8, 1.7-2.4x at 16, 2.7-3.9x at 64, 2.6-4.3x at 256).
-static const int64_t AMX_MIN_M = 8;
+
 
 static int a8_group_run(const A8GroupJob& j, int nth) {
   const Groups& gp = j.gp;

@@ -29,7 +29,9 @@ FMTS = ["2bit", "base3"]
 # (M tokens, N rows, K inputs): batch 1 and > 1, widths off every block/SIMD multiple (2-bit rows
 # with 1-3 tail planes after their full blocks: 100, 257, 300, 576, 777, ...), tile tails
 SHAPES = [(1, 1, 1), (1, 7, 100), (1, 64, 768), (1, 12, 576), (2, 5, 257), (3, 33, 300), (4, 8, 320),
-          (5, 13, 777), (8, 9, 64), (17, 6, 513), (70, 37, 160)]
+          (5, 13, 777), (8, 9, 64), (17, 6, 513), (70, 37, 160),
+          # whole 16-row chunks from 8 tokens: the AMX tile GEMM (a partial 64-input chunk, padded token tiles)
+          (8, 16, 576), (20, 32, 1000), (33, 48, 160)]
 
 
 @pytest.fixture(params=LEVELS)
