@@ -400,15 +400,22 @@ static long g_pool_pid = 0;
 // a few microseconds of norms and attention single-threaded, then the next kernel: a worker that
 // stays awake across those gaps joins at once instead of paying a futex wake-up per layer, while
 // the core it holds would otherwise sit idle anyway.
+//
+// Only while torch's own ops run single-threaded (ternlm's decode loops: set_pool_spin(-1) there, 0 after):
+// elsewhere a spinning worker holds a core that torch's OpenMP team is waiting for at its barrier, and
+// every torch op between two kernels pays for it (SmolLM2 W1.58A8 classifier, 64-token messages at
+// batch 1, 2 threads: rotary embedding, norms and SiLU several times slower than in the fp32 model).
 #ifndef TL_POOL_SPIN
 #define TL_POOL_SPIN 20000
 #endif
+static std::atomic<int> g_spin{0};
 
 static void pool_worker(Pool* p) {
   uint64_t seen = 0;
   for (;;) {
     uint64_t g = p->gen.load(std::memory_order_acquire);
-    for (int spin = 0; g == seen && spin < TL_POOL_SPIN; spin++) {
+    const int spins = g_spin.load(std::memory_order_relaxed);
+    for (int spin = 0; g == seen && spin < spins; spin++) {
 #if TL_X86
       _mm_pause();
 #endif
@@ -1168,6 +1175,12 @@ static PyObject* py_dequantize(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+static PyObject* py_set_pool_spin(PyObject*, PyObject* args) {
+  int n;
+  if (!PyArg_ParseTuple(args, "i", &n)) return NULL;
+  return PyLong_FromLong(g_spin.exchange(n < 0 ? TL_POOL_SPIN : n));
+}
+
 static PyObject* py_levels(PyObject*, PyObject*) {
   PyObject* l = PyList_New(0);
   for (int i = 0; i < LV_COUNT; i++)
@@ -1194,7 +1207,10 @@ static PyMethodDef methods[] = {
      "linear_a16(fmt, level, x, M, K, w, N, Kp, wscale, wscale_stride, group, bias_or_0, out, nthreads)"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(fmt, level, w, N, Kp, K, wscale, wscale_stride, group, out, nthreads): float32 (N, K)"},
-    {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI)"},
+    {"levels", py_levels, METH_NOARGS, "kernel levels usable on this CPU (0 scalar .. 3 AVX-512 VNNI, 4 AMX)"},
+    {"set_pool_spin", py_set_pool_spin, METH_VARARGS,
+     "set_pool_spin(n): pause iterations an idle pool thread spins before sleeping (-1: the decode default); "
+     "returns the previous value"},
     INT8_GEMV_METHODS
     ATTN_DECODE_METHODS
     STEP_METHODS

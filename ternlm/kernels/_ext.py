@@ -111,14 +111,21 @@ def set_num_threads(n: int | None) -> None:
 
 @contextlib.contextmanager
 def pin_num_threads():
-    """Keep the kernels' thread count where it is now while torch's own count changes inside."""
+    """Keep the kernels' thread count where it is now while torch's own count changes inside, and let the
+    kernels' idle threads spin between calls there (decode loops run torch single-threaded: a thread that
+    stays awake joins the next kernel at once). Outside, idle threads sleep at once, leaving the cores to
+    torch's own parallel ops."""
     global _num_threads
     prev = _num_threads
     _num_threads = get_num_threads()
+    mod = extension()
+    spin = None if mod is None else mod.set_pool_spin(-1)
     try:
         yield _num_threads
     finally:
         _num_threads = prev
+        if mod is not None:
+            mod.set_pool_spin(spin)
 
 
 def get_num_threads() -> int:
