@@ -28,8 +28,10 @@ class Client(HttpUser):
             body["model"] = MODEL
         t0 = time.perf_counter()
         first, n = None, 0
+        # Connection: close for every server: llama-server closes a connection after a streamed reply, and a
+        # client reusing it would count a refused request against it
         with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
-                              name="completion") as r:
+                              name="completion", headers={"Connection": "close"}) as r:
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
