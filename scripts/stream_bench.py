@@ -7,7 +7,8 @@
 
 Makes a synthetic Llama-architecture model with random fp32 weights as sharded safetensors (one
 shard per block, written tensor by tensor so the script itself never holds the model), then in
-separate processes (each measured with ``ternlm.eval.cost.peak_rss_mb``):
+separate processes (each measured with ``ternlm.eval.cost.peak_rss_mb``, and against the resident
+set right after ``import torch, ternlm`` in the same process: "over import" is what the job costs):
 
   stream   ternlm.quantization.quantize(..., stream=True)    block by block
   memory   ternlm.quantization.quantize(..., stream=False)   load everything, convert, save
@@ -31,12 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, sys, time
-from ternlm.eval.cost import peak_rss_mb
+import torch, ternlm
+from ternlm.eval.cost import current_rss_mb, peak_rss_mb
+base = current_rss_mb()
 from ternlm.quantization import QuantizeConfig, quantize
 src, out, stream, cfg = sys.argv[1], sys.argv[2], sys.argv[3] == "1", json.loads(sys.argv[4])
 t = time.perf_counter()
-quantize(src, out, QuantizeConfig(**cfg), stream=stream, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb()}))
+quantize(src, out, QuantizeConfig(**cfg), stream=stream, progress=sys.argv[5] == "1")
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "import_rss_mb": base}))
 """
 
 
@@ -83,14 +86,14 @@ def make_model(d: Path, hidden: int, layers: int, inter: int, vocab: int, seed: 
     return total
 
 
-def run_child(src: Path, out: Path, stream: bool, cfg: dict) -> dict:
+def run_child(src: Path, out: Path, stream: bool, cfg: dict, progress: bool = True) -> dict:
     import os
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), "1" if stream else "0",
-                        json.dumps(cfg)], env=env,
+                        json.dumps(cfg), "1" if progress else "0"], env=env,
                        capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"quantize ({'stream' if stream else 'memory'}) failed:\n{r.stderr[-3000:]}")
@@ -125,7 +128,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/ternlm-stream-bench")
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--inter", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--method", default="absmean", choices=("absmean", "pt-bitnet"))
@@ -134,6 +137,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "data" / "gpt2-tokenizer"),
                     help="tokenizer copied beside the synthetic weights (pt-bitnet)")
     ap.add_argument("--skip-memory", action="store_true", help="only the streaming run (no identity check)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars in the runs (as `ternlm quantize --quiet`)")
     ap.add_argument("--gpt-oss-config", default=str(REPO / "tests" / "streaming" / "gpt_oss_20b_config.json"))
     ap.add_argument("--json", default=None, help="where to write the results (default: WORK/stream_bench.json)")
     a = ap.parse_args()
@@ -164,17 +168,19 @@ def main() -> int:
     res = {"file_bytes": size, "method": a.method, "plan_peak_ram": pl.peak_ram,
            "shape": dict(hidden=a.hidden, layers=a.layers, inter=a.inter,
                          vocab=json.loads((src / "config.json").read_text())["vocab_size"])}
-    res["stream"] = run_child(src, work / "stream", True, cfg)
+    res["stream"] = run_child(src, work / "stream", True, cfg, not a.quiet)
     if not a.skip_memory:
-        res["memory"] = run_child(src, work / "memory", False, cfg)
+        res["memory"] = run_child(src, work / "memory", False, cfg, not a.quiet)
         res["identical"], res["tensors"] = identical(work / "stream", work / "memory")
-    rows = [("path", "seconds", "peak RSS MiB", "peak / file size")]
+    rows = [("path", "seconds", "peak RSS MiB", "after import MiB", "over import MiB", "over import / file")]
     for k in ("stream", "memory"):
         if k in res:
+            over = res[k]["peak_rss_mb"] - res[k]["import_rss_mb"]
+            res[k]["over_import_mb"] = over
             rows.append((k, f"{res[k]['seconds']:.1f}", f"{res[k]['peak_rss_mb']:.0f}",
-                         f"{res[k]['peak_rss_mb'] * 2**20 / size:.1%}"))
+                         f"{res[k]['import_rss_mb']:.0f}", f"{over:.0f}", f"{over * 2**20 / size:.1%}"))
     for r in rows:
-        print(f"{r[0]:<8} {r[1]:>8} {r[2]:>13} {r[3]:>17}")
+        print(f"{r[0]:<8} {r[1]:>8} {r[2]:>13} {r[3]:>17} {r[4]:>16} {r[5]:>19}")
     if "identical" in res:
         print(f"stream vs memory: {res['tensors']} tensors, {'identical bit for bit' if res['identical'] else 'DIFFERENT'}")
     if Path(a.gpt_oss_config).is_file():

@@ -443,9 +443,19 @@ def weight_files(directory: str | Path) -> list[Path]:
     return [d / n for n in names]
 
 
+def _read_config(d: Path):
+    """The HF config of checkpoint directory ``d`` (a one-line error when unreadable)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(d))
+    except Exception as e:
+        raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
+
+
 def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module:
     """Load a ternlm checkpoint directory into a model with packed TernaryLinear layers (eval mode)."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     d = Path(directory).expanduser()
     if not d.is_dir():
@@ -466,10 +476,7 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         if {k: v for k, v in inner.items() if k != "ternlm_version"} != \
                 {k: v for k, v in rec.items() if k != "ternlm_version"}:
             raise TernlmError(f"{wpath} was written for a different {QUANT_FILE} (the files do not belong together)")
-    try:
-        config = AutoConfig.from_pretrained(str(d))
-    except Exception as e:
-        raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
+    config = _read_config(d)
 
     model = empty_model(config, rec)
     state = {}
@@ -501,6 +508,37 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
             raise TernlmError(f"cannot read {d / 'generation_config.json'}: {type(e).__name__}") from None
     apply_record(model, rec)
     return model
+
+
+def verify_checkpoint(directory: str | Path, targets: list[str] | None = None):
+    """``ternlm.nn.verify.verify`` of a saved checkpoint, read one layer at a time from its files
+    (memory holds one layer, not the model: what a streamed checkpoint's model card needs)."""
+    from ternlm.nn.verify import verify_by_module
+    from ternlm.quant.pack import upgrade_2bit
+    from ternlm.streaming.files import read_header, read_tensor
+
+    d = Path(directory).expanduser()
+    rec = read_record(d)
+    config = _read_config(d)
+    model = empty_model(config, rec)
+    entries = {}
+    for wf in weight_files(d):
+        entries.update(read_header(wf))
+
+    def load(name: str, module: nn.Module) -> None:
+        want = module.state_dict()
+        state = {}
+        for leaf, w in want.items():
+            e = entries.get(f"{name}.{leaf}")
+            if e is None:
+                raise TernlmError(f"{d}: tensor {name}.{leaf} missing")
+            t = read_tensor(e)
+            if leaf.endswith("packed") and rec["fmt"] == "2bit":
+                t = upgrade_2bit(t, w.shape[-1])
+            state[leaf] = t
+        module.load_state_dict(state, assign=True)
+
+    return verify_by_module(model, list(targets if targets is not None else rec["targets"]), load)
 
 
 def _row_kinds(model: nn.Module, state: dict) -> dict[str, str]:

@@ -216,19 +216,17 @@ def write_model_card(directory, *, method: str, settings: dict | None = None, me
     """Write ``README.md`` into a ternlm checkpoint directory (atomically) and return its path.
 
     The quantization record and the architecture are read from the directory; with ``verify`` the
-    saved model is loaded and checked (``ternlm.nn.verify``) for the ternary and zeros shares and
+    saved model is read layer by layer and checked (``ternlm.nn.verify``) for the ternary and zeros shares and
     the bits per weight counting scales.
     """
-    from ternlm.checkpoint import from_pretrained
+    from ternlm.checkpoint import verify_checkpoint
     from ternlm.fileio import atomic_write_text
 
     d = Path(directory).expanduser()
     rec, model_type = _checkpoint_facts(d)
     totals = None
     if verify:
-        from ternlm.nn.verify import verify as verify_model
-
-        totals = verify_model(from_pretrained(d), rec["targets"]).totals()
+        totals = verify_checkpoint(d, rec["targets"]).totals()
     text = render_model_card(model_type=model_type, record=rec, totals=totals, method=method, settings=settings,
                              metrics=metrics, base_model=base_model, license=license, tags=tags,
                              name=name or (base_model.split("/")[-1] if base_model else d.name),

@@ -204,12 +204,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(collect: bool = True) -> None:
     """Hand freed heap pages back to the OS before measuring RSS (glibc keeps them otherwise, so
-    RSS would not show that a model shrank). For callers that measure memory; process-wide."""
+    RSS would not show that a model shrank). For callers that measure memory, and between the units
+    of a streaming job; process-wide. ``collect=False`` skips the garbage collection (the caller
+    freed its tensors by reference count; a full collection of a large heap costs tens of ms)."""
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import ctypes
 

@@ -31,16 +31,31 @@ GEMM_ROWS = 64
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 rows, float32 scale per row) from a float (V, C) table: the canonical int8 absmax
     quantizer per row, a block of rows at a time (no full-size float temporary)."""
+    blocks = ((r, weight[r:r + _CHUNK]) for r in range(0, weight.shape[0], _CHUNK))
+    return quantize_row_blocks(tuple(weight.shape), blocks)
+
+
+def quantize_row_blocks(shape: tuple, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows`` of a (V, C) table given as ``(first_row, rows)`` blocks that cover it in
+    order (read from disk a block at a time by streaming quantization). Rows are independent, so
+    the result does not depend on where the blocks are cut."""
     from ternlm.config import Int8Config
     from ternlm.quant.int8 import quantize_int8
 
     cfg = Int8Config("absmax", "per_channel")
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0], dtype=torch.float32)
-    for r in range(0, weight.shape[0], _CHUNK):
-        t = quantize_int8(weight[r:r + _CHUNK].float(), cfg)
-        q[r:r + _CHUNK] = t.q
-        scale[r:r + _CHUNK] = t.scale.float().reshape(-1)
+    q = torch.empty(shape, dtype=torch.int8)
+    scale = torch.empty(shape[0], dtype=torch.float32)
+    done = 0
+    for r0, rows in blocks:
+        if r0 != done:
+            raise TernlmError(f"internal: row blocks out of order ({r0}, expected {done})")
+        for r in range(0, rows.shape[0], _CHUNK):
+            t = quantize_int8(rows[r:r + _CHUNK].float(), cfg)
+            q[r0 + r:r0 + r + t.q.shape[0]] = t.q
+            scale[r0 + r:r0 + r + t.q.shape[0]] = t.scale.float().reshape(-1)
+        done = r0 + rows.shape[0]
+    if done != shape[0]:
+        raise TernlmError(f"internal: row blocks cover {done} of {shape[0]} rows")
     return q, scale
 
 

@@ -120,14 +120,31 @@ def check_layer(name: str, m: nn.Module, rtol: float = 1e-5) -> LayerReport:
 
 
 def _check_matrix(name: str, kind: str, w: torch.Tensor, gran: str, gsize: int, dtype, rtol: float) -> LayerReport:
-    sv, s = _group_max(w, gran, gsize)  # (n_scales,), (out, in)
-    a = w.abs()
-    is_zero = a == 0
-    is_pm_s = (a - s).abs() <= rtol * s
-    tern = (is_zero | is_pm_s).float().mean().item()
-    zeros = is_zero.float().mean().item()
+    # NOTE: a block of rows at a time (4M weights), so the temporaries are a fraction of the weight:
+    # streaming quantization's model card checks a layer of a model larger than memory.
+    out_f, in_f = w.shape
+    step = max(1, (1 << 22) // max(1, in_f))
+    blocks = [w[r:r + step] for r in range(0, out_f, step)]
+    if gran == "per_tensor":
+        top = torch.stack([b.abs().amax() for b in blocks]).amax().reshape(1) if out_f else w.new_zeros(1)
+        svs = [top]
+    else:
+        svs = []
+    n_zero = n_tern = 0
+    for b in blocks:
+        if gran == "per_tensor":
+            s = top.reshape(1, 1).expand_as(b)
+        else:
+            sv_b, s = _group_max(b, gran, gsize)
+            svs.append(sv_b)
+        a = b.abs()
+        is_zero = a == 0
+        n_zero += int(is_zero.sum())
+        n_tern += int((is_zero | ((a - s).abs_() <= rtol * s)).sum())
+    sv = torch.cat(svs) if svs else w.new_zeros(1)
     n, n_scales = w.numel(), sv.numel()
-    ok = tern == 1.0
+    tern, zeros = n_tern / max(1, n), n_zero / max(1, n)
+    ok = n_tern == n
     if ok:
         overhead = 32.0 * n_scales / n
         bits, stored = LOG2_3 + overhead, 2.0 + overhead
@@ -153,20 +170,40 @@ def verify(model: nn.Module, targets: list[str] | None = None) -> VerifyReport:
     """Check the layers meant to be ternary: ``targets`` or those recorded by ``quantize_model``,
     else the linear layers of the transformer blocks; packed mixture-of-experts modules
     (``TernaryExperts``) are reported expert by expert."""
-    from ternlm.moe.experts import ternary_experts
     from ternlm.nn.surgery import block_linear_layers
-
-    from ternlm.nn.int8_linear import Int8RowLinear
 
     if targets is None:
         targets = getattr(model, "ternlm_targets", None) or block_linear_layers(model)
-    rows = [check_layer(n, model.get_submodule(n)) for n in targets]
-    for n, m in ternary_experts(model):
-        rows.extend(check_experts(n, m))
-    for n, m in model.named_modules():  # layers a bits budget kept at int8: reported, counted as not ternary
-        if isinstance(m, Int8RowLinear) and n not in targets:
-            rows.append(int8_row(n, m))
+    return VerifyReport([r for n, m, check in _checked_modules(model, targets) for r in check(n, m)])
+
+
+def verify_by_module(model: nn.Module, targets: list[str], load) -> VerifyReport:
+    """``verify`` of a model whose weights are not in memory (built on the meta device): each
+    checked module is filled by ``load(name, module)``, checked, and emptied again, so memory holds
+    one layer at a time (a streamed checkpoint's model card)."""
+    from ternlm.eval.cost import release_freed_memory
+
+    rows = []
+    for n, m, check in _checked_modules(model, targets):
+        load(n, m)
+        rows.extend(check(n, m))
+        m.to("meta")
+        release_freed_memory(collect=False)  # else glibc's fragmented heap grows layer by layer
     return VerifyReport(rows)
+
+
+def _checked_modules(model: nn.Module, targets: list[str]) -> list:
+    """(name, module, check) of every module ``verify`` reports, check(name, module) -> rows."""
+    from ternlm.moe.experts import ternary_experts
+
+    from ternlm.nn.int8_linear import Int8RowLinear
+
+    out = [(n, model.get_submodule(n), lambda n, m: [check_layer(n, m)]) for n in targets]
+    out += [(n, m, check_experts) for n, m in ternary_experts(model)]
+    # layers a bits budget kept at int8: reported, counted as not ternary
+    out += [(n, m, lambda n, m: [int8_row(n, m)]) for n, m in model.named_modules()
+            if isinstance(m, Int8RowLinear) and n not in targets]
+    return out
 
 
 @torch.no_grad()

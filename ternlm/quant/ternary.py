@@ -82,7 +82,7 @@ def absmean_scale(w: torch.Tensor, cfg: TernaryConfig) -> torch.Tensor:
 def _ternarize_part(g: torch.Tensor, cfg: TernaryConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (same shape as g) and scales (g reduced over its last dim, keepdim) of one view."""
     gamma = g.abs().mean(dim=-1, keepdim=True).clamp_min(cfg.eps)
-    codes = torch.round(g / gamma).clamp_(-1, 1)
+    codes = (g / gamma).round_().clamp_(-1, 1)
     if cfg.scale_mode == "fit":
         # NOTE: float64 sums keep a group of identical magnitudes exact, so fit is idempotent.
         nz = codes.abs().double()
@@ -106,11 +106,16 @@ def ternarize(w: torch.Tensor, cfg: TernaryConfig | None = None) -> TernaryTenso
     # equivalent nn.Linear weight and gets bit-identical scales.
     wf = w.detach().float().contiguous()
     out_f, in_f = w.shape if w.dim() == 2 else (None, None)
-    parts = [_ternarize_part(g, cfg) for g in _grouped(wf, cfg.granularity, cfg.group_size)]
-    codes = torch.cat([c.reshape(out_f if cfg.granularity != "per_tensor" else 1, -1) for c, _ in parts], 1)
+    # NOTE: each part's codes go to int8 as soon as they exist: only one float temporary of the
+    # weight's size is alive at a time (streaming quantization's peak is this function's).
+    parts = [(c.to(torch.int8), s) for c, s in
+             (_ternarize_part(g, cfg) for g in _grouped(wf, cfg.granularity, cfg.group_size))]
+    rows = out_f if cfg.granularity != "per_tensor" else 1
+    codes = parts[0][0].reshape(rows, -1) if len(parts) == 1 else \
+        torch.cat([c.reshape(rows, -1) for c, _ in parts], 1)
     scale = torch.cat([s.reshape(s.shape[0], -1) for _, s in parts], 1)
     return TernaryTensor(
-        codes=codes.to(torch.int8).reshape(out_f, in_f),
+        codes=codes.reshape(out_f, in_f),
         scale=scale.reshape(scale_shape(out_f, in_f, cfg.granularity, cfg.group_size)).contiguous(),
         granularity=cfg.granularity,
         group_size=cfg.group_size,

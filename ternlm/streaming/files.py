@@ -162,11 +162,20 @@ class SourceFiles:
         if len(e.shape) < 2 or e.nbytes <= chunk_bytes:
             return read_tensor(e).to(torch.float32).to(dtype)
         out = torch.empty(e.shape, dtype=dtype)
+        for r0, rows in self.row_blocks(name, dtype, chunk_bytes):
+            out[r0:r0 + rows.shape[0]] = rows
+        return out
+
+    def row_blocks(self, name: str, dtype: torch.dtype, chunk_bytes: int = 32 << 20):
+        """``(first_row, rows)`` blocks of a tensor cast to ``dtype`` through float32, read from disk
+        a block at a time: a large embedding is never whole in memory in any float precision."""
+        e = self.entries[name]
+        if len(e.shape) < 2 or e.nbytes <= chunk_bytes:
+            yield 0, read_tensor(e).to(torch.float32).to(dtype)
+            return
         step = max(1, chunk_bytes * e.shape[0] // e.nbytes)
         for r0 in range(0, e.shape[0], step):
-            r1 = min(e.shape[0], r0 + step)
-            out[r0:r1] = read_rows(e, r0, r1).to(torch.float32).to(dtype)
-        return out
+            yield r0, read_rows(e, r0, min(e.shape[0], r0 + step)).to(torch.float32).to(dtype)
 
     @property
     def nbytes(self) -> int:

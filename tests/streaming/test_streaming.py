@@ -73,6 +73,45 @@ def test_streaming_equals_in_memory(tmp_path, kw, qc):
     assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+def test_embedding_rows_read_in_blocks_equal_whole_table(tmp_path):
+    """int8 rows quantized from row blocks read off disk (as streaming does for a large embedding)
+    equal the whole-table quantizer, wherever the blocks are cut."""
+    from ternlm.nn.embedding import quantize_row_blocks, quantize_rows
+
+    src = tiny_llama(tmp_path / "src", vocab=1000)
+    files = SourceFiles(src)
+    name = "model.embed_tokens.weight"
+    want_q, want_s = quantize_rows(files.get(name).float())
+    for chunk in (64 * 4, 64 * 4 * 37, 1 << 30):  # one row, 37 rows, the whole table at once
+        blocks = list(files.row_blocks(name, torch.float32, chunk_bytes=chunk))
+        assert len(blocks) == {64 * 4: 1000, 64 * 4 * 37: 28, 1 << 30: 1}[chunk]
+        q, sc = quantize_row_blocks(tuple(files.entries[name].shape), iter(blocks))
+        assert torch.equal(q, want_q) and torch.equal(sc, want_s)
+
+
+def test_verify_checkpoint_reads_layer_by_layer_and_equals_verify(tmp_path):
+    """The model card's check of a saved checkpoint (one layer in memory) equals ``verify`` of the
+    loaded model, row for row; and it catches a corrupted (non-ternary) scale layout."""
+    from dataclasses import asdict
+
+    from ternlm.checkpoint import from_pretrained, verify_checkpoint
+    from ternlm.nn.verify import verify
+
+    src = tiny_llama(tmp_path / "src")
+    for qc in (dict(), dict(granularity="per_group", group_size=32, fmt="base3")):
+        out = stream_quantize(src, tmp_path / f"st-{len(qc)}", QuantizeConfig(**qc), progress=False)
+        rec = json.loads((out / "ternlm_quantization.json").read_text())
+        a = verify_checkpoint(out)
+        b = verify(from_pretrained(out), rec["targets"])
+        assert a.ok and len(a.layers) == len(rec["targets"]) == 21
+        for x, y in zip(a.layers, b.layers):
+            x, y = asdict(x), asdict(y)
+            assert {k: v for k, v in x.items() if isinstance(v, (str, bool))} == \
+                {k: v for k, v in y.items() if isinstance(v, (str, bool))}
+            assert [v for v in x.values() if not isinstance(v, (str, bool))] == \
+                pytest.approx([v for v in y.values() if not isinstance(v, (str, bool))], rel=1e-6)
+
+
 def test_resume_after_kill_equals_unbroken(tmp_path, monkeypatch):
     src = tiny_llama(tmp_path / "src")
     cfg = QuantizeConfig()
