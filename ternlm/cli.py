@@ -96,15 +96,20 @@ def cmd_verify(a) -> int:
 
     if a.json:
         check_output_file(a.json)
-    model = load(a.model, gguf_file=a.gguf_file, random_init=a.random_init, tokenizer=False).model
-    if a.quantize:
-        quantize_model(model, QuantConfig(weights=_ternary_config(a), include=tuple(a.include or ()),
-                                          exclude=tuple(a.exclude or ())))
-    rep = verify(model)
+    from pathlib import Path
+
+    from ternlm.checkpoint import QUANT_FILE, verify_checkpoint
+
+    if not (a.quantize or a.gguf_file or a.random_init) and (Path(a.model).expanduser() / QUANT_FILE).is_file():
+        rep = verify_checkpoint(a.model)  # a ternlm checkpoint: read one layer at a time
+    else:
+        model = load(a.model, gguf_file=a.gguf_file, random_init=a.random_init, tokenizer=False).model
+        if a.quantize:
+            quantize_model(model, QuantConfig(weights=_ternary_config(a), include=tuple(a.include or ()),
+                                              exclude=tuple(a.exclude or ())))
+        rep = verify(model)
     print(rep.format())
     if a.json:
-        from pathlib import Path
-
         atomic_write_text(Path(a.json), json.dumps(rep.to_dict(), indent=2))
     return 0 if rep.ok else 1
 
@@ -256,6 +261,10 @@ def cmd_quantize(a) -> int:
         from ternlm.errors import TernlmError
 
         raise TernlmError("quantize needs -o/--out (or --plan to print the size plan only)")
+    if a.quiet:  # transformers' own bars too (GGUF de-quantization, weight loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init, progress=not a.quiet,
                    stream=a.stream, resume=a.resume)
     print(checkpoint_summary(out))
