@@ -443,21 +443,9 @@ def weight_files(directory: str | Path) -> list[Path]:
     return [d / n for n in names]
 
 
-def _read_config(d: Path):
-    """The HF config of checkpoint directory ``d`` (a one-line error when unreadable)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(d))
-    except Exception as e:
-        raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
-
-
-def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module:
-    """Load a ternlm checkpoint directory into a model with packed TernaryLinear layers (eval mode)."""
-    from transformers import GenerationConfig
-
-    d = Path(directory).expanduser()
+def _open_checkpoint(d: Path) -> tuple[dict, list]:
+    """(record, [(path, safe_open handle)]) of checkpoint directory ``d``, after checking that every
+    weight file's (or the index's) embedded record is the directory's record."""
     if not d.is_dir():
         raise TernlmError(f"no such checkpoint directory: {d}")
     rec = read_record(d)
@@ -476,6 +464,33 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
         if {k: v for k, v in inner.items() if k != "ternlm_version"} != \
                 {k: v for k, v in rec.items() if k != "ternlm_version"}:
             raise TernlmError(f"{wpath} was written for a different {QUANT_FILE} (the files do not belong together)")
+    return rec, files
+
+
+def _stored_packed(rec: dict, key: str, t: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """A loaded tensor as the model expects it: 2-bit codes of the earlier layout (rows padded to whole
+    256-weight blocks) re-laid to the current one."""
+    if rec["fmt"] == "2bit" and key.endswith("packed"):
+        return upgrade_2bit(t, want.shape[-1])
+    return t
+
+
+def _read_config(d: Path):
+    """The HF config of checkpoint directory ``d`` (a one-line error when unreadable)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(d))
+    except Exception as e:
+        raise TernlmError(f"cannot read the model config in {d}: {type(e).__name__}") from None
+
+
+def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module:
+    """Load a ternlm checkpoint directory into a model with packed TernaryLinear layers (eval mode)."""
+    from transformers import GenerationConfig
+
+    d = Path(directory).expanduser()
+    rec, files = _open_checkpoint(d)
     config = _read_config(d)
 
     model = empty_model(config, rec)
@@ -488,10 +503,8 @@ def from_pretrained(directory: str | Path, *, kernel: str = "auto") -> nn.Module
             raise TernlmError(f"{wpath} is corrupt or truncated: {msg}") from None
     # the embedding and head keep the dtype they are stored in (int8 rows, fp16): no float copy
     install_row_modules(model, _row_kinds(model, state))
-    if rec["fmt"] == "2bit":  # rows of the earlier layout (padded to whole 256-weight blocks)
-        want = model.state_dict()
-        state = {k: upgrade_2bit(v, want[k].shape[-1]) if k.endswith("packed") and k in want else v
-                 for k, v in state.items()}
+    want = model.state_dict()
+    state = {k: _stored_packed(rec, k, v, want[k]) if k in want else v for k, v in state.items()}
     wpath = d / (INDEX_FILE if (d / INDEX_FILE).is_file() else WEIGHTS_FILE)
     assign_state(model, state, str(wpath))
     if kernel != "auto":
@@ -514,15 +527,13 @@ def verify_checkpoint(directory: str | Path, targets: list[str] | None = None):
     """``ternlm.nn.verify.verify`` of a saved checkpoint, read one layer at a time from its files
     (memory holds one layer, not the model: what a streamed checkpoint's model card needs)."""
     from ternlm.nn.verify import verify_by_module
-    from ternlm.quant.pack import upgrade_2bit
     from ternlm.streaming.files import read_header, read_tensor
 
     d = Path(directory).expanduser()
-    rec = read_record(d)
-    config = _read_config(d)
-    model = empty_model(config, rec)
-    entries = {}
-    for wf in weight_files(d):
+    rec, files = _open_checkpoint(d)
+    model = empty_model(_read_config(d), rec)
+    entries = {}  # tensors are read with plain reads (read_tensor), not through the mapped handles
+    for wf, _ in files:
         entries.update(read_header(wf))
 
     def load(name: str, module: nn.Module) -> None:
@@ -532,10 +543,7 @@ def verify_checkpoint(directory: str | Path, targets: list[str] | None = None):
             e = entries.get(f"{name}.{leaf}")
             if e is None:
                 raise TernlmError(f"{d}: tensor {name}.{leaf} missing")
-            t = read_tensor(e)
-            if leaf.endswith("packed") and rec["fmt"] == "2bit":
-                t = upgrade_2bit(t, w.shape[-1])
-            state[leaf] = t
+            state[leaf] = _stored_packed(rec, leaf, read_tensor(e), w)
         module.load_state_dict(state, assign=True)
 
     return verify_by_module(model, list(targets if targets is not None else rec["targets"]), load)

@@ -110,9 +110,7 @@ def ternarize(w: torch.Tensor, cfg: TernaryConfig | None = None) -> TernaryTenso
     # weight's size is alive at a time (streaming quantization's peak is this function's).
     parts = [(c.to(torch.int8), s) for c, s in
              (_ternarize_part(g, cfg) for g in _grouped(wf, cfg.granularity, cfg.group_size))]
-    rows = out_f if cfg.granularity != "per_tensor" else 1
-    codes = parts[0][0].reshape(rows, -1) if len(parts) == 1 else \
-        torch.cat([c.reshape(rows, -1) for c, _ in parts], 1)
+    codes = torch.cat([c.reshape(out_f if cfg.granularity != "per_tensor" else 1, -1) for c, _ in parts], 1)
     scale = torch.cat([s.reshape(s.shape[0], -1) for _, s in parts], 1)
     return TernaryTensor(
         codes=codes.reshape(out_f, in_f),

@@ -1,7 +1,7 @@
 """Read a float or k-quant GGUF file one tensor at a time, under Hugging Face tensor names.
 
 ``GGUFFiles`` offers what ``SourceFiles`` offers the streaming quantizer (``entries``, ``get``,
-``get_cast``), so a GGUF model streams like a safetensors directory. The header is parsed by
+``get_cast``, ``row_blocks``), so a GGUF model streams like a safetensors directory. The header is parsed by
 gguf-py; names map to the Hugging Face model's through transformers' own GGUF tables
 (``get_gguf_hf_weights_map``), and each tensor goes through transformers' per-architecture
 processor (Llama's q/k un-permutation, GPT-2's transposes), so a tensor equals what
@@ -115,6 +115,11 @@ class GGUFFiles:
 
     def get_cast(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return self.get(name).to(dtype)
+
+    def row_blocks(self, name: str, dtype: torch.dtype):
+        """``SourceFiles.row_blocks``: one block, the whole tensor (a GGUF tensor is dequantized and
+        processed whole)."""
+        yield 0, self.get_cast(name, dtype)
 
     @property
     def nbytes(self) -> int:

@@ -121,15 +121,10 @@ class _Reader:
             return self.get_cast(k, dtype)
         return self.get(k)
 
-    def int8_rows(self, k: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``quantize_rows`` of the float table ``k``, read from disk a block of rows at a time where
-        the source can (safetensors), so the table is never whole in float32."""
-        from ternlm.nn.embedding import quantize_row_blocks, quantize_rows
-
-        n = self.name(k)
-        if hasattr(self.files, "row_blocks"):
-            return quantize_row_blocks(tuple(self.files.entries[n].shape), self.files.row_blocks(n, torch.float32))
-        return quantize_rows(self.get_cast(k, torch.float32))
+    def row_blocks(self, k: str, dtype: torch.dtype):
+        """``(first_row, rows)`` blocks of the float tensor ``k`` cast to ``dtype``, read a block at a
+        time where the source can (safetensors; a GGUF tensor comes as one block)."""
+        return self.files.row_blocks(self.name(k), dtype)
 
     def get(self, k: str) -> torch.Tensor:
         n = self.name(k)
@@ -145,6 +140,8 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
     from ternlm.quant.pack import pack
     from ternlm.quant.ternary import ternarize
 
+    from ternlm.nn.embedding import quantize_row_blocks
+
     targets, experts, rows = set(lay["targets"]), set(lay["experts"]), set(lay.get("rows", ()))
     want = TORCH_DTYPES[cfg.float_dtype]
     out: dict[str, torch.Tensor] = {}
@@ -152,7 +149,10 @@ def _convert_unit(keys: list[str], lay: dict, reader: _Reader, cfg) -> dict[str,
     for k in keys:
         module, _, leaf = k.rpartition(".")
         if module in rows and leaf == "weight":
-            out[module + ".qweight"], out[module + ".scale"] = reader.int8_rows(k)
+            # the table never whole in float32: int8 rows from blocks of rows read off disk
+            shape = tuple(lay["packed"].get_submodule(module).weight.shape)
+            out[module + ".qweight"], out[module + ".scale"] = quantize_row_blocks(shape,
+                                                                                   reader.row_blocks(k, torch.float32))
             continue
         if module in targets:
             if module in done_modules:

@@ -91,7 +91,7 @@ def test_embedding_rows_read_in_blocks_equal_whole_table(tmp_path):
 
 def test_verify_checkpoint_reads_layer_by_layer_and_equals_verify(tmp_path):
     """The model card's check of a saved checkpoint (one layer in memory) equals ``verify`` of the
-    loaded model, row for row; and it catches a corrupted (non-ternary) scale layout."""
+    loaded model, row for row."""
     from dataclasses import asdict
 
     from ternlm.checkpoint import from_pretrained, verify_checkpoint
