@@ -11,6 +11,7 @@
 # a budget of int8 linears) beside the default one-scale-per-row base-3 file.
 # Resumable: a row whose JSON exists is not scored again (delete it to redo). Needs the llama.cpp peer
 # (scripts/setup_llama_peer.sh, run first) and the zero-shot request files in $TERNLM_DATA_DIR/zeroshot.
+# LLAMA=0 makes ternlm's rows only (no peer needed); llama.cpp rows already in OUT/eval stay in the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +22,7 @@ FULL=${FULL:-}
 LLAMA_TYPES=${LLAMA_TYPES:-"Q8_0 Q3_K_S Q2_K TQ2_0"}
 LLAMA_IMATRIX_TYPES=${LLAMA_IMATRIX_TYPES:-"IQ2_M"}
 PARETO=${PARETO:-"g1536-base3"}
+LLAMA=${LLAMA:-1}
 DISTILL_STEPS=${DISTILL_STEPS:-100}
 # the distillation: ternlm distill's default objective (logits KL) at lr 1e-3; scripts/distill_recipes.py
 # compares objectives, learning rates and data on a held-out part of WikiText-2 valid. The zero-shot
@@ -33,7 +35,7 @@ CALIB=$DATA/wikitext-2/tokens.valid.txt   # calibration / distillation / imatrix
 TEST=$DATA/wikitext-2/wiki.test.raw
 mkdir -p "$OUT/eval" "$OUT/models"
 
-bash scripts/setup_llama_peer.sh
+[ "$LLAMA" = 0 ] || bash scripts/setup_llama_peer.sh
 score() {  # score NAME MODEL [ternlm eval flags...]: one row, in its own process
   local name=$1 model=$2
   shift 2
@@ -61,28 +63,30 @@ ptb ptbitnet --group-size 64
 score ptbitnet "$OUT/models/ptbitnet"
 
 # llama.cpp's files, by llama.cpp's quantizer from the f16 file of the dequantized baseline
-"$PY" scripts/llama_quants.py "$GGUF" "$OUT/llama" --types "${LLAMA_TYPES// /,}" \
-  --imatrix-types "${LLAMA_IMATRIX_TYPES// /,}" --calib "$CALIB"
-seen=()
-rows=""
-for t in $LLAMA_IMATRIX_TYPES; do rows="$rows $t-imatrix"; done
-for t in $LLAMA_TYPES $rows; do
-  f=$OUT/llama/$t.gguf
-  twin=""
-  for g in "${seen[@]}"; do cmp -s "$f" "$OUT/llama/$g.gguf" && twin=$g && break; done
-  if [ -n "$twin" ]; then  # byte-identical files score the same: the row is copied, marked as such
-    [ -f "$OUT/eval/llama-$t.json" ] || "$PY" - "$OUT/eval/llama-$twin.json" "$OUT/eval/llama-$t.json" "$f" "$twin" <<'PYEOF'
+if [ "$LLAMA" != 0 ]; then
+  "$PY" scripts/llama_quants.py "$GGUF" "$OUT/llama" --types "${LLAMA_TYPES// /,}" \
+    --imatrix-types "${LLAMA_IMATRIX_TYPES// /,}" --calib "$CALIB"
+  seen=()
+  rows=""
+  for t in $LLAMA_IMATRIX_TYPES; do rows="$rows $t-imatrix"; done
+  for t in $LLAMA_TYPES $rows; do
+    f=$OUT/llama/$t.gguf
+    twin=""
+    for g in "${seen[@]}"; do cmp -s "$f" "$OUT/llama/$g.gguf" && twin=$g && break; done
+    if [ -n "$twin" ]; then  # byte-identical files score the same: the row is copied, marked as such
+      [ -f "$OUT/eval/llama-$t.json" ] || "$PY" - "$OUT/eval/llama-$twin.json" "$OUT/eval/llama-$t.json" "$f" "$twin" <<'PYEOF'
 import json, sys
 src, dst, path, twin = sys.argv[1:]
 r = json.load(open(src))
 r.update(model=path, identical_to=twin)
 json.dump(r, open(dst, "w"), indent=2)
 PYEOF
-  else
-    score "llama-$t" "$f"
-  fi
-  seen+=("$t")
-done
+    else
+      score "llama-$t" "$f"
+    fi
+    seen+=("$t")
+  done
+fi
 
 # ternlm's other files and the in-memory baselines
 [ -d "$OUT/models/absmean" ] || ternlm quantize "$SMOL" -o "$OUT/models/absmean" --quiet
