@@ -311,6 +311,7 @@ static void init_isas() {
   memcpy(g_isa[LV_VNNI].pl, g_isa[LV_AVX2].pl, sizeof(g_isa[LV_AVX2].pl));
   g_isa[LV_AVX512].pg1 = g_isa[LV_VNNI].pg1 = g_isa[LV_AVX2].pg1;
   g_isa[LV_AVX512].pg64 = g_isa[LV_AVX2].pg64;  // VNNI has its own
+  memcpy(g_isa[LV_AVX512].pgm, g_isa[LV_AVX2].pgm, sizeof(g_isa[LV_AVX2].pgm));
   // the activations: 8-wide AVX2 code at every vector level
   g_isa[LV_AVX512].gelu_tanh = g_isa[LV_VNNI].gelu_tanh = g_isa[LV_AVX2].gelu_tanh;
   g_isa[LV_AVX512].silu_mul = g_isa[LV_VNNI].silu_mul = g_isa[LV_AVX2].silu_mul;
@@ -770,7 +771,8 @@ static int a8_group_run(const A8GroupJob& j, int nth) {
   if (j.fmt == FMT_2BIT && j.M > 1 && gp.g == 64 && gp.G == j.Kp / 64 && j.N % 4 == 0 && j.I->pgm[0]) {
     // groups of exactly 64, several tokens: the decode tile's epilogue for up to 4 tokens per weight
     // load instead of the plane sums below and their scalar epilogue (SmolLM2 g64, one layer's q/k/v, o,
-    // gate/up and down at 16 tokens, 2 threads: 1012 -> 463 us)
+    // gate/up and down at 16 tokens, 2 threads: 1012 -> 463 us on the VNNI tile; the AVX2 tile, which
+    // the AVX-512BW level shares, 1.8x at 2-16 tokens on one 3072 x 576 layer: see tile_pg64m)
     const int64_t np = j.Kp / 64, G = gp.G;
     const int64_t chunk = cdiv(ntile, std::max<int64_t>(1, (int64_t)nth * 64));
     parallel_for(cdiv(ntile, chunk), nth, [&](int64_t c) {
