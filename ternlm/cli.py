@@ -7,6 +7,7 @@ TERNLM_DEBUG=1 to see one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -261,10 +262,6 @@ def cmd_quantize(a) -> int:
         from ternlm.errors import TernlmError
 
         raise TernlmError("quantize needs -o/--out (or --plan to print the size plan only)")
-    if a.quiet:  # transformers' own bars too (GGUF de-quantization, weight loading)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     out = quantize(a.model, a.out, cfg, gguf_file=a.gguf_file, random_init=a.random_init, progress=not a.quiet,
                    stream=a.stream, resume=a.resume)
     print(checkpoint_summary(out))
@@ -317,11 +314,8 @@ def cmd_eval(a) -> int:
         from ternlm.errors import TernlmError
 
         raise TernlmError("--limit and --tasks-dir go with --tasks")
-    from ternlm.models.loading import quiet_transformers
-
-    with quiet_transformers(a.quiet):  # --quiet: no bars from transformers' loaders either
-        res = evaluate_model(a.model, text=a.text, ppl=ppl, zeroshot=zs, quant=a.quant, gguf_file=a.gguf_file,
-                             json_out=a.json, progress=not a.quiet)
+    res = evaluate_model(a.model, text=a.text, ppl=ppl, zeroshot=zs, quant=a.quant, gguf_file=a.gguf_file,
+                         json_out=a.json, progress=not a.quiet)
     print(f"{a.model}: {res['precision']['precision']}" + (f" (quantized in memory: {a.quant})" if a.quant else ""))
     if "perplexity" in res:
         r = res["perplexity"]
@@ -800,7 +794,13 @@ def main(argv=None) -> int:
     else:
         args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        quiet = contextlib.nullcontext()
+        if getattr(args, "quiet", False):  # every command's --quiet: no bars or log lines from transformers either
+            from ternlm.models.loading import quiet_transformers
+
+            quiet = quiet_transformers()
+        with quiet:
+            return args.fn(args)
     except TernlmError as e:
         if debug:
             raise

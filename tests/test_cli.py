@@ -225,3 +225,22 @@ def test_inference_commands_on_bad_input(hf_dir, tmp_path, capfd):
                      "stride (65) > window (64) would skip tokens")
     # and as a real process: one line on stderr, exit status 2, no traceback
     assert_one_line_error(run("generate", "--model", str(ck), "--prompt", "Hi"), f"{w} is corrupt or truncated")
+
+
+def test_every_commands_quiet_silences_transformers_too(monkeypatch):
+    """--quiet on any command (distill loading a GGUF teacher, eval, quantize...) switches transformers'
+    own progress bars off for the command's run and back on after it; without it they stay on."""
+    from transformers.utils import logging as hf_logging
+
+    from ternlm import cli
+
+    seen = []
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        action.set_defaults(fn=lambda a: seen.append(hf_logging.is_progress_bar_enabled()) or 0)
+    assert cli.main(["distill", "--teacher", "t", "--student", "s", "--text", "x", "-o", "o", "--quiet"]) == 0
+    assert cli.main(["eval", "m", "--quiet"]) == 0
+    assert cli.main(["eval", "m"]) == 0
+    assert seen == [False, False, True]
+    assert hf_logging.is_progress_bar_enabled()
