@@ -71,7 +71,7 @@ def run(shapes=GPT2_SHAPES, batches=(1, 512), threads: int = 2, min_time: float 
                 row[f"{name}_speedup"] = t_fp32 / t[pick]
             rows.append(row)
     return {
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "ternlm.kernels.microbench", *sys.argv[1:]]),
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], "-m", "ternlm.bench.microbench", *sys.argv[1:]]),
         "threads": threads,
         "stat": stat,
         "group_size": group_size,
