@@ -42,18 +42,28 @@ def safetensors_bytes(path: Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
+class MissingFile(Exception):
+    pass
+
+
 def file_of(res: dict) -> tuple[Path | None, dict | None]:
-    """(file, its size stats) of an evaluated model, None for in-memory quantization."""
+    """(file, its size stats) of an evaluated model, None for in-memory quantization. The stats are
+    counted from the file when it is there, else taken from the row's JSON (`file_stats`, written the
+    first time the file was counted), so a finished table does not need the model files."""
     if res.get("quant"):
         return None, None
     p = Path(res["model"])
     if p.suffix == ".gguf":
-        return p, file_stats(p)
-    st = p / "model.safetensors"
-    if st.is_file():
-        return st, {"mb": sum(f.stat().st_size for f in p.iterdir() if f.is_file()) / 1e6,
-                    "tensor_bytes": safetensors_bytes(st)}
-    return None, None
+        if p.is_file():
+            return p, file_stats(p)
+    else:
+        st = p / "model.safetensors"
+        if st.is_file():
+            return st, {"mb": sum(f.stat().st_size for f in p.iterdir() if f.is_file()) / 1e6,
+                        "tensor_bytes": safetensors_bytes(st)}
+    if "file_stats" in res:
+        return p, dict(res["file_stats"])
+    raise MissingFile(f"{p} is gone and its row has no file_stats")
 
 
 def rows(out: Path) -> list[dict]:
@@ -64,7 +74,16 @@ def rows(out: Path) -> list[dict]:
             continue
         res = json.loads(f.read_text())
         name = f.stem
-        path, stats = file_of(res)
+        try:
+            path, stats = file_of(res)
+        except MissingFile as e:
+            print(f"skipped {name}: {e}", file=sys.stderr)
+            continue
+        if stats and res.get("file_stats") != stats:  # remember the counts beside the scores
+            res["file_stats"] = stats
+            tmp = f.with_name(f.name + ".tmp")
+            tmp.write_text(json.dumps(res, indent=2))
+            tmp.replace(f)
         if name == "fp32" and stats:
             base_n = stats["n_weights"]
         full = f.with_name(name + ".full.json")

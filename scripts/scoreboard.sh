@@ -21,7 +21,7 @@ LIMIT=${LIMIT:-500}
 FULL=${FULL:-}
 LLAMA_TYPES=${LLAMA_TYPES:-"Q8_0 Q3_K_S Q2_K TQ2_0"}
 LLAMA_IMATRIX_TYPES=${LLAMA_IMATRIX_TYPES:-"IQ2_M"}
-PARETO=${PARETO:-"g1536-base3"}
+PARETO=${PARETO-"g1536-base3"}  # PARETO="" for none
 LLAMA=${LLAMA:-1}
 DISTILL_STEPS=${DISTILL_STEPS:-100}
 # the distillation: ternlm distill's default objective (logits KL) at lr 1e-3; scripts/distill_recipes.py
