@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama_quants import file_stats  # noqa: E402
 
+from ternlm.fileio import save_json  # noqa: E402
+
 TASK_ORDER = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "boolq")
 LABELS = {
     "fp32": "SmolLM2-135M baseline (the shipped Q4_1 file, dequantized to fp32)",
@@ -81,9 +83,7 @@ def rows(out: Path) -> list[dict]:
             continue
         if stats and res.get("file_stats") != stats:  # remember the counts beside the scores
             res["file_stats"] = stats
-            tmp = f.with_name(f.name + ".tmp")
-            tmp.write_text(json.dumps(res, indent=2))
-            tmp.replace(f)
+            save_json(res, f)
         if name == "fp32" and stats:
             base_n = stats["n_weights"]
         full = f.with_name(name + ".full.json")
